@@ -1,0 +1,440 @@
+"""Typed configuration: dataclasses, YAML files, dotted command-line overrides, up-front validation.
+
+A run is described by one :class:`Config`. It is built in three layers, later ones winning:
+
+1. the dataclass defaults (the embedded default: synthetic data, the tiny backbone, FMCG);
+2. YAML files (a preset shipped in ``wsol_core/presets/`` by name, or any path);
+3. ``--set section.field=value`` overrides, values parsed as YAML scalars.
+
+The ``method`` section is a tagged union: ``method.name`` picks the method's own config dataclass
+(registered by each method file), so ``method.srd.theta_drop`` only exists where SRD does and a
+typo fails loudly instead of being ignored.
+
+Every field is checked before anything expensive starts (no Ray, no data): types, ranges and
+choices come from field metadata (:func:`spec`), cross-field rules from each dataclass's
+``validate`` method. Errors name the dotted field, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field, the value and the rule."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Field specs
+# ---------------------------------------------------------------------------------------------
+
+
+def spec(
+    default: Any = dataclasses.MISSING,
+    *,
+    default_factory: Any = dataclasses.MISSING,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    odd: bool = False,
+    doc: str = "",
+) -> Any:
+    """A dataclass field with its allowed range.
+
+    ``ge``/``gt``/``le``/``lt`` bound numbers (and every element of a tuple of numbers); ``odd``
+    requires an odd integer (kernel sizes that must keep the map centred). Choices are expressed
+    with ``Literal`` in the annotation instead.
+    """
+    metadata = {"ge": ge, "gt": gt, "le": le, "lt": lt, "odd": odd, "doc": doc}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _describe_range(meta: dict) -> str:
+    low = f"[{meta['ge']}" if meta.get("ge") is not None else (f"({meta['gt']}" if meta.get("gt") is not None else "(-inf")
+    high = f"{meta['le']}]" if meta.get("le") is not None else (f"{meta['lt']})" if meta.get("lt") is not None else "inf)")
+    return f"{low}, {high}"
+
+
+def _check_number(path: str, value: float, meta: dict) -> None:
+    bad = (
+        (meta.get("ge") is not None and not value >= meta["ge"])
+        or (meta.get("gt") is not None and not value > meta["gt"])
+        or (meta.get("le") is not None and not value <= meta["le"])
+        or (meta.get("lt") is not None and not value < meta["lt"])
+        or value != value  # NaN
+    )
+    if bad:
+        raise ConfigError(f"{path} = {value!r} is outside the allowed range {_describe_range(meta)}")
+    if meta.get("odd") and (int(value) != value or int(value) % 2 != 1):
+        raise ConfigError(f"{path} = {value!r} must be an odd positive integer")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Backbone choice, as in the evaluation protocol (Choe et al., CVPR 2020)."""
+
+    backbone: Literal["vgg16", "resnet50", "inception_v3", "tiny"] = "tiny"
+    large_feature_map: bool = False
+    # A torchvision-format state dict on disk, or "torchvision" to fetch the weights enum
+    # (online machines only). None trains from scratch.
+    pretrained: str | None = None
+    # 0 takes the number of classes from the dataset manifest.
+    num_classes: int = spec(0, ge=0)
+
+
+@dataclass
+class SyntheticDataConfig:
+    """The generated WSOL benchmark used when ``data.root`` is empty (the embedded default)."""
+
+    num_train: int = spec(2000, ge=1)
+    num_val: int = spec(300, ge=1)
+    num_test: int = spec(300, ge=1)
+    size: int = spec(128, ge=32)
+    classes: int = spec(10, ge=2)
+    seed: int = 0
+    # Where generated shards are cached; "" means ``$XDG_CACHE_HOME/wsol/synthetic``.
+    cache_dir: str = ""
+
+
+@dataclass
+class DataConfig:
+    """Shard location and the input pipeline."""
+
+    # A shard root with train/, val/, test/ (jobs/make_shards.py writes it). Empty: synthetic.
+    root: str = ""
+    loader: Literal["auto", "dali", "torch"] = "auto"
+    resize_size: int = spec(256, ge=8)
+    crop_size: int = spec(224, ge=8)
+    random_resized_crop: bool = False
+    batch_size: int = spec(32, ge=1, doc="per worker")
+    num_threads: int = spec(2, ge=1, doc="decode threads per worker")
+    skip_corrupt: bool = False
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+
+    def validate(self, path: str) -> None:
+        if self.crop_size > self.resize_size:
+            raise ConfigError(
+                f"{path}.crop_size = {self.crop_size} is larger than {path}.resize_size = "
+                f"{self.resize_size}; the protocol crops inside the resized image"
+            )
+
+
+@dataclass
+class OptimConfig:
+    """SGD with the protocol's two learning-rate groups and a step decay."""
+
+    lr: float = spec(0.01, gt=0.0)
+    momentum: float = spec(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = spec(1e-4, ge=0.0)
+    nesterov: bool = False
+    # The protocol trains newly added layers 10x faster than the pretrained trunk.
+    head_lr_mult: float = spec(10.0, gt=0.0)
+    lr_decay_every: int = spec(15, ge=1, doc="epochs between decays")
+    lr_decay_factor: float = spec(0.1, gt=0.0, le=1.0)
+    warmup_epochs: float = spec(0.0, ge=0.0)
+    fused: bool = True
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = spec(5, ge=1)
+    seed: int = 0
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    eval_every: int = spec(1, ge=1, doc="epochs between val evaluations")
+    keep_best: int = spec(2, ge=1, doc="checkpoints kept by val MaxBoxAccV2, plus the latest")
+    grad_clip: float = spec(0.0, ge=0.0, doc="0 disables")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation protocol knobs (Choe et al., CVPR 2020)."""
+
+    cam_curve_interval: float = spec(0.01, gt=0.0, lt=1.0)
+    iou_thresholds: tuple[int, ...] = spec((30, 50, 70), gt=0, lt=100)
+    num_vis_images: int = spec(8, ge=0)
+    batch_size: int = spec(64, ge=1)
+
+
+@dataclass
+class RunConfig:
+    """Where and how a run executes and is recorded."""
+
+    name: str = ""
+    storage_path: str = ""
+    tracking_uri: str = ""
+    experiment: str = ""
+    num_workers: int = spec(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = spec(1.0, gt=0.0)
+    max_failures: int = spec(2, ge=-1)
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's config; ``name`` selects the method class."""
+
+    name: str = "cam"
+
+
+DEFAULT_METHOD = "fmcg"
+
+
+def _default_method_config() -> MethodConfig:
+    return _method_config_class(DEFAULT_METHOD, "method")()
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=_default_method_config)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building from dicts, YAML and overrides
+# ---------------------------------------------------------------------------------------------
+
+
+def _method_config_class(name: str, path: str) -> type[MethodConfig]:
+    from wsol_core.methods import METHOD_NAMES, method_config_class  # here: methods import this module
+
+    if name not in METHOD_NAMES:
+        raise ConfigError(f"{path}.name = {name!r} is not a method; choose one of {list(METHOD_NAMES)}")
+    return method_config_class(name)
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Turn a YAML/CLI value into ``tp``, or raise naming ``path``."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, path)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{path} = {value!r} has the wrong type")
+    if origin is Literal:
+        choices = get_args(tp)
+        if isinstance(value, bool):
+            # YAML 1.1 reads off/no/on/yes as booleans; map them back to a matching choice.
+            spelled = ("on", "yes", "true") if value else ("off", "no", "false")
+            value = next((c for c in choices if isinstance(c, str) and c.lower() in spelled), value)
+        if value not in choices:
+            raise ConfigError(f"{path} = {value!r} is not one of {list(choices)}")
+        return value
+    if origin is tuple:
+        args = get_args(tp)
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} = {value!r} must be a list")
+        element = args[0]
+        return tuple(_coerce(v, element, f"{path}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping, got {value!r}")
+        return _from_dict(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path} = {value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{path} = {value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-3" (no dot) as a string; accept any float literal.
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{path} = {value!r} must be a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} = {value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{path} = {value!r} must be a string")
+        return str(value)
+    raise ConfigError(f"{path}: unsupported field type {tp!r}")
+
+
+def _from_dict(cls: type, data: dict, path: str) -> Any:
+    if cls is MethodConfig:  # the tagged union: the name picks the method's own dataclass
+        cls = _method_config_class(data.get("name", DEFAULT_METHOD), path)
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown field(s) {unknown}; known fields are {sorted(known)}")
+    kwargs = {name: _coerce(value, hints[name], f"{path}.{name}" if path else name) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> Any:
+    """A plain, YAML-safe dict of a config (tuples become lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys to leaf values, e.g. ``{"method.srd.theta_drop": 0.8}`` (MLflow params)."""
+    out: dict[str, Any] = {}
+    for key, value in to_dict(cfg).items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten_dict(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def flatten_dict(data: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten_dict(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            # A new method name discards the old method's fields: they may not exist there.
+            if key == "method" and "name" in value and value["name"] != merged[key].get("name"):
+                merged[key] = dict(value)
+            else:
+                merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(text: str) -> dict:
+    """``"a.b.c=0.8"`` -> ``{"a": {"b": {"c": 0.8}}}``; the value is parsed as a YAML scalar."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.field=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: cannot parse value {raw!r}: {err}") from None
+    nested: dict = {}
+    cursor = nested
+    parts = key.split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return nested
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("wsol_core.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def read_yaml(source: str | Path) -> dict:
+    """A preset name (``fmcg_vgg16_cub``) or a YAML file path, as a dict."""
+    path = Path(source)
+    if not path.suffix and str(source) in preset_names():
+        text = resources.files("wsol_core.presets").joinpath(f"{source}.yaml").read_text()
+        origin = f"preset {source!r}"
+    elif path.is_file():
+        text = path.read_text()
+        origin = str(path)
+    else:
+        raise ConfigError(f"config {str(source)!r} is neither a file nor a preset; presets: {preset_names()}")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{origin}: invalid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping")
+    return data
+
+
+def load_config(
+    sources: list[str | Path] | None = None,
+    overrides: list[str] | None = None,
+    base: dict | None = None,
+) -> Config:
+    """Defaults <- ``base`` <- YAML ``sources`` in order <- ``overrides``; validated."""
+    # Method defaults come from the method's own dataclass once its name is known.
+    merged: dict = {f.name: to_dict(f.default_factory()) for f in dataclasses.fields(Config) if f.name != "method"}
+    merged["method"] = {"name": DEFAULT_METHOD}
+    if base:
+        merged = _deep_merge(merged, base)
+    for source in sources or []:
+        merged = _deep_merge(merged, read_yaml(source))
+    for text in overrides or []:
+        merged = _deep_merge(merged, parse_override(text))
+    cfg = _from_dict(Config, merged, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Any, path: str = "") -> None:
+    """Range/choice checks from field metadata, then each section's own ``validate``."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        dotted = f"{path}.{f.name}" if path else f.name
+        if dataclasses.is_dataclass(value):
+            validate(value, dotted)
+            continue
+        _coerce(value, hints[f.name], dotted)  # type and Literal choices
+        numbers = value if isinstance(value, tuple) else (value,)
+        for number in numbers:
+            if isinstance(number, (int, float)) and not isinstance(number, bool):
+                _check_number(dotted, number, f.metadata)
+    own = getattr(cfg, "validate", None)
+    if callable(own) and path:
+        own(path)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,56 @@
+"""WSOL methods behind one interface (see :mod:`wsol_core.methods.base`), selected by name.
+
+Method modules are imported on first use so that a method under development, or one whose
+optional dependency is missing, cannot break the others.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from wsol_core.config import Config, ConfigError, MethodConfig
+from wsol_core.methods.base import Inference, WSOLMethod, select_classes
+
+# name -> (module, method class, config class)
+_REGISTRY = {
+    "cam": ("wsol_core.methods.cam", "CAM", "CAMConfig"),
+    "fmcg": ("wsol_core.methods.fmcg", "FMCG", "FMCGConfig"),
+    "icl": ("wsol_core.methods.icl", "ICL", "ICLConfig"),
+    "caml": ("wsol_core.methods.caml", "CAML", "CAMLConfig"),
+    "c2am": ("wsol_core.methods.c2am", "C2AM", "C2AMConfig"),
+}
+METHOD_NAMES = tuple(_REGISTRY)
+
+
+def _lookup(name: str, index: int) -> type:
+    if name not in _REGISTRY:
+        raise ConfigError(f"method.name = {name!r} is not a method; choose one of {list(METHOD_NAMES)}")
+    module = import_module(_REGISTRY[name][0])
+    return getattr(module, _REGISTRY[name][index])
+
+
+def method_class(name: str) -> type[WSOLMethod]:
+    return _lookup(name, 1)
+
+
+def method_config_class(name: str) -> type[MethodConfig]:
+    return _lookup(name, 2)
+
+
+def build_method(cfg: Config, num_classes: int) -> WSOLMethod:
+    """Backbone (with pretrained weights when configured) + method, from a validated config."""
+    from wsol_core.models import build_backbone
+
+    backbone = build_backbone(cfg.model.backbone, large_feature_map=cfg.model.large_feature_map, pretrained=cfg.model.pretrained)
+    return method_class(cfg.method.name)(backbone, num_classes, cfg.method)
+
+
+__all__ = [
+    "METHOD_NAMES",
+    "Inference",
+    "WSOLMethod",
+    "build_method",
+    "method_class",
+    "method_config_class",
+    "select_classes",
+]

@@ -1,0 +1,90 @@
+"""The interface every WSOL method implements.
+
+A method is an ``nn.Module`` made of a :class:`~wsol_core.models.base.Backbone`, a
+:class:`~wsol_core.models.head.CAMHead` where it classifies, and its own parts. The training
+loop, evaluation and Tune only ever call these operations:
+
+``forward(images, labels=None, progress=0.0) -> dict[str, Tensor]``
+    The training-time forward. ``progress`` in [0, 1] is the fraction of training done; it
+    drives schedules (FMCG's drop threshold going from 1 to theta_drop). Outputs are a dict so
+    methods can return their own intermediate tensors; ``"logits"`` is the class scores where
+    the method has a classifier.
+``losses(outputs, batch) -> dict[str, Tensor]``
+    Named scalar loss terms, already weighted; the loop sums them and logs each as
+    ``train/loss_<name>``.
+``inference(images, labels=None) -> Inference``
+    Logits (or None) and the localization map of each image from the paper's inference path.
+``localization_maps(images, labels=None) -> Tensor[B, h, w]``
+    The map that becomes boxes: the CAM of the GT class (or of the predicted class when
+    ``labels`` is None) for supervised methods, the class-agnostic map for CAML and C2AM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from wsol_core.config import MethodConfig
+from wsol_core.data.batch import Batch
+from wsol_core.models.base import Backbone
+
+
+@dataclass
+class Inference:
+    logits: torch.Tensor | None  # [B, K], or None for a method without a classifier
+    maps: torch.Tensor  # [B, h, w] localization maps, higher = more foreground
+
+
+class WSOLMethod(nn.Module):
+    """Base class: holds the backbone and config, and builds the protocol's parameter groups."""
+
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    # False for co-localization methods whose maps never see a class label (CAML, C2AM).
+    uses_labels: ClassVar[bool] = True
+
+    def __init__(self, backbone: Backbone, num_classes: int, cfg: MethodConfig) -> None:
+        super().__init__()
+        if not isinstance(cfg, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(cfg).__name__}")
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.cfg = cfg
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None, progress: float = 0.0) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def losses(self, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def inference(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> Inference:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def localization_maps(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.inference(images, labels).maps
+
+    def param_groups(self, lr: float, head_lr_mult: float) -> list[dict]:
+        """The protocol's two groups: the pretrained trunk at ``lr``; the backbone's head stages,
+        the classifier and every part the method adds at ``lr * head_lr_mult``."""
+        trunk_names = {f"backbone.{n}" for n, _ in self.backbone.named_parameters()}
+        trunk_names -= {f"backbone.{n}" for n in self.backbone.head_parameter_names()}
+        trunk, head = [], []
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                (trunk if name in trunk_names else head).append(param)
+        return [
+            {"params": trunk, "lr": lr, "name": "trunk"},
+            {"params": head, "lr": lr * head_lr_mult, "name": "head"},
+        ]
+
+
+def select_classes(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """The GT class where known (``>= 0``), else the top-1 prediction."""
+    predicted = logits.argmax(dim=1)
+    if labels is None:
+        return predicted
+    return torch.where(labels >= 0, labels, predicted)

@@ -1,0 +1,42 @@
+"""ResNet50 as in the evaluation protocol (Choe et al., CVPR 2020).
+
+torchvision's ResNet50 with ``layer4`` at stride 1 (no dilation), so a 224 px input gives a
+14x14 map; ``large_feature_map`` sets ``layer3`` to stride 1 as well (28x28). The protocol trains
+``layer4`` with the classifier at the head learning rate.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torchvision.models import resnet50
+
+from wsol_core.models.base import Backbone
+
+
+def _set_stride_one(layer: nn.Sequential) -> None:
+    first = layer[0]
+    first.conv2.stride = (1, 1)  # torchvision (v1.5) strides in the 3x3 conv
+    first.downsample[0].stride = (1, 1)
+
+
+class ResNet50(Backbone):
+    default_drop_stage = "layer3"
+    head_stages = ("layer4",)
+
+    def __init__(self, large_feature_map: bool = False) -> None:
+        super().__init__()
+        net = resnet50(weights=None)
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        _set_stride_one(self.layer4)
+        if large_feature_map:
+            _set_stride_one(self.layer3)
+        self._set_stages(
+            [
+                ("stem", [self.conv1, self.bn1, self.relu, self.maxpool], 64),
+                ("layer1", [self.layer1], 256),
+                ("layer2", [self.layer2], 512),
+                ("layer3", [self.layer3], 1024),
+                ("layer4", [self.layer4], 2048),
+            ]
+        )
