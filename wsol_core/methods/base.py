@@ -67,6 +67,15 @@ class WSOLMethod(nn.Module):
     def localization_maps(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.inference(images, labels).maps
 
+    def after_step(self, step: int, outputs: dict[str, torch.Tensor]) -> None:
+        """Called by the loop on every rank after each optimizer step (``step`` counts from 1).
+
+        For one-time decisions taken during training, such as C2AM's orientation check.
+        """
+
+    def before_evaluation(self, images: torch.Tensor) -> None:
+        """Called by the loop on every rank before an evaluation, with a batch of val images."""
+
     def param_groups(self, lr: float, head_lr_mult: float) -> list[dict]:
         """The protocol's two groups: the pretrained trunk at ``lr``; the backbone's head stages,
         the classifier and every part the method adds at ``lr * head_lr_mult``."""

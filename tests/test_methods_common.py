@@ -1,0 +1,95 @@
+"""Every method honours the shared interface the loop, evaluation and Tune rely on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wsol_core.config import load_config
+from wsol_core.data.batch import Batch
+from wsol_core.methods import METHOD_NAMES, Inference, WSOLMethod, build_method
+
+NUM_CLASSES = 4
+
+
+def make_batch(size: int = 112, count: int = 4, labels: list[int] | None = None) -> Batch:
+    generator = torch.Generator().manual_seed(0)
+    labels_t = torch.tensor(labels if labels is not None else [i % NUM_CLASSES for i in range(count)])
+    return Batch(
+        images=torch.randn(count, 3, size, size, generator=generator),
+        labels=labels_t,
+        keys=[f"k{i}" for i in range(count)],
+        orig_sizes=torch.full((count, 2), size),
+        boxes=torch.tensor([[[10.0, 10.0, 60.0, 60.0]]]).repeat(count, 1, 1),
+        num_boxes=torch.ones(count, dtype=torch.int64),
+    )
+
+
+def build(name: str, backbone: str = "tiny") -> WSOLMethod:
+    cfg = load_config(overrides=[f"method.name={name}", f"model.backbone={backbone}"])
+    return build_method(cfg, NUM_CLASSES)
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_interface_shapes_and_finite_losses(name):
+    torch.manual_seed(0)
+    method = build(name).train()
+    batch = make_batch()
+    outputs = method(batch.images, batch.labels, progress=0.5)
+    assert isinstance(outputs, dict)
+    terms = method.losses(outputs, batch)
+    assert terms and all(t.ndim == 0 and torch.isfinite(t) for t in terms.values()), terms
+    method.eval()
+    result = method.inference(batch.images, batch.labels)
+    assert isinstance(result, Inference)
+    assert result.maps.shape == (4, 14, 14) and torch.isfinite(result.maps).all()
+    if result.logits is not None:
+        assert result.logits.shape == (4, NUM_CLASSES)
+    maps = method.localization_maps(batch.images)  # no labels: predicted class / agnostic
+    assert maps.shape == (4, 14, 14)
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_label_free_methods_train_on_unlabeled_batches(name):
+    method = build(name).train()
+    if method.uses_labels:
+        pytest.skip("supervised method")
+    batch = make_batch(labels=[-1, -1, -1, -1])
+    terms = method.losses(method(batch.images, batch.labels, 0.0), batch)
+    sum(terms.values()).backward()
+    assert all(torch.isfinite(t) for t in terms.values())
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_param_groups_cover_every_parameter_once(name):
+    method = build(name, backbone="vgg16")
+    groups = method.param_groups(lr=0.1, head_lr_mult=10.0)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == sum(1 for p in method.parameters() if p.requires_grad)
+    trunk, head = groups
+    assert trunk["lr"] == 0.1 and head["lr"] == pytest.approx(1.0)
+    first_conv = method.backbone.features[0].weight
+    assert any(p is first_conv for p in trunk["params"])
+    assert any(p is method.backbone.conv6.weight for p in head["params"])
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_state_dict_round_trip_gives_identical_maps(name):
+    torch.manual_seed(1)
+    method = build(name).eval()
+    clone = build(name).eval()
+    clone.load_state_dict(method.state_dict())
+    batch = make_batch()
+    torch.testing.assert_close(method.localization_maps(batch.images, batch.labels), clone.localization_maps(batch.images, batch.labels))
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_bf16_autocast_and_channels_last(name):
+    method = build(name).train().to(memory_format=torch.channels_last)
+    batch = make_batch()
+    images = batch.images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = method.losses(method(images, batch.labels, 1.0), batch)
+    total = sum(t.float() for t in terms.values())
+    assert torch.isfinite(total)
+    total.backward()

@@ -1,0 +1,183 @@
+"""The training job end to end on a real local Ray with 2 CPU workers and a real MLflow (SQLite).
+
+Each test runs ``jobs/train_imagenet.py`` as users do, in a subprocess with its own private Ray
+instance, on a tiny synthetic dataset, then checks what landed in MLflow through its client.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = REPO / "jobs" / "train_imagenet.py"
+
+EPOCH_KEYS = [
+    "train/loss", "train/lr", "train/images_per_s", "train/data_wait",
+    "val/top1_acc", "val/maxboxacc_30", "val/maxboxacc_50", "val/maxboxacc_70",
+    "val/maxboxacc_v2", "val/gt_known_loc", "val/top1_loc",
+]
+
+
+def job_command(tmp_path: Path, *extra: str, name: str = "job", epochs: int = 2) -> list[str]:
+    return [
+        sys.executable, str(JOB),
+        "--name", name,
+        "--epochs", str(epochs),
+        "--storage-path", str(tmp_path / "ray"),
+        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--set", "data.synthetic.num_train=64",
+        "--set", "data.synthetic.num_val=24",
+        "--set", "data.synthetic.num_test=24",
+        "--set", "data.synthetic.size=64",
+        "--set", f"data.synthetic.cache_dir={tmp_path / 'data'}",
+        "--set", "data.batch_size=8",
+        "--set", "eval.batch_size=16",
+        "--set", "eval.num_vis_images=4",
+        *extra,
+    ]
+
+
+def job_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_job(tmp_path: Path, *extra: str, name: str = "job", epochs: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(job_command(tmp_path, *extra, name=name, epochs=epochs), cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+def only_run(tmp_path: Path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("synthetic")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return client, runs[0]
+
+
+def epochs_logged(client: MlflowClient, run_id: str, key: str = "val/maxboxacc_v2") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_two_workers_train_and_record_everything_in_mlflow(tmp_path):
+    result = run_job(tmp_path, "--method", "fmcg")
+    assert "val MaxBoxAccV2 =" in result.stdout and "mlflow ui --backend-store-uri" in result.stdout
+
+    client, run = only_run(tmp_path)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["method.name"] == "fmcg" and params["model.backbone"] == "tiny" and params["run.num_workers"] == "2"
+    assert params["method.srd.theta_drop"] == "0.8"
+    metrics = run.data.metrics
+    for key in EPOCH_KEYS + ["train/loss_cls", "train/loss_cls_erased", "train/loss_cg"]:
+        assert key in metrics, key
+        assert epochs_logged(client, run.info.run_id, key) == [1, 2], key
+    for key in ("test/maxboxacc_v2", "test/maxboxacc_70", "test/gt_known_loc", "test/top1_loc"):
+        assert key in metrics, key
+    assert 0.0 <= metrics["val/maxboxacc_v2"] <= 100.0
+    assert abs(metrics["val/maxboxacc_v2"] - (metrics["val/maxboxacc_30"] + metrics["val/maxboxacc_50"] + metrics["val/maxboxacc_70"]) / 3) < 1e-9
+    assert 0.0 <= metrics["train/data_wait"] <= 1.0 and metrics["train/images_per_s"] > 0
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "val", "test", "summary.md"} <= artifacts, artifacts
+    val_files = {a.path for a in client.list_artifacts(run.info.run_id, "val/cams")}
+    assert "val/cams/epoch_002.png" in val_files
+    curves = {a.path for a in client.list_artifacts(run.info.run_id, "val/box_accuracy_vs_threshold")}
+    assert "val/box_accuracy_vs_threshold/epoch_002.png" in curves
+    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert len(models) == 1
+    model_files = {a.path for a in client.list_logged_model_artifacts(models[0].model_id)}
+    assert "MLmodel" in model_files and "extra_files" in model_files, model_files
+    assert run.data.tags["wsol.method"] == "fmcg"
+    assert any(k.startswith("data.train.sha256") for k in run.data.tags)
+
+    # Ray kept the best checkpoint(s) plus the latest, each loadable weights-only.
+    checkpoints = sorted(p for p in (tmp_path / "ray" / "job").glob("checkpoint_*") if p.is_dir())
+    assert 1 <= len(checkpoints) <= 3 and all((c / "state.pt").is_file() for c in checkpoints)
+
+    # The offline evaluator scores the final checkpoint, and the MLflow model URI works too.
+    out = tmp_path / "eval.json"
+    evaluate = [sys.executable, str(REPO / "jobs" / "evaluate.py"), "--checkpoint", f"runs:/{run.info.run_id}/model",
+                "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--split", "test", "--interval", "0.01", "--out", str(out)]
+    done = subprocess.run(evaluate, cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    offline = json.loads(out.read_text())
+    assert offline["test/maxboxacc_v2"] == pytest.approx(metrics["test/maxboxacc_v2"], abs=5.0)
+
+
+def _descendants(pid: int):
+    import psutil
+
+    return psutil.Process(pid).children(recursive=True)
+
+
+def _wait_for_checkpoint(run_dir: Path, process: subprocess.Popen, timeout: float = 400) -> None:
+    deadline = time.time() + timeout
+    while not list(run_dir.glob("checkpoint_*/state.pt")):
+        assert process.poll() is None, process.communicate()[0][-4000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(1)
+
+
+def test_killed_worker_resumes_from_checkpoint_and_finishes(tmp_path):
+    process = subprocess.Popen(job_command(tmp_path, "--method", "cam", epochs=3), cwd=tmp_path, env=job_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        _wait_for_checkpoint(tmp_path / "ray" / "job", process)
+        workers = [p for p in _descendants(process.pid) if "RayTrainWorker" in " ".join(p.cmdline())]
+        assert workers, "no Ray Train worker process found"
+        workers[-1].kill()
+        output, _ = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, output[-4000:]
+    client, run = only_run(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert epochs_logged(client, run.info.run_id, "val/maxboxacc_v2")[-1] == 3
+    assert "test/maxboxacc_v2" in run.data.metrics
+
+
+def test_interrupted_driver_resumes_the_same_run(tmp_path):
+    command = job_command(tmp_path, "--method", "cam", epochs=3, name="resumable")
+    process = subprocess.Popen(command, cwd=tmp_path, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        _wait_for_checkpoint(tmp_path / "ray" / "resumable", process)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the driver and its private Ray instance
+        process.communicate(timeout=60)
+    client, first = only_run(tmp_path)
+    assert "test/maxboxacc_v2" not in first.data.metrics
+
+    result = subprocess.run(command, cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "(resumed)" in result.stdout and "resuming at epoch" in result.stdout + result.stderr
+    client, run = only_run(tmp_path)
+    assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
+    steps = epochs_logged(client, run.info.run_id, "train/loss")
+    assert steps[0] == 1 and steps[-1] == 3
+    assert "test/maxboxacc_v2" in run.data.metrics
+
+
+def test_bad_option_fails_before_ray_starts(tmp_path):
+    result = subprocess.run([sys.executable, str(JOB), "--set", "method.srd.theta_drop=1.5"], cwd=tmp_path, env=job_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "method.srd.theta_drop" in result.stderr and "1.5" in result.stderr
+    assert "Ray" not in result.stdout and not (tmp_path / "mlflow.db").exists()

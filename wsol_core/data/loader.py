@@ -1,0 +1,328 @@
+"""Choosing and building the input pipeline: :class:`LoaderOptions` and :func:`build_loader`.
+
+Two loaders read the shard format and yield the same :class:`~wsol_core.data.batch.Batch`:
+:class:`~wsol_core.data.dali_loader.DaliLoader` (NVIDIA DALI: ``fn.readers.webdataset`` with the
+index files, GPU decode on ``mixed`` where there is a GPU, DALI's CPU mode where not) and
+:class:`~wsol_core.data.torch_loader.TorchLoader` (the ``webdataset`` library's tar reading,
+torchvision decoding, torch DataLoader workers) for machines without DALI.
+
+**Equal batches per rank.** Uneven batch counts deadlock DDP, so both loaders follow one plan
+(:class:`EpochPlan`). The split's ``N`` samples (in shard order) are cut into ``world_size``
+contiguous slices, slice ``s`` being ``[N*s // W, N*(s+1) // W)`` (DALI's own sharding rule).
+
+* Training: rank ``r`` reads slice ``(r + epoch) % W`` (slices rotate, so over ``W`` epochs every
+  rank sees all data), shuffled (the writer pre-shuffles training shards; the loader adds a seeded
+  shuffle buffer). Every rank yields exactly ``(N // W) // batch_size`` full batches: the
+  remainder is **dropped**.
+* Evaluation: rank ``r`` reads slice ``r`` in order, once. Every rank yields exactly
+  ``ceil(ceil(N / W) / batch_size)`` batches; the missing places are **padded** by repeating
+  samples, flagged ``is_padding=True`` so evaluation counts each real sample exactly once.
+
+The order is a function of ``(seed, epoch, rank, world_size)`` only: call ``set_epoch(epoch)``
+before iterating, and a resumed run gets the same epoch it would have had.
+
+**Bad input** gets a :class:`~wsol_core.data.format.ShardError` naming the shard and key. With
+``skip_corrupt=True`` a bad sample (corrupt image, missing member, bad box, ...) is replaced
+in its batch by a repeat of a good one, flagged ``is_padding=True`` (batch shapes and counts stay
+equal across ranks), and counted in ``loader.skipped``; the count is logged after each epoch.
+Structural problems (missing index file, truncated tar, count or hash mismatch) always raise.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Iterator, Literal, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from wsol_core.data.batch import Batch
+from wsol_core.data.format import SampleMeta, ShardError
+from wsol_core.data.manifest import VerifiedSplit, verify_split
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+SplitKind = Literal["train", "eval"]
+Backend = Literal["auto", "dali", "torch"]
+
+
+@dataclass
+class LoaderOptions:
+    """Input-pipeline options (the config's ``data`` section embeds these).
+
+    Attributes:
+        backend: ``auto`` picks DALI when it can run here, else the torch fallback.
+        batch_size: per rank.
+        resize_size: training images are resized to ``R x R`` before the random crop (protocol).
+        crop_size: training crop ``C``; evaluation images are resized to ``C x C`` (no crop).
+        random_resized_crop: training uses a random-resized crop to ``C`` instead of resize+crop.
+        rrc_scale, rrc_ratio: the random-resized crop's area fraction and aspect-ratio ranges.
+        hflip: random horizontal flips in training.
+        channels_last: images come in channels_last memory format (still NCHW shape).
+        seed: base seed of the order and augmentations.
+        num_threads: DALI CPU threads, or torch DataLoader worker processes (0: in-process).
+        skip_corrupt: skip bad samples (counted) instead of raising.
+        verify: up-front checks: ``fast`` (index files, sizes, counts), ``full`` (+ SHA-256),
+            ``none``.
+        load_masks: read PxAP masks (``None``: in evaluation, when the split has masks).
+        mask_size: masks are resized to ``mask_size x mask_size`` (the protocol's 224).
+        shuffle_buffer: training shuffle buffer (samples per rank).
+        prefetch: batches prepared ahead.
+        worker_start: how torch workers start. ``fork`` (torch's default on Linux) starts in
+            milliseconds; workers only read tars and run torchvision ops, never DALI or CUDA, so
+            forking a process that holds DALI or CUDA threads is safe in practice. ``forkserver``
+            / ``spawn`` avoid forking such a process at the cost of importing torch per worker.
+        mean, std: normalization (ImageNet's by default), on the 0-1 scale.
+    """
+
+    backend: Backend = "auto"
+    batch_size: int = 32
+    resize_size: int = 256
+    crop_size: int = 224
+    random_resized_crop: bool = False
+    rrc_scale: tuple[float, float] = (0.08, 1.0)
+    rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+    channels_last: bool = False
+    seed: int = 0
+    num_threads: int = 2
+    skip_corrupt: bool = False
+    verify: Literal["none", "fast", "full"] = "fast"
+    load_masks: bool | None = None
+    mask_size: int = 224
+    shuffle_buffer: int = 1024
+    prefetch: int = 2
+    worker_start: Literal["fork", "forkserver", "spawn"] = "fork"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def validate(self) -> None:
+        if self.backend not in ("auto", "dali", "torch"):
+            raise ValueError(f"backend must be auto, dali or torch, not {self.backend!r}")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if self.crop_size < 1 or self.resize_size < 1:
+            raise ValueError("crop_size and resize_size must be >= 1")
+        if not self.random_resized_crop and self.crop_size > self.resize_size:
+            raise ValueError(f"crop_size {self.crop_size} is larger than resize_size {self.resize_size}")
+        if self.num_threads < 0 or self.prefetch < 1 or self.shuffle_buffer < 1 or self.mask_size < 1:
+            raise ValueError("num_threads >= 0, prefetch >= 1, shuffle_buffer >= 1 and mask_size >= 1 are required")
+        if self.verify not in ("none", "fast", "full"):
+            raise ValueError(f"verify must be none, fast or full, not {self.verify!r}")
+        lo, hi = self.rrc_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError("rrc_scale must satisfy 0 < lo <= hi <= 1")
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Which samples a rank reads in an epoch and how many batches it yields (module docstring)."""
+
+    num_samples: int
+    batch_size: int
+    rank: int
+    world_size: int
+    epoch: int
+    kind: SplitKind
+
+    @property
+    def slice_id(self) -> int:
+        return (self.rank + self.epoch) % self.world_size if self.kind == "train" else self.rank
+
+    @property
+    def start(self) -> int:
+        return self.num_samples * self.slice_id // self.world_size
+
+    @property
+    def stop(self) -> int:
+        return self.num_samples * (self.slice_id + 1) // self.world_size
+
+    @property
+    def slice_size(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def num_batches(self) -> int:
+        n, w, b = self.num_samples, self.world_size, self.batch_size
+        if self.kind == "train":
+            return (n // w) // b
+        return math.ceil(math.ceil(n / w) / b)
+
+    @property
+    def num_real(self) -> int:
+        """Real (non-padding) samples this rank yields, if nothing is skipped."""
+        return self.num_batches * self.batch_size if self.kind == "train" else self.slice_size
+
+    def seed(self, base: int, salt: int = 0) -> int:
+        """A 31-bit seed for this (base seed, epoch, rank's slice, salt)."""
+        seq = np.random.SeedSequence([base & 0xFFFFFFFF, self.epoch, self.slice_id, self.world_size, salt])
+        return int(seq.generate_state(1)[0] & 0x7FFFFFFF)
+
+    def check(self, where: str) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
+        if self.num_samples < self.world_size:
+            raise ValueError(f"{where}: {self.num_samples} samples for {self.world_size} ranks; every rank needs one")
+        if self.num_batches == 0:
+            raise ValueError(
+                f"{where}: {self.num_samples} samples give no full batch of {self.batch_size} per rank "
+                f"on {self.world_size} ranks (training drops the remainder); lower batch_size"
+            )
+
+
+@dataclass
+class SkipReport:
+    """Counted skips of bad samples (``skip_corrupt``): by reason, with the first examples."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: list[tuple[str, str | None, str]] = field(default_factory=list)
+    max_examples: int = 100
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, err: ShardError) -> None:
+        reason = err.reason.split(" (")[0].split(":")[0]
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        if len(self.examples) < self.max_examples:
+            self.examples.append((err.shard, err.key, err.reason))
+
+    def summary(self) -> str:
+        if not self.total:
+            return "no samples skipped"
+        parts = ", ".join(f"{n} x {r}" for r, n in sorted(self.counts.items()))
+        first = "; ".join(f"{Path(s).name}:{k}: {r}" for s, k, r in self.examples[:3])
+        return f"skipped {self.total} bad samples ({parts}); first: {first}"
+
+
+class WsolLoader(Protocol):
+    """What both loaders provide."""
+
+    backend: str
+    options: LoaderOptions
+    skipped: SkipReport
+    split: VerifiedSplit
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared by the two loaders
+# ---------------------------------------------------------------------------------------------
+
+
+def boxes_tensor(metas: Sequence[SampleMeta]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, K, 4]`` boxes padded with -1 rows and ``[B]`` counts."""
+    counts = [len(m.boxes) for m in metas]
+    k = max(counts + [1])
+    out = np.full((len(metas), k, 4), -1.0, dtype=np.float32)
+    for i, m in enumerate(metas):
+        if len(m.boxes):
+            out[i, : len(m.boxes)] = m.boxes
+    return torch.from_numpy(out), torch.tensor(counts, dtype=torch.int64)
+
+
+def make_batch(
+    images: torch.Tensor,
+    metas: Sequence[SampleMeta],
+    padding: Sequence[bool],
+    masks: Sequence[np.ndarray] | None,
+) -> Batch:
+    """A :class:`Batch` from already-normalized images and host metadata (small tensors on CPU,
+    moved to the images' device)."""
+    device = images.device
+    boxes, num_boxes = boxes_tensor(metas)
+    non_blocking = device.type == "cuda"
+    return Batch(
+        images=images,
+        labels=torch.tensor([m.label for m in metas], dtype=torch.int64).to(device, non_blocking=non_blocking),
+        keys=[m.key for m in metas],
+        orig_sizes=torch.tensor([[m.width, m.height] for m in metas], dtype=torch.int64).to(device),
+        boxes=boxes.to(device, non_blocking=non_blocking),
+        num_boxes=num_boxes.to(device),
+        masks=None if masks is None else torch.from_numpy(np.stack(masks)).to(device, non_blocking=non_blocking),
+        is_padding=torch.tensor(list(padding), dtype=torch.bool).to(device),
+    )
+
+
+def dali_available(device: torch.device) -> tuple[bool, str]:
+    """Whether DALI can run here for this device, and why (for the log)."""
+    try:
+        import nvidia.dali  # noqa: F401
+        from nvidia.dali import backend as dali_backend
+    except Exception as exc:  # ImportError, or a broken install raising OSError
+        return False, f"DALI is not importable ({type(exc).__name__}: {exc})"
+    if device.type == "cuda":
+        try:
+            count = dali_backend.GetCUDADeviceCount()
+        except Exception as exc:
+            return False, f"DALI cannot query CUDA ({exc})"
+        if count == 0:
+            return False, "DALI sees no CUDA device"
+        return True, "DALI with mixed (GPU) JPEG decoding"
+    if device.type != "cpu":
+        return False, f"DALI does not feed {device.type} devices"
+    return True, "DALI in CPU mode (no GPU)"
+
+
+def build_loader(
+    split_dir: str | Path,
+    *,
+    split_kind: SplitKind,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+    options: LoaderOptions | None = None,
+    **overrides: Any,
+) -> WsolLoader:
+    """The input pipeline of one split directory for one rank.
+
+    ``options`` gives the :class:`LoaderOptions`; keyword ``overrides`` replace single fields
+    (``build_loader(d, split_kind="train", batch_size=64, seed=1)``). Checks the manifest and
+    index files first (``verify``) and picks the backend: DALI when ``backend`` is ``dali``, or
+    ``auto`` and DALI runs here; the torch fallback otherwise. The choice and its reason are
+    logged and kept in ``loader.backend_reason``.
+    """
+    known = {f.name for f in fields(LoaderOptions)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"unknown loader options {unknown}; known: {sorted(known)}")
+    opts = replace(options or LoaderOptions(), **overrides)
+    opts.validate()
+    if split_kind not in ("train", "eval"):
+        raise ValueError(f"split_kind must be 'train' or 'eval', not {split_kind!r}")
+    device = torch.device(device)
+    split = verify_split(split_dir, mode=opts.verify, tolerate_sample_problems=opts.skip_corrupt)
+    for problem in split.problems:
+        log.warning("%s (will be skipped)", problem)
+    EpochPlan(split.num_samples, opts.batch_size, rank, world_size, 0, split_kind).check(str(split_dir))
+
+    ok, why = dali_available(device) if opts.backend != "torch" else (False, "")
+    if opts.backend == "dali" and not ok:
+        raise RuntimeError(f"backend='dali' was asked for but {why}")
+    if opts.backend == "dali" or (opts.backend == "auto" and ok):
+        from wsol_core.data.dali_loader import DaliLoader
+
+        loader: WsolLoader = DaliLoader(split, split_kind=split_kind, rank=rank, world_size=world_size, device=device, options=opts)
+        reason = why
+    else:
+        from wsol_core.data.torch_loader import TorchLoader
+
+        loader = TorchLoader(split, split_kind=split_kind, rank=rank, world_size=world_size, device=device, options=opts)
+        reason = "asked for" if opts.backend == "torch" else why + "; using the torch fallback"
+    loader.backend_reason = reason  # type: ignore[attr-defined]
+    log.info("input pipeline for %s (%s, rank %d/%d): %s - %s", split_dir, split_kind, rank, world_size, loader.backend, reason)
+    return loader

@@ -1,0 +1,64 @@
+"""From the config's ``data`` section to a shard root on disk.
+
+``data.root`` names shards written by ``jobs/make_shards.py``. Empty, it means the embedded
+default: the synthetic benchmark, generated on first use into a cache directory keyed by its
+options, so every entry point (training, Tune trials, SLURM jobs) shares one copy. Generation
+runs under a file lock: concurrent first runs wait for one writer instead of racing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from wsol_core.config import ConfigError, DataConfig, SyntheticDataConfig
+from wsol_core.data.synthetic import SyntheticConfig, write_synthetic
+
+SPLITS = ("train", "val", "test")
+
+
+def synthetic_cache_root(cfg: SyntheticDataConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser().resolve()
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return (base / "wsol" / "synthetic").resolve()
+
+
+def synthetic_dataset_dir(cfg: SyntheticDataConfig) -> Path:
+    key = json.dumps({k: v for k, v in asdict(cfg).items() if k != "cache_dir"}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return synthetic_cache_root(cfg) / f"synthetic-{cfg.size}px-{cfg.classes}c-{digest}"
+
+
+def ensure_synthetic(cfg: SyntheticDataConfig) -> Path:
+    """The synthetic shards for ``cfg``, written once (the writer verifies and keeps finished shards)."""
+    root = synthetic_dataset_dir(cfg)
+    if all((root / split / "dataset.json").is_file() for split in SPLITS):
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not all((root / split / "dataset.json").is_file() for split in SPLITS):
+            print(f"[wsol] generating the synthetic WSOL benchmark into {root} (first use)", flush=True)
+            write_synthetic(
+                root,
+                num_train=cfg.num_train,
+                num_val=cfg.num_val,
+                num_test=cfg.num_test,
+                config=SyntheticConfig(size=cfg.size, num_classes=cfg.classes),
+                seed=cfg.seed,
+            )
+    return root
+
+
+def resolve_data_root(cfg: DataConfig) -> Path:
+    if not cfg.root:
+        return ensure_synthetic(cfg.synthetic)
+    root = Path(cfg.root).expanduser().resolve()
+    if not root.is_dir():
+        raise ConfigError(f"data.root = {cfg.root!r} is not a directory")
+    return root

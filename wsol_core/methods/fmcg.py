@@ -1,0 +1,208 @@
+"""FMCG: Lee, Ki, Mun, Kho, Byun, "Foreground Mining via Contrastive Guidance for Weakly
+Supervised Object Localization", BMVC 2021.
+
+A dual-branch adversarial-erasing classifier (Sec. 3.1, Fig. 2):
+
+1. **Scheduled region drop (SRD, Sec. 3.2, eq. 2).** After the drop stage (``srd.stage``, by
+   default after conv4_3 for VGG16, Table 2) the attention ``A = mean_c X`` is thresholded at
+   ``max(A) * theta_d`` per image, each dropped pixel grows to an ``S x S`` region (max pooling,
+   stride 1, padding S // 2) and the erased map is ``X_bar = X * (1 - region mask)``. The
+   paper's ``M`` that multiplies ``X`` is this keep mask (after expansion): the most
+   discriminative regions are the ones erased. theta_d goes linearly from 1 to ``theta_drop``
+   over ``srd.schedule_fraction`` of training (``progress`` from the loop) and then stays.
+   ``X`` and ``X_bar`` run through the remaining layers with shared weights in ONE pass over
+   their concatenation along the batch (so BatchNorm layers after the drop stage, e.g. ResNet's
+   layer4, see batch statistics of both branches together).
+2. **Pairwise non-local block (PNL, Sec. 3.4, eq. 6-7)** on the final feature maps of both
+   branches, "inserted before the classifier" (Sec. 4.1): ``F' = F + h(v W)``, W the softmax
+   of the whitened dot product of q and k (C' = C / ``pnl.reduction``), h = 1x1 conv + BN,
+   BN gamma zero-initialized by default (the block starts as the identity; the paper is silent).
+3. **Contrastive guidance (CG, Sec. 3.3, eq. 3-5)** on ``F'`` and ``F_bar'``: foreground /
+   background masks from the channel-pooled final attention ``A_F`` (eq. 3; what tau scales is
+   ambiguous, ``cg.threshold_mode``, default ``"max"``: ``tau * max(A_F)`` as in eq. 2),
+   masked features (eq. 4) pooled to vectors (masked average pooling by default), projected
+   by two 1x1 convs with ReLU to 128-d and L2-normalized, then eq. 5:
+   ``max(|z_fg - zb_fg| - |z_fg - z_bg| + m, 0) + max(|zb_fg - z_fg| - |zb_fg - zb_bg| + m, 0)``,
+   averaged over the images whose four masks are non-empty. ``cg.variant`` gives Table 4's
+   alternatives: ``"infonce"`` (InfoNCE with the same positives and both in-sample
+   backgrounds as the negatives, temperature ``cg.temperature``) and ``"orig_bg"`` (Ours-dagger:
+   only the original branch's background ``z_bg`` is a negative, in both terms). The margin m
+   is not in the main text (supplementary); 1.0 by default (unit vectors: distances in [0, 2]).
+4. **Loss (eq. 1):** ``L = L_cls^orig + L_cls^erased + L_cg``; each term has a weight in
+   ``method.weights`` (all 1 as in eq. 1; ``weights.cg`` is the lambda of a weighted variant).
+
+Switches for Table 1's ablations: ``srd.enabled``, ``cg.enabled``, ``pnl.enabled``. With SRD off
+the paper "use[s] pixel-level erasing when SRD is not applied": the erased branch stays, but
+the drop is pixel-level (S = 1, no region expansion) at a FIXED threshold ``theta_drop`` (no
+schedule) -- ADL/EIL-style erasing. With CG off there is no projection head and no ``cg`` term;
+with PNL off the final features go straight to the classifier and CG.
+
+**Inference** (Sec. 4.1: "For inference, we only utilize the scheduled region drop with its
+last drop threshold to extract the complementary region, as in [ADL]"): SRD is applied at the
+last threshold ``theta_drop`` (region-level, or pixel-level when SRD is off), both branches run,
+and the map of the GT (or predicted) class is the element-wise max of the original branch's CAM
+and the erased branch's CAM (``inference_map = "max"``, the default): the erased branch supplies
+the complementary region and the max adds it to the discriminative one, as ACoL fuses its two
+branches. Alternatives: ``"mean"`` of the two CAMs, ``"erased"`` (the branch with SRD alone),
+``"original"`` (plain CAM, no drop, ADL's own test-time behaviour). Logits are the original
+branch's. CAMs follow Zhou et al. / ADL: the classifier weights of the class applied to the
+final (PNL-enhanced) feature map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from wsol_core.config import MethodConfig, spec
+from wsol_core.data.batch import Batch
+from wsol_core.methods.components import (
+    ContrastConfig,
+    DropConfig,
+    DualBranchMethod,
+    InferenceMap,
+    NonLocalConfig,
+    PairwiseNonLocal,
+    ProjectionHead,
+    channel_attention,
+    drop_mask,
+    info_nce_term,
+    masked_mean,
+    masked_pool,
+    resolve_stage,
+    scheduled_theta,
+    threshold_masks,
+    triplet_term,
+)
+from wsol_core.models.base import Backbone
+from wsol_core.models.head import CAMHead
+
+
+@dataclass
+class SRDConfig(DropConfig):
+    """Scheduled region drop (Sec. 3.2). ``enabled = False``: pixel-level erasing at the fixed
+    threshold ``theta_drop`` (Table 1's "- SRD" row), i.e. ``kernel_size`` and
+    ``schedule_fraction`` are ignored."""
+
+    enabled: bool = True
+
+
+@dataclass
+class CGConfig(ContrastConfig):
+    """Contrastive guidance (Sec. 3.3); ``variant`` selects Table 4's rows."""
+
+    variant: Literal["triplet", "infonce", "orig_bg"] = "triplet"
+    temperature: float = spec(0.1, gt=0.0, doc="InfoNCE only")
+
+
+@dataclass
+class FMCGWeights:
+    """Weights of eq. 1's terms (all 1 in the paper)."""
+
+    cls: float = spec(1.0, ge=0.0)
+    cls_erased: float = spec(1.0, ge=0.0)
+    cg: float = spec(1.0, ge=0.0, doc="lambda")
+
+
+@dataclass
+class FMCGConfig(MethodConfig):
+    name: str = "fmcg"
+    srd: SRDConfig = field(default_factory=SRDConfig)
+    cg: CGConfig = field(default_factory=CGConfig)
+    pnl: NonLocalConfig = field(default_factory=NonLocalConfig)
+    weights: FMCGWeights = field(default_factory=FMCGWeights)
+    inference_map: InferenceMap = "max"
+
+
+class FMCG(DualBranchMethod):
+    config_class = FMCGConfig
+    cfg: FMCGConfig
+
+    def __init__(self, backbone: Backbone, num_classes: int, cfg: FMCGConfig) -> None:
+        super().__init__(backbone, num_classes, cfg)
+        self.stage = resolve_stage(backbone, cfg.srd.stage, "method.srd.stage")
+        channels = backbone.out_channels
+        self.pnl = PairwiseNonLocal(channels, cfg.pnl.reduction, cfg.pnl.zero_init, cfg.pnl.scaled) if cfg.pnl.enabled else None
+        self.projection = ProjectionHead(channels, cfg.cg.hidden_dim, cfg.cg.embed_dim) if cfg.cg.enabled else None
+        self.head = CAMHead(channels, num_classes)
+
+    # -- SRD -----------------------------------------------------------------------------------
+
+    def theta(self, progress: float) -> float:
+        """theta_d at ``progress`` (Sec. 3.2); fixed ``theta_drop`` when SRD is off."""
+        srd = self.cfg.srd
+        if not srd.enabled:
+            return srd.theta_drop
+        return scheduled_theta(progress, srd.theta_drop, srd.schedule_fraction)
+
+    def _inference_theta(self) -> float:
+        return self.cfg.srd.theta_drop  # "its last drop threshold"
+
+    def srd_mask(self, x: torch.Tensor, theta: float) -> torch.Tensor:
+        """Eq. 2 + region expansion on ``X``: ``[B, 1, h, w]``, 1 = erased (pixel-level when SRD is off)."""
+        kernel = self.cfg.srd.kernel_size if self.cfg.srd.enabled else 1
+        return drop_mask(channel_attention(x.detach()), theta, kernel)
+
+    # -- branches ------------------------------------------------------------------------------
+
+    def _tail(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.backbone.forward_features(x, after=self.stage)
+        return self.pnl(features) if self.pnl is not None else features
+
+    def _single(self, images: torch.Tensor) -> torch.Tensor:
+        return self._tail(self.backbone.forward_features(images, until=self.stage))
+
+    def _dual(self, images: torch.Tensor, theta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = self.backbone.forward_features(images, until=self.stage)
+        dropped = self.srd_mask(x, theta)
+        erased = x * (1.0 - dropped).to(x.dtype)  # X_bar = X * M (M: keep mask)
+        return self._tail(torch.cat([x, erased], dim=0)), {"drop_mask": dropped}
+
+    # -- CG ------------------------------------------------------------------------------------
+
+    def embed(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Eq. 3-4 and the projection head on ``[2B, C, h, w]`` (original branch first).
+
+        Returns ``z`` ``[2B, 2, D]`` (index 0 foreground, 1 background), ``valid`` ``[2B]``
+        (both masks non-empty) and the masks ``[2B, 2, h, w]``.
+        """
+        cg = self.cfg.cg
+        fg, bg = threshold_masks(channel_attention(features.detach()), cg.tau_fg, cg.tau_bg, cg.threshold_mode)
+        masks = torch.cat([fg, bg], dim=1)
+        pooled = masked_pool(features, masks, cg.pooling)  # [2B, 2, C]
+        z = self.projection(pooled.flatten(0, 1)).view(pooled.shape[0], 2, -1)
+        valid = (masks.sum(dim=(2, 3)) > 0).all(dim=1)
+        return {"z": z, "z_valid": valid, "cg_masks": masks}
+
+    def cg_loss(self, z: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Eq. 5 (or a Table 4 variant) from ``z`` ``[2B, 2, D]``, averaged over valid images."""
+        b = z.shape[0] // 2
+        z_fg, z_bg, zb_fg, zb_bg = z[:b, 0], z[:b, 1], z[b:, 0], z[b:, 1]
+        cg = self.cfg.cg
+        if cg.variant == "infonce":
+            negatives = torch.stack([z_bg, zb_bg], dim=1)
+            per_image = info_nce_term(z_fg, zb_fg, negatives, cg.temperature) + info_nce_term(zb_fg, z_fg, negatives, cg.temperature)
+        else:
+            erased_negative = z_bg if cg.variant == "orig_bg" else zb_bg
+            per_image = triplet_term(z_fg, zb_fg, z_bg, cg.margin) + triplet_term(zb_fg, z_fg, erased_negative, cg.margin)
+        return masked_mean(per_image, valid[:b] & valid[b:])
+
+    # -- interface -----------------------------------------------------------------------------
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None, progress: float = 0.0) -> dict[str, torch.Tensor]:
+        features, extras = self._dual(images, self.theta(progress))
+        outputs = self._split_logits(features)
+        outputs.update(extras)
+        if self.projection is not None:
+            outputs.update(self.embed(features))
+        return outputs
+
+    def losses(self, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
+        """Eq. 1: ``cls`` (original), ``cls_erased``, and ``cg`` when CG is on; weighted."""
+        w = self.cfg.weights
+        terms = self._classification_losses(outputs, batch, w.cls, w.cls_erased)
+        if self.projection is not None:
+            terms["cg"] = w.cg * self.cg_loss(outputs["z"], outputs["z_valid"])
+        return terms

@@ -1,0 +1,1 @@
+"""The per-worker training loop and its small parts: optimizer, checkpoints, evaluation."""

@@ -1,0 +1,322 @@
+"""The training loop that runs in every Ray Train worker.
+
+It reads top to bottom: build the method, optimizer and loaders; restore the latest checkpoint if
+Ray hands one over; then per epoch train, evaluate on val every ``train.eval_every`` epochs, and
+report metrics plus a checkpoint to Ray. The test split is scored once at the end.
+
+Rank 0 alone writes to MLflow (the driver created the run and passed its id) and saves
+checkpoints; every rank takes part in the all-reduces of evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from wsol_core.config import Config, flatten, load_config
+from wsol_core.data.batch import Batch
+from wsol_core.data.loader import LoaderOptions, build_loader
+from wsol_core.data.manifest import load_manifest
+from wsol_core.methods import WSOLMethod, build_method
+from wsol_core.reporting import log_run_summary
+from wsol_core.tracking import RunLogger
+from wsol_core.train.checkpoint import (
+    TrainingState,
+    capture_rng_states,
+    load_training_state,
+    restore_rng_states,
+    save_training_state,
+)
+from wsol_core.train.evaluate import EvalOutcome, evaluate_split
+from wsol_core.train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+SCORE_KEY = "val/maxboxacc_v2"  # checkpoints are ranked by this (Ray CheckpointConfig)
+
+
+def loader_options(cfg: Config) -> LoaderOptions:
+    """The data section of the config as the input pipeline's options."""
+    data = cfg.data
+    resize_size, crop_size = data.resolved_sizes()
+    return LoaderOptions(
+        backend=data.loader,
+        batch_size=data.batch_size,
+        resize_size=resize_size,
+        crop_size=crop_size,
+        random_resized_crop=data.random_resized_crop,
+        channels_last=cfg.train.channels_last,
+        seed=cfg.train.seed,
+        num_threads=data.num_threads,
+        skip_corrupt=data.skip_corrupt,
+    )
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Different streams per rank (augmentation, drops), reproducible per (seed, rank)."""
+    value = seed * 1000 + rank
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.manual_seed(value)
+
+
+def autocast_context(cfg: Config, device: torch.device):
+    """bf16 autocast on GPU by default; on CPU only when asked (it is slower there)."""
+    enabled = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
+    if not enabled:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def unwrap(model: torch.nn.Module) -> WSOLMethod:
+    """The method under DDP and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+class _ProgressBar:
+    """A per-epoch bar on rank 0 with images/s and the data-wait fraction.
+
+    Inside Ray it uses Ray's tqdm, which renders in the driver's console instead of
+    interleaving carriage returns from many processes.
+    """
+
+    def __init__(self, enabled: bool, total: int, epoch: int, epochs: int) -> None:
+        self.bar = None
+        if not enabled:
+            return
+        try:
+            from ray.experimental.tqdm_ray import tqdm
+        except ImportError:  # pragma: no cover - Ray is a hard dependency
+            from tqdm import tqdm
+        self.prefix = f"epoch {epoch + 1}/{epochs}"
+        self.bar = tqdm(total=total, desc=self.prefix)
+
+    def update(self, images_per_s: float, data_wait: float, loss: float) -> None:
+        if self.bar is not None:
+            # Ray's tqdm has no set_postfix; the figures go into the description.
+            self.bar.set_description(f"{self.prefix} | {images_per_s:.0f} img/s | data wait {data_wait:.0%} | loss {loss:.3f}")
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    method: WSOLMethod,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    cfg: Config,
+    device: torch.device,
+    epoch: int,
+    steps_per_epoch: int,
+    show_progress: bool,
+) -> dict[str, float]:
+    """One pass over the rank's shard; returns the epoch's mean losses, lr and throughput."""
+    model.train()
+    totals: dict[str, float] = {}
+    images_seen, steps = 0, 0
+    wait_seconds = 0.0
+    total_steps = cfg.train.epochs * steps_per_epoch
+    bar = _ProgressBar(show_progress, steps_per_epoch, epoch, cfg.train.epochs)
+    epoch_start = tick = time.perf_counter()
+    iterator = iter(loader)
+    while True:
+        try:
+            batch: Batch = next(iterator)
+        except StopIteration:
+            break
+        got_batch = time.perf_counter()
+        wait_seconds += got_batch - tick
+        batch = batch.to(device)
+        progress = min(1.0, (epoch * steps_per_epoch + steps) / max(total_steps, 1))
+        with autocast_context(cfg, device):
+            outputs = model(batch.images, batch.labels, progress)
+            terms = method.losses(outputs, batch)
+        loss = sum(terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        method.after_step(epoch * steps_per_epoch + steps + 1, outputs)
+
+        # One host sync per step for the logged values; cheap next to a WSOL step.
+        values = {name: float(value.detach()) for name, value in terms.items()}
+        if not all(math.isfinite(v) for v in values.values()):
+            raise FloatingPointError(f"non-finite loss at epoch {epoch + 1} step {steps + 1}: {values}")
+        for name, value in values.items():
+            totals[name] = totals.get(name, 0.0) + value
+        images_seen += len(batch)
+        steps += 1
+        tick = time.perf_counter()
+        elapsed = tick - epoch_start
+        bar.update(images_seen / max(elapsed, 1e-9), wait_seconds / max(elapsed, 1e-9), sum(values.values()))
+    bar.close()
+    if steps == 0:
+        raise RuntimeError(f"epoch {epoch + 1}: the training loader yielded no batch (dataset smaller than one batch per worker?)")
+    elapsed = time.perf_counter() - epoch_start
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    metrics = {f"train/loss_{name}": total / steps for name, total in totals.items()}
+    metrics["train/loss"] = sum(totals.values()) / steps
+    metrics["train/lr"] = optimizer.param_groups[0]["lr"]
+    # Every rank sees the same number of batches, so the global rate is world x the local one.
+    metrics["train/images_per_s"] = images_seen * world / elapsed
+    metrics["train/data_wait"] = wait_seconds / elapsed
+    return metrics
+
+
+def _restore(model: WSOLMethod, optimizer, scheduler, device) -> TrainingState | None:
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        state = load_training_state(directory, map_location=device)
+    model.load_state_dict(state.model)
+    optimizer.load_state_dict(state.optimizer)
+    scheduler.load_state_dict(state.scheduler)
+    restore_rng_states(state.rng)
+    return state
+
+
+def _report(metrics: dict[str, float], state: TrainingState | None) -> None:
+    """Report to Ray; rank 0 attaches the checkpoint (the others report metrics only)."""
+    import ray.train
+
+    if state is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="wsol-ckpt-") as directory:
+        save_training_state(directory, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def _log_pictures(logger: RunLogger, outcome: EvalOutcome, split: str, epoch: int) -> None:
+    if not logger.enabled:
+        return
+    import matplotlib.pyplot as plt
+
+    if outcome.overlay is not None:
+        logger.log_figure(outcome.overlay, f"{split}/cams/epoch_{epoch:03d}.png")
+        plt.close(outcome.overlay)
+    if outcome.curves is not None:
+        logger.log_figure(outcome.curves, f"{split}/box_accuracy_vs_threshold/epoch_{epoch:03d}.png")
+        plt.close(outcome.curves)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point; ``loop_config`` holds the resolved config and run coordinates."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = load_config(base=loop_config["config"])
+    data_root = Path(loop_config["data_root"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    seed_everything(cfg.train.seed, rank)
+    logger = RunLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"], enabled=rank == 0)
+
+    # Model, optimizer, schedule.
+    num_classes = cfg.model.num_classes or load_manifest(data_root / "train").num_classes
+    method = build_method(cfg, num_classes).to(device)
+    if cfg.train.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    options = loader_options(cfg)
+    train_loader = build_loader(data_root / "train", split_kind="train", rank=rank, world_size=world_size, device=device, options=options)
+    steps_per_epoch = len(train_loader)
+    optimizer = build_optimizer(method, cfg.optim, device)
+    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch)
+
+    restored = _restore(method, optimizer, scheduler, device)
+    start_epoch = restored.epoch if restored else 0
+    best_score = restored.best_score if restored else -1.0
+    if rank == 0:
+        if restored:
+            print(f"[wsol] resuming at epoch {start_epoch + 1} from the latest checkpoint", flush=True)
+        logger.start_system_metrics()
+
+    model: torch.nn.Module = ray.train.torch.prepare_model(method, move_to_device=False)
+    if cfg.train.compile:
+        model = torch.compile(model)
+
+    val_loader = build_loader(data_root / "val", split_kind="eval", rank=rank, world_size=world_size, device=device, options=options, batch_size=cfg.eval.batch_size)
+    last_val: dict[str, float] = {}
+    for epoch in range(start_epoch, cfg.train.epochs):
+        train_loader.set_epoch(epoch)
+        metrics = train_one_epoch(model, method, train_loader, optimizer, scheduler, cfg, device, epoch, steps_per_epoch, rank == 0)
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+            method.before_evaluation(next(iter(val_loader)).images.to(device))
+            with autocast_context(cfg, device):
+                outcome = evaluate_split(method, val_loader, cfg.eval, split="val", draw=rank == 0)
+            last_val = outcome.metrics
+            _log_pictures(logger, outcome, "val", epoch + 1)
+        metrics.update(last_val)
+        score = last_val.get(SCORE_KEY, -1.0)
+        best_score = max(best_score, score)
+        metrics[SCORE_KEY] = score  # every report carries the ranking key Ray sorts checkpoints by
+        metrics["epoch"] = epoch + 1
+        logger.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
+        state = None
+        if rank == 0:
+            state = TrainingState(
+                epoch=epoch + 1,
+                model=method.state_dict(),
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                config=loop_config["config"],
+                mlflow_run_id=loop_config["mlflow_run_id"],
+                best_score=best_score,
+                rng=capture_rng_states(),
+            )
+        _report(metrics, state)
+
+    # The protocol's final numbers: the test split, scored once, with the last model.
+    test_loader = build_loader(data_root / "test", split_kind="eval", rank=rank, world_size=world_size, device=device, options=options, batch_size=cfg.eval.batch_size)
+    with autocast_context(cfg, device):
+        outcome = evaluate_split(method, test_loader, cfg.eval, split="test", draw=rank == 0)
+    logger.log_metrics(outcome.metrics, step=cfg.train.epochs)
+    _log_pictures(logger, outcome, "test", cfg.train.epochs)
+    if rank == 0:
+        with tempfile.TemporaryDirectory(prefix="wsol-final-") as directory:
+            state_file = save_training_state(
+                directory,
+                TrainingState(
+                    epoch=cfg.train.epochs,
+                    model=method.state_dict(),
+                    optimizer={},
+                    scheduler={},
+                    config=loop_config["config"],
+                    mlflow_run_id=loop_config["mlflow_run_id"],
+                    best_score=best_score,
+                ),
+            )
+            logger.log_model(method.cpu(), state_file, loop_config.get("registered_model_name", ""))
+        logger.log_dict(outcome.metrics, "test/metrics.json")
+        log_run_summary(
+            logger, flatten(cfg), {**last_val, **outcome.metrics},
+            dataset=load_manifest(data_root / "train").dataset, synthetic=not cfg.data.root,
+        )
+    ray.train.report({**outcome.metrics, "epoch": cfg.train.epochs, SCORE_KEY: last_val.get(SCORE_KEY, -1.0)})
+    logger.stop_system_metrics()  # the driver closes the run with its final status
