@@ -117,7 +117,7 @@ def precheck_config(script_args: list[str]) -> None:
     from wsol_core.cli import add_config_options, config_from_args
     from wsol_core.config import ConfigError
 
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     add_config_options(parser)
     try:
         ns, _unknown = parser.parse_known_args(script_args)

@@ -224,6 +224,7 @@ start_munge() {
     wait_for 20 "munge socket" munge -n || die "munged does not answer; see $LOG/munged.log"
 }
 
+# shellcheck disable=SC2120  # called with arguments through wait_for
 db() { mariadb --no-defaults --socket="$DB_SOCK" -u root "$@"; }
 
 start_mariadb() {
@@ -249,6 +250,7 @@ start_mariadb() {
         --skip-name-resolve </dev/null >>"$LOG/mariadb.log" 2>&1 &
     wait_for 60 "MariaDB" db -e "SELECT 1" || die "MariaDB did not start; see $LOG/mariadb.log"
     wait_for 10 "MariaDB PID file" pid_of mariadb || die "MariaDB wrote no PID file; see $LOG/mariadb.log"
+    # shellcheck disable=SC2119
     db <<EOF
 CREATE DATABASE IF NOT EXISTS slurm_acct_db;
 CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
@@ -316,6 +318,7 @@ cmd_stop() {
             say "cancelling jobs: $jobs"
             # shellcheck disable=SC2086
             scancel $jobs 2>/dev/null || true
+            # shellcheck disable=SC2016  # expanded by the inner bash
             wait_for 30 "jobs to end" bash -c '[ -z "$(squeue -h -o %A 2>/dev/null)" ]' || true
         fi
     fi

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -332,14 +333,16 @@ def test_interface_addresses():
 
 
 @pytest.mark.integration
-def test_local_executor_runs_the_ray_cluster_path_and_reports_a_failing_entry_point(tmp_path):
+def test_local_executor_runs_the_ray_cluster_path_and_reports_a_failing_entry_point(tmp_path, request):
     """submitit's local executor (a laptop): the same head/driver/teardown code as on SLURM; the
     entry point's failure becomes the launcher's, in one line."""
     out = tmp_path / "smoke.jsonl"
+    ray_tmp = tempfile.mkdtemp(prefix="wr", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
+    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
     proc = subprocess.run(
         [
             sys.executable, str(ROOT / "cluster" / "launch_slurm.py"), "--executor", "local", "--cpus-per-node", "1", "--time", "10",
-            "--no-ray-dashboard", "--folder", str(tmp_path / "logs" / "%j"), "--name", "laptop-run",
+            "--no-ray-dashboard", "--folder", str(tmp_path / "logs" / "%j"), "--name", "laptop-run", "--ray-temp-root", ray_tmp,
             "--", "cluster/ray_smoke.py", "--out", str(out), "--fail",
         ],
         capture_output=True, text=True, timeout=400, cwd=tmp_path, check=False,
@@ -353,6 +356,7 @@ def test_local_executor_runs_the_ray_cluster_path_and_reports_a_failing_entry_po
     assert logs and "Ray runtime started" in logs[0].read_text()
     job_id = logs[0].parent.name
     assert not group_members_of_ray(job_id)  # nothing of the job's Ray is left running
+    assert [p.name for p in Path(ray_tmp).iterdir()] == [f"wsol-ray-local-{job_id}.0"]  # kept after a failure, for its logs
 
 
 def group_members_of_ray(job_id: str) -> list[str]:

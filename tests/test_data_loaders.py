@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from data_fixtures import good_split
 from wsol_core.data.batch import Batch
@@ -172,9 +174,6 @@ def test_options_and_plan_are_checked(synth):
     plan = EpochPlan(num_samples=10, batch_size=3, rank=2, world_size=3, epoch=0, kind="eval")
     assert (plan.start, plan.stop, plan.num_batches) == (6, 10, 2)
     assert EpochPlan(10, 3, 2, 3, 1, "train").slice_id == 0
-
-
-from hypothesis import given, settings, strategies as st  # noqa: E402
 
 
 @settings(max_examples=200, deadline=None)

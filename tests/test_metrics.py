@@ -179,6 +179,17 @@ def test_largest_contour_keeps_only_the_biggest_region():
     assert np.all(_one(score, [[20, 20, 50, 50]], largest_contour=True) == 1.0)
 
 
+def test_maps_larger_than_uint16_nodes_match_reference():
+    # 260 x 260 pixels + the frame node do not fit uint16 parents: the int32 kernel runs.
+    maps = prepare_maps(torch.from_numpy(_cams(2, 9, seed=11)), size=260).numpy()
+    maps[1, 100:140, 100:140] = 0  # a hole
+    boxes = [np.array([[20, 30, 200, 180]]), np.array([[99, 99, 140, 140]])]
+    thresholds = np.arange(0, 1, 0.05)
+    fast, count = best_iou_per_threshold(maps, boxes, thresholds, return_num_boxes=True)
+    ref, ref_count = reference_best_iou(maps, boxes, thresholds, return_num_boxes=True)
+    assert np.array_equal(fast, ref) and np.array_equal(count, ref_count)
+
+
 def test_cut_level_table_matches_python_int_of_product():
     thresholds = default_thresholds(0.001)
     table = cut_level_table(thresholds)

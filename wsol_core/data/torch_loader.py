@@ -33,7 +33,6 @@ import math
 import multiprocessing
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np

@@ -94,9 +94,10 @@ __all__ = [
 NUM_LEVELS = 256
 """Number of distinct cut levels ``int(t * max)`` of a uint8 map (0..255)."""
 
-# Rows of the per-chunk int32 work array (one column per pixel, plus the frame node).
-_PARENT, _SIZE, _X0, _Y0, _X1, _Y1, _START, _FIRST, _STAMP, _DIRTY = range(10)
-_WORK_ROWS = 10
+# Rows of the per-chunk `box` array (one column per union-find node): a root's bounding box and
+# the cut level at which that box appeared.
+_X0, _Y0, _X1, _Y1, _START = range(5)
+_BOX_ROWS = 5
 
 _NO_RECORD = -1
 
@@ -351,7 +352,7 @@ def _group_offsets(groups, W, out):
 
 
 @njit(cache=True, inline="always")
-def _retire_box(work, r, cut, descending, W, H, gt, g0, g1, tree):
+def _retire_box(box, r, cut, descending, W, H, gt, g0, g1, tree):
     """Root ``r``'s current box stops existing while cut level ``cut`` is being built.
 
     It existed on the finished levels ``start[r]`` down to ``cut + 1`` (descending sweep) or up
@@ -360,15 +361,15 @@ def _retire_box(work, r, cut, descending, W, H, gt, g0, g1, tree):
     the contour's ``cv2.boundingRect`` in protocol form: an outer border's far corner is one past
     the component's last pixel; a hole border runs one pixel outside the hole on every side.
     """
-    start = work[_START, r]
+    start = box[_START, r]
     if (start <= cut) if descending else (start >= cut):
         return
     grow = 0 if descending else 1
     iou = _best_gt_iou(
-        work[_X0, r] - grow,
-        work[_Y0, r] - grow,
-        min(work[_X1, r] + 1 + grow, W - 1),
-        min(work[_Y1, r] + 1 + grow, H - 1),
+        box[_X0, r] - grow,
+        box[_Y0, r] - grow,
+        min(box[_X1, r] + 1 + grow, W - 1),
+        min(box[_Y1, r] + 1 + grow, H - 1),
         gt, g0, g1,
     )
     lo, hi = (cut + 1, start) if descending else (start, cut - 1)
@@ -376,29 +377,29 @@ def _retire_box(work, r, cut, descending, W, H, gt, g0, g1, tree):
 
 
 @njit(cache=True, inline="always")
-def _box_grows(work, a, x0, y0, x1, y1):
-    return x0 < work[_X0, a] or y0 < work[_Y0, a] or x1 > work[_X1, a] or y1 > work[_Y1, a]
+def _box_grows(box, a, x0, y0, x1, y1):
+    return x0 < box[_X0, a] or y0 < box[_Y0, a] or x1 > box[_X1, a] or y1 > box[_Y1, a]
 
 
 @njit(cache=True, inline="always")
-def _set_box(work, a, x0, y0, x1, y1):
-    work[_X0, a] = min(work[_X0, a], x0)
-    work[_Y0, a] = min(work[_Y0, a], y0)
-    work[_X1, a] = max(work[_X1, a], x1)
-    work[_Y1, a] = max(work[_Y1, a], y1)
+def _set_box(box, a, x0, y0, x1, y1):
+    box[_X0, a] = min(box[_X0, a], x0)
+    box[_Y0, a] = min(box[_Y0, a], y0)
+    box[_X1, a] = max(box[_X1, a], x1)
+    box[_Y1, a] = max(box[_Y1, a], y1)
 
 
 @njit(cache=True)
-def _sweep(flat, H, W, order, starts, links, descending, gt, g0, g1, work, tree, counts):
+def _sweep(
+    flat, H, W, order, starts, links, descending, gt, g0, g1, parent, size, box, tree, counts
+):
     """One union-find sweep; adds its number of contours per cut level to ``counts``.
 
     ``descending``: 8-connected foreground components, building cut levels 254 down to 0.
     Otherwise: holes, i.e. 4-connected background components not joined to the frame node
     ``H * W``, building cut levels 0 up to 254.
     """
-    parent = work[_PARENT]
-    size = work[_SIZE]
-    start = work[_START]
+    start = box[_START]
     frame = H * W
     if not descending:
         parent[frame] = frame
@@ -420,10 +421,10 @@ def _sweep(flat, H, W, order, starts, links, descending, gt, g0, g1, work, tree,
                 # A new component (or hole): its own root.
                 parent[p] = p
                 size[p] = 1
-                work[_X0, p] = x
-                work[_Y0, p] = y
-                work[_X1, p] = x
-                work[_Y1, p] = y
+                box[_X0, p] = x
+                box[_Y0, p] = y
+                box[_X1, p] = x
+                box[_Y1, p] = y
                 start[p] = cut
                 n_sets += 1
                 continue
@@ -437,9 +438,9 @@ def _sweep(flat, H, W, order, starts, links, descending, gt, g0, g1, work, tree,
             # Attach the pixel to root r, growing r's box.
             parent[p] = r
             size[r] += 1
-            if r != frame and _box_grows(work, r, x, y, x, y):
-                _retire_box(work, r, cut, descending, W, H, gt, g0, g1, tree)
-                _set_box(work, r, x, y, x, y)
+            if r != frame and _box_grows(box, r, x, y, x, y):
+                _retire_box(box, r, cut, descending, W, H, gt, g0, g1, tree)
+                _set_box(box, r, x, y, x, y)
                 start[r] = cut
             # Merge r with the sets of the other neighbour groups.
             for j in range(first_group, n_groups + 1):
@@ -450,12 +451,12 @@ def _sweep(flat, H, W, order, starts, links, descending, gt, g0, g1, work, tree,
                 if size[a] < size[b]:
                     a, b = b, a
                 # `b` is merged away (ascending: or joins the frame and stops being a hole).
-                _retire_box(work, b, cut, descending, W, H, gt, g0, g1, tree)
+                _retire_box(box, b, cut, descending, W, H, gt, g0, g1, tree)
                 if a != frame and _box_grows(
-                    work, a, work[_X0, b], work[_Y0, b], work[_X1, b], work[_Y1, b]
+                    box, a, box[_X0, b], box[_Y0, b], box[_X1, b], box[_Y1, b]
                 ):
-                    _retire_box(work, a, cut, descending, W, H, gt, g0, g1, tree)
-                    _set_box(work, a, work[_X0, b], work[_Y0, b], work[_X1, b], work[_Y1, b])
+                    _retire_box(box, a, cut, descending, W, H, gt, g0, g1, tree)
+                    _set_box(box, a, box[_X0, b], box[_Y0, b], box[_X1, b], box[_Y1, b])
                     start[a] = cut
                 parent[b] = a
                 size[a] += size[b]
@@ -467,7 +468,7 @@ def _sweep(flat, H, W, order, starts, links, descending, gt, g0, g1, work, tree,
     for p in range(H * W):
         added = flat[p] > 0 if descending else flat[p] < NUM_LEVELS - 1
         if added and parent[p] == p:
-            _retire_box(work, p, past_last, descending, W, H, gt, g0, g1, tree)
+            _retire_box(box, p, past_last, descending, W, H, gt, g0, g1, tree)
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,20 +529,15 @@ def _outer_border_area2(flat, H, W, cut, s):
 
 @njit(cache=True)
 def _largest_contour_sweep(
-    flat, H, W, order, starts, links, gt, g0, g1, work, rec_key, rec_iou, keys, values,
-    counts,
+    flat, H, W, order, starts, links, gt, g0, g1, parent, size, box, first, stamp, dirty,
+    rec_key, rec_iou, keys, values, counts,
 ):
     """Foreground sweep keeping, per cut level, the outer border with the largest polygon area.
 
     Every component that changed while building a level gets a new record (area key, IoU of its
     box) at the end of the level; the old record is folded into the range-argmax tree.
     """
-    parent = work[_PARENT]
-    size = work[_SIZE]
-    start = work[_START]
-    first = work[_FIRST]
-    stamp = work[_STAMP]
-    dirty = work[_DIRTY]
+    start = box[_START]
     n_pixels = H * W
     n_components = 0
     for v in range(NUM_LEVELS - 1, 0, -1):
@@ -556,10 +552,10 @@ def _largest_contour_sweep(
             n_groups = links[mask, 0]
             parent[p] = p
             size[p] = 1
-            work[_X0, p] = x
-            work[_Y0, p] = y
-            work[_X1, p] = x
-            work[_Y1, p] = y
+            box[_X0, p] = x
+            box[_Y0, p] = y
+            box[_X1, p] = x
+            box[_Y1, p] = y
             first[p] = p
             start[p] = _NO_RECORD
             stamp[p] = NUM_LEVELS
@@ -575,7 +571,7 @@ def _largest_contour_sweep(
                 # `b` disappears now; `a` is dirty and gets its record closed at the level's end.
                 if start[b] > cut:
                     _range_max(keys, cut + 1, start[b], rec_key[b], rec_iou[b], values)
-                _set_box(work, a, work[_X0, b], work[_Y0, b], work[_X1, b], work[_Y1, b])
+                _set_box(box, a, box[_X0, b], box[_Y0, b], box[_X1, b], box[_Y1, b])
                 first[a] = min(first[a], first[b])
                 parent[b] = a
                 size[a] += size[b]
@@ -595,8 +591,8 @@ def _largest_contour_sweep(
             # OpenCV lists first.
             rec_key[r] = area2 * n_pixels + first[r]
             rec_iou[r] = _best_gt_iou(
-                work[_X0, r], work[_Y0, r],
-                min(work[_X1, r] + 1, W - 1), min(work[_Y1, r] + 1, H - 1),
+                box[_X0, r], box[_Y0, r],
+                min(box[_X1, r] + 1, W - 1), min(box[_Y1, r] + 1, H - 1),
                 gt, g0, g1,
             )
             start[r] = cut
@@ -613,18 +609,22 @@ def _largest_contour_sweep(
 
 @njit(cache=True, parallel=True)
 def _levels_batch(
-    maps, gt, gt_offsets, largest_contour, groups8, groups4, n_chunks, iou_out, count_out, max_out
+    maps, gt, gt_offsets, largest_contour, groups8, groups4, parent_type, n_chunks,
+    iou_out, count_out, max_out,
 ):
     """Fill ``iou_out``/``count_out`` ``[N, 256]`` and ``max_out`` ``[N]``; images in parallel.
 
     Images are split into ``n_chunks`` contiguous runs; each run allocates its work arrays once.
+    ``parent_type`` is an empty array whose dtype the union-find parents take (uint16 or int32).
     """
     n, H, W = maps.shape
     n_pixels = H * W
     for chunk in prange(n_chunks):
         order = np.empty(n_pixels, np.int64)
         starts = np.empty(NUM_LEVELS + 1, np.int64)
-        work = np.empty((_WORK_ROWS, n_pixels + 1), np.int32)
+        parent = np.empty(n_pixels + 1, parent_type.dtype)  # + 1: the frame node
+        size = np.empty(n_pixels + 1, np.int32)
+        box = np.empty((_BOX_ROWS, n_pixels + 1), np.int32)
         masks = np.empty((2, H, W), np.uint8)
         links8 = np.empty((256, 5), np.int64)
         links4 = np.empty((256, 5), np.int64)
@@ -633,6 +633,9 @@ def _levels_batch(
         tree = np.empty(2 * NUM_LEVELS, np.float64)
         counts = np.empty(NUM_LEVELS, np.int64)
         records = n_pixels if largest_contour else 1  # only the v1 sweep keeps per-root records
+        first = np.empty(records, np.int32)
+        stamp = np.empty(records, np.int16)
+        dirty = np.empty(records, np.int32)
         rec_key = np.empty(records, np.int64)
         rec_iou = np.empty(records, np.float64)
         keys = np.empty(2 * NUM_LEVELS, np.int64)
@@ -651,15 +654,22 @@ def _levels_batch(
                 keys[:] = -1
                 tree[:] = 0.0
                 _largest_contour_sweep(
-                    flat, H, W, order, starts, links8, gt, g0, g1,
-                    work, rec_key, rec_iou, keys, tree, counts,
+                    flat, H, W, order, starts, links8, gt, g0, g1, parent, size, box,
+                    first, stamp, dirty, rec_key, rec_iou, keys, tree, counts,
                 )
                 for level in range(NUM_LEVELS):
                     iou_out[i, level] = _point_query(keys, tree, level)
             else:
                 tree[:] = -1.0
-                _sweep(flat, H, W, order, starts, links8, True, gt, g0, g1, work, tree, counts)
-                _sweep(flat, H, W, order, starts, links4, False, gt, g0, g1, work, tree, counts)
+                # Two explicit calls (not a loop over the pair): numba specializes each better.
+                _sweep(
+                    flat, H, W, order, starts, links8, True, gt, g0, g1,
+                    parent, size, box, tree, counts,
+                )
+                _sweep(
+                    flat, H, W, order, starts, links4, False, gt, g0, g1,
+                    parent, size, box, tree, counts,
+                )
                 for level in range(NUM_LEVELS):
                     iou_out[i, level] = _point_query(tree, tree, level)
             # No contour at all: the protocol scores the box (0, 0, 0, 0).
@@ -717,10 +727,13 @@ def best_iou_per_level(
         # Several runs of images per thread, handed out one at a time (chunk size 1): balances
         # uneven maps (speckle costs more than a smooth blob) and threads slowed by other load.
         n_chunks = min(n, 8 * numba.get_num_threads())
+        # uint16 parents when every node (pixels + frame) fits, as for 224 x 224 maps: the sweeps
+        # are bound by random accesses to this array, and half its size measured ~8% faster.
+        parent_type = np.empty(0, np.uint16 if maps[0].size < 65535 else np.int32)
         with numba.parallel_chunksize(1):
             _levels_batch(
-                maps, gt_boxes, gt_offsets, largest_contour, _GROUPS8, _GROUPS4, n_chunks,
-                iou, counts, map_max,
+                maps, gt_boxes, gt_offsets, largest_contour, _GROUPS8, _GROUPS4, parent_type,
+                n_chunks, iou, counts, map_max,
             )
     return LevelScores(iou, counts, map_max)
 

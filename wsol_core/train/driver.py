@@ -7,7 +7,6 @@ configuration or the data is checked here before Ray is started or any resource 
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import dataclass
@@ -20,8 +19,6 @@ from wsol_core.data.resolve import resolve_data_root
 from wsol_core.tracking import RunLogger, git_commit, resolve_tracking_uri, start_or_resume_run
 from wsol_core.train.loop import SCORE_KEY, train_loop_per_worker
 from wsol_core.train.ray_session import init_ray
-
-log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
@@ -81,7 +78,9 @@ def run_training(cfg: Config, *, ray_address: str | None = None, registered_mode
         raise ConfigError(f"model.num_classes = {cfg.model.num_classes} but the dataset has {data['num_classes']} classes")
 
     name = cfg.run.name or f"{cfg.method.name}-{cfg.model.backbone}-{data['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage_path = str(Path(cfg.run.storage_path).resolve()) if cfg.run.storage_path else default_storage_path()
+    storage_path = cfg.run.storage_path or default_storage_path()
+    if "://" not in storage_path:  # local or shared file system; s3:// and gs:// stay as given
+        storage_path = str(Path(storage_path).expanduser().resolve())
     tracking_uri = resolve_tracking_uri(cfg.run.tracking_uri)
     experiment = cfg.run.experiment or data["dataset"]
     run_key = f"{storage_path}/{name}"

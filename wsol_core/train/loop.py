@@ -10,7 +10,6 @@ checkpoints; every rank takes part in the all-reduces of evaluation.
 
 from __future__ import annotations
 
-import logging
 import math
 import random
 import tempfile
@@ -39,8 +38,6 @@ from wsol_core.train.checkpoint import (
 )
 from wsol_core.train.evaluate import EvalOutcome, evaluate_split
 from wsol_core.train.optim import build_optimizer, build_scheduler
-
-log = logging.getLogger(__name__)
 
 SCORE_KEY = "val/maxboxacc_v2"  # checkpoints are ranked by this (Ray CheckpointConfig)
 

@@ -1,0 +1,76 @@
+"""`ray job submit --working-dir . -- python jobs/train_imagenet.py` against a real `ray start` head."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_job_submitted_to_a_ray_head_trains_and_records(tmp_path):
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env["PATH"] = f"{BIN}:{env['PATH']}"  # the job's `python` is the project's environment
+    env["RAY_AUTH_MODE"] = "token"  # a head started by `ray start` requires token auth
+    env["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"  # the cluster already runs the locked environment
+    port, dashboard = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's socket paths have a length limit
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", f"--temp-dir={temp_dir}",
+         "--include-dashboard=true", "--block"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert head.poll() is None, head.communicate()[0][-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{dashboard}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break  # answering (401 without a token): the head is up
+            except OSError:
+                assert time.time() < deadline, "the Ray head did not come up"
+                time.sleep(2)
+        db = tmp_path / "mlflow.db"
+        submit = [
+            str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO), "--",
+            "python", "jobs/train_imagenet.py", "--method", "cam", "--epochs", "1", "--name", "submitted",
+            "--storage-path", str(tmp_path / "ray"), "--tracking-uri", f"sqlite:///{db}",
+            "--set", "data.synthetic.num_train=32", "--set", "data.synthetic.num_val=16", "--set", "data.synthetic.num_test=16",
+            "--set", "data.synthetic.size=64", "--set", f"data.synthetic.cache_dir={tmp_path / 'data'}",
+            "--set", "data.batch_size=8", "--set", "eval.batch_size=8", "--set", "run.cpus_per_worker=0.5",
+        ]
+        result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+        assert "succeeded" in (result.stdout + result.stderr).lower()
+        client = MlflowClient(f"sqlite:///{db}")
+        runs = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id])
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        assert "test/maxboxacc_v2" in runs[0].data.metrics
+    finally:
+        # `ray start --block` ignores SIGTERM: stop its whole process group by id.
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=30)
