@@ -19,6 +19,7 @@ from wsol_core.metrics import (
     cut_level_table,
     default_thresholds,
     normalize_maps,
+    prepare_float_maps,
     prepare_maps,
     pxap,
     quantize_maps,
@@ -291,6 +292,9 @@ def test_accumulator_merge_equals_one_big_update():
     ref = reference_best_iou(maps.numpy(), boxes, thresholds)
     for row, delta in enumerate(whole.iou_deltas):
         assert np.array_equal(whole.correct[row].numpy(), (ref >= delta / 100).sum(0))
+    from_iou = MaxBoxAccumulator(thresholds)
+    from_iou.update_from_iou(ref)
+    assert torch.equal(from_iou.state_tensor(), whole.state_tensor())
 
 
 def test_state_tensor_round_trip():
@@ -412,6 +416,18 @@ def test_pxap_matches_reference_on_random_maps():
     clone = PxAPAccumulator(thresholds)
     clone.load_state_tensor(acc.state_tensor())
     assert clone.compute().pxap == acc.compute().pxap
+
+
+def test_pxap_update_raw_prepares_float_maps_at_mask_size():
+    cams = torch.from_numpy(_cams(4, 14, seed=10))
+    masks = np.zeros((4, 224, 224), np.uint8)
+    masks[:, 60:160, 50:150] = 1
+    masks[:, :5] = 255
+    raw, prepared = PxAPAccumulator(THR_01), PxAPAccumulator(THR_01)
+    raw.update_raw(cams, masks)
+    prepared.update(prepare_float_maps(cams), masks)
+    assert torch.equal(raw.state_tensor(), prepared.state_tensor())
+    assert int(raw.state_tensor().sum()) == int((masks != 255).sum())
 
 
 # ---------------------------------------------------------------------------------------------

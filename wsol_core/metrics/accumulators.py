@@ -30,7 +30,7 @@ rows, images that came with class scores for the two top-k rows).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -82,7 +82,7 @@ class BoxAccuracy:
     gt_known_loc: float | None = None
     top1_loc: float | None = None
     top5_loc: float | None = None
-    largest_contour: bool = field(default=False)
+    largest_contour: bool = False
 
     @property
     def corloc(self) -> float | None:
@@ -120,10 +120,14 @@ class MaxBoxAccumulator:
 
         acc = MaxBoxAccumulator(default_thresholds())
         for batch in loader:
+            logits = classifier(batch.images)
             cams = model.localization_maps(batch.images, batch.labels)
             acc.update_raw(cams, batch.gt_boxes_list(), batch.orig_sizes,
                            class_scores=logits, labels=batch.labels)
         print(acc.compute().as_dict())
+
+    Samples repeated only to give DDP ranks equal batch counts must be left out of the update
+    (index the batch with ``~batch.is_padding``), or they are counted twice.
     """
 
     def __init__(

@@ -101,6 +101,8 @@ _BOX_ROWS = 5
 
 _NO_RECORD = -1
 
+_MIN_MAPS_PER_THREAD = 4
+
 # The 8-neighbourhood ring, counter-clockwise on screen (y grows downwards), starting east:
 # E, NE, N, NW, W, SW, S, SE. Ring positions 1-4 come before the pixel in raster order.
 _DX8 = (1, 1, 0, -1, -1, -1, 0, 1)
@@ -377,6 +379,21 @@ def _retire_box(box, r, cut, descending, W, H, gt, g0, g1, tree):
 
 
 @njit(cache=True, inline="always")
+def _larger_box_first(box, a, b):
+    """Order two roots so the one with the larger box (half-perimeter) survives a merge.
+
+    Union by box size instead of set size: no per-pixel size count to maintain (the sweeps attach
+    every pixel to a root, so that count would cost a store per pixel), and a set's box grows with
+    the set. Path halving in :func:`_find` keeps the trees shallow either way.
+    """
+    if box[_X1, a] - box[_X0, a] + box[_Y1, a] - box[_Y0, a] < (
+        box[_X1, b] - box[_X0, b] + box[_Y1, b] - box[_Y0, b]
+    ):
+        return b, a
+    return a, b
+
+
+@njit(cache=True, inline="always")
 def _box_grows(box, a, x0, y0, x1, y1):
     return x0 < box[_X0, a] or y0 < box[_Y0, a] or x1 > box[_X1, a] or y1 > box[_Y1, a]
 
@@ -390,9 +407,7 @@ def _set_box(box, a, x0, y0, x1, y1):
 
 
 @njit(cache=True)
-def _sweep(
-    flat, H, W, order, starts, links, descending, gt, g0, g1, parent, size, box, tree, counts
-):
+def _sweep(flat, H, W, order, starts, links, descending, gt, g0, g1, parent, box, tree, counts):
     """One union-find sweep; adds its number of contours per cut level to ``counts``.
 
     ``descending``: 8-connected foreground components, building cut levels 254 down to 0.
@@ -403,7 +418,6 @@ def _sweep(
     frame = H * W
     if not descending:
         parent[frame] = frame
-        size[frame] = H * W + 1  # the largest set, so it always stays the root
     shift = _FG_SHIFT if descending else _BG_SHIFT
     n_sets = 0
     for step in range(NUM_LEVELS - 1):
@@ -420,7 +434,6 @@ def _sweep(
             if n_groups == 0 and not on_edge:
                 # A new component (or hole): its own root.
                 parent[p] = p
-                size[p] = 1
                 box[_X0, p] = x
                 box[_Y0, p] = y
                 box[_X1, p] = x
@@ -437,7 +450,6 @@ def _sweep(
                 first_group = 2
             # Attach the pixel to root r, growing r's box.
             parent[p] = r
-            size[r] += 1
             if r != frame and _box_grows(box, r, x, y, x, y):
                 _retire_box(box, r, cut, descending, W, H, gt, g0, g1, tree)
                 _set_box(box, r, x, y, x, y)
@@ -447,9 +459,13 @@ def _sweep(
                 b = _find(parent, p + links[mask, j])
                 if b == r:
                     continue
-                a = r
-                if size[a] < size[b]:
-                    a, b = b, a
+                # The frame always survives (a hole joining it stops being a hole).
+                if b == frame:
+                    a, b = b, r
+                elif r == frame:
+                    a = r
+                else:
+                    a, b = _larger_box_first(box, r, b)
                 # `b` is merged away (ascending: or joins the frame and stops being a hole).
                 _retire_box(box, b, cut, descending, W, H, gt, g0, g1, tree)
                 if a != frame and _box_grows(
@@ -459,7 +475,6 @@ def _sweep(
                     _set_box(box, a, box[_X0, b], box[_Y0, b], box[_X1, b], box[_Y1, b])
                     start[a] = cut
                 parent[b] = a
-                size[a] += size[b]
                 n_sets -= 1
                 r = a
         counts[cut] += n_sets
@@ -529,7 +544,7 @@ def _outer_border_area2(flat, H, W, cut, s):
 
 @njit(cache=True)
 def _largest_contour_sweep(
-    flat, H, W, order, starts, links, gt, g0, g1, parent, size, box, first, stamp, dirty,
+    flat, H, W, order, starts, links, gt, g0, g1, parent, box, first, stamp, dirty,
     rec_key, rec_iou, keys, values, counts,
 ):
     """Foreground sweep keeping, per cut level, the outer border with the largest polygon area.
@@ -551,7 +566,6 @@ def _largest_contour_sweep(
             mask = (entry >> _FG_SHIFT) & 0xFF
             n_groups = links[mask, 0]
             parent[p] = p
-            size[p] = 1
             box[_X0, p] = x
             box[_Y0, p] = y
             box[_X1, p] = x
@@ -565,16 +579,13 @@ def _largest_contour_sweep(
                 b = _find(parent, p + links[mask, j])
                 if b == r:
                     continue
-                a = r
-                if size[a] < size[b]:
-                    a, b = b, a
+                a, b = _larger_box_first(box, r, b)
                 # `b` disappears now; `a` is dirty and gets its record closed at the level's end.
                 if start[b] > cut:
                     _range_max(keys, cut + 1, start[b], rec_key[b], rec_iou[b], values)
                 _set_box(box, a, box[_X0, b], box[_Y0, b], box[_X1, b], box[_Y1, b])
                 first[a] = min(first[a], first[b])
                 parent[b] = a
-                size[a] += size[b]
                 n_components -= 1
                 r = a
             dirty[n_dirty] = r
@@ -623,7 +634,6 @@ def _levels_batch(
         order = np.empty(n_pixels, np.int64)
         starts = np.empty(NUM_LEVELS + 1, np.int64)
         parent = np.empty(n_pixels + 1, parent_type.dtype)  # + 1: the frame node
-        size = np.empty(n_pixels + 1, np.int32)
         box = np.empty((_BOX_ROWS, n_pixels + 1), np.int32)
         masks = np.empty((2, H, W), np.uint8)
         links8 = np.empty((256, 5), np.int64)
@@ -654,7 +664,7 @@ def _levels_batch(
                 keys[:] = -1
                 tree[:] = 0.0
                 _largest_contour_sweep(
-                    flat, H, W, order, starts, links8, gt, g0, g1, parent, size, box,
+                    flat, H, W, order, starts, links8, gt, g0, g1, parent, box,
                     first, stamp, dirty, rec_key, rec_iou, keys, tree, counts,
                 )
                 for level in range(NUM_LEVELS):
@@ -664,11 +674,11 @@ def _levels_batch(
                 # Two explicit calls (not a loop over the pair): numba specializes each better.
                 _sweep(
                     flat, H, W, order, starts, links8, True, gt, g0, g1,
-                    parent, size, box, tree, counts,
+                    parent, box, tree, counts,
                 )
                 _sweep(
                     flat, H, W, order, starts, links4, False, gt, g0, g1,
-                    parent, size, box, tree, counts,
+                    parent, box, tree, counts,
                 )
                 for level in range(NUM_LEVELS):
                     iou_out[i, level] = _point_query(tree, tree, level)
@@ -723,18 +733,25 @@ def best_iou_per_level(
     iou = np.empty((n, NUM_LEVELS), np.float64)
     counts = np.empty((n, NUM_LEVELS), np.int32)
     map_max = np.empty(n, np.uint8)
-    if n:
+    if n == 0:
+        return LevelScores(iou, counts, map_max)
+    # uint16 parents when every node (pixels + frame) fits, as for 224 x 224 maps: the sweeps are
+    # bound by random accesses to this array, and half its size measured ~8% faster.
+    parent_type = np.empty(0, np.uint16 if maps[0].size < 65535 else np.int32)
+    threads = numba.get_num_threads()
+    # A handful of maps is not worth waking other threads (a few ms on a loaded machine).
+    numba.set_num_threads(max(1, min(threads, n // _MIN_MAPS_PER_THREAD)))
+    try:
         # Several runs of images per thread, handed out one at a time (chunk size 1): balances
         # uneven maps (speckle costs more than a smooth blob) and threads slowed by other load.
         n_chunks = min(n, 8 * numba.get_num_threads())
-        # uint16 parents when every node (pixels + frame) fits, as for 224 x 224 maps: the sweeps
-        # are bound by random accesses to this array, and half its size measured ~8% faster.
-        parent_type = np.empty(0, np.uint16 if maps[0].size < 65535 else np.int32)
         with numba.parallel_chunksize(1):
             _levels_batch(
                 maps, gt_boxes, gt_offsets, largest_contour, _GROUPS8, _GROUPS4, parent_type,
                 n_chunks, iou, counts, map_max,
             )
+    finally:
+        numba.set_num_threads(threads)  # thread-local setting: restore the caller's
     return LevelScores(iou, counts, map_max)
 
 

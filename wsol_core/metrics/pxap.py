@@ -1,6 +1,6 @@
 """PxAP: area under the pixel precision-recall curve, for datasets with masks.
 
-Protocol (Choe et al., CVPR 2020, Section 4.2): every pixel with mask value 1 is a positive, 0 a
+Protocol (Choe et al., CVPR 2020): every pixel with mask value 1 is a positive, 0 a
 negative, 255 ignored. For each score-map threshold the pixels scoring at or above it are predicted
 foreground; precision and recall are pooled over all pixels of all images, and PxAP is the area
 under the PR curve in percent.
