@@ -176,6 +176,9 @@ class TrainConfig:
     eval_every: int = spec(1, ge=1, doc="epochs between val evaluations")
     keep_best: int = spec(2, ge=1, doc="checkpoints kept by val MaxBoxAccV2, plus the latest")
     grad_clip: float = spec(0.0, ge=0.0, doc="0 disables")
+    # Score the test split once at the end. Search trials turn it off: they select on val only
+    # (the protocol's rule) and never look at test.
+    evaluate_test: bool = True
 
 
 @dataclass

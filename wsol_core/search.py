@@ -341,7 +341,7 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
 
     space = SearchSpace(setup["method"], {n: parse_param(n, s) for n, s in setup["space"]["params"].items()})
     sample = {k: config[k] for k in space.searched}
-    cfg = load_config(base=setup["config"], overrides=space.overrides(sample))
+    cfg = load_config(base=setup["config"], overrides=[*space.overrides(sample), "train.evaluate_test=false"])
     trial_id = ray.tune.get_context().get_trial_id()
     trial_name = ray.tune.get_context().get_trial_name()
     run_id, _ = start_or_resume_run(

@@ -99,9 +99,9 @@ NUM_LEVELS = 256
 _X0, _Y0, _X1, _Y1, _START = range(5)
 _BOX_ROWS = 5
 
-_NO_RECORD = -1
+_NO_RECORD = -1  # largest-contour sweep: a root without an open record
 
-_MIN_MAPS_PER_THREAD = 4
+_MIN_MAPS_PER_THREAD = 4  # smaller batches run on fewer threads
 
 # The 8-neighbourhood ring, counter-clockwise on screen (y grows downwards), starting east:
 # E, NE, N, NW, W, SW, S, SE. Ring positions 1-4 come before the pixel in raster order.
@@ -241,11 +241,14 @@ def _point_query(tree, values, level):
     return payload
 
 
-# Layout of a sorted-pixel entry (int64): foreground mask, background mask, y, x.
-_FG_SHIFT = 48
-_BG_SHIFT = 40
-_Y_SHIFT = 20
-_COORD = (1 << 20) - 1
+# Layout of a sorted-pixel entry (int64): foreground mask, background mask, y, x, linear index
+# (sides below 4096, see validation.MAX_MAP_SIDE).
+_FG_SHIFT = 56
+_BG_SHIFT = 48
+_Y_SHIFT = 36
+_X_SHIFT = 24
+_COORD = (1 << 12) - 1
+_INDEX = (1 << 24) - 1
 
 
 @njit(cache=True)
@@ -271,7 +274,8 @@ def _sort_pixels(img, masks, order, starts):
                 (np.int64(masks[0, y, x]) << _FG_SHIFT)
                 | (np.int64(masks[1, y, x]) << _BG_SHIFT)
                 | (np.int64(y) << _Y_SHIFT)
-                | x
+                | (np.int64(x) << _X_SHIFT)
+                | (y * W + x)
             )
             fill[v] += 1
 
@@ -426,8 +430,8 @@ def _sweep(flat, H, W, order, starts, links, descending, gt, g0, g1, parent, box
         for k in range(starts[v], starts[v + 1]):
             entry = order[k]
             y = (entry >> _Y_SHIFT) & _COORD
-            x = entry & _COORD
-            p = y * W + x
+            x = (entry >> _X_SHIFT) & _COORD
+            p = entry & _INDEX
             mask = (entry >> shift) & 0xFF
             n_groups = links[mask, 0]
             on_edge = not descending and (x == 0 or y == 0 or x == W - 1 or y == H - 1)
@@ -561,8 +565,8 @@ def _largest_contour_sweep(
         for k in range(starts[v], starts[v + 1]):
             entry = order[k]
             y = (entry >> _Y_SHIFT) & _COORD
-            x = entry & _COORD
-            p = y * W + x
+            x = (entry >> _X_SHIFT) & _COORD
+            p = entry & _INDEX
             mask = (entry >> _FG_SHIFT) & 0xFF
             n_groups = links[mask, 0]
             parent[p] = p

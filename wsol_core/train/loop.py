@@ -290,11 +290,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _report(metrics, state)
 
     # The protocol's final numbers: the test split, scored once, with the last model.
-    test_loader = build_loader(data_root / "test", split_kind="eval", rank=rank, world_size=world_size, device=device, options=options, batch_size=cfg.eval.batch_size)
-    with autocast_context(cfg, device):
-        outcome = evaluate_split(method, test_loader, cfg.eval, split="test", draw=rank == 0)
-    logger.log_metrics(outcome.metrics, step=cfg.train.epochs)
-    _log_pictures(logger, outcome, "test", cfg.train.epochs)
+    test_metrics: dict[str, float] = {}
+    if cfg.train.evaluate_test:
+        test_loader = build_loader(data_root / "test", split_kind="eval", rank=rank, world_size=world_size, device=device, options=options, batch_size=cfg.eval.batch_size)
+        with autocast_context(cfg, device):
+            outcome = evaluate_split(method, test_loader, cfg.eval, split="test", draw=rank == 0)
+        test_metrics = outcome.metrics
+        logger.log_metrics(test_metrics, step=cfg.train.epochs)
+        _log_pictures(logger, outcome, "test", cfg.train.epochs)
+        logger.log_dict(test_metrics, "test/metrics.json")
     if rank == 0:
         with tempfile.TemporaryDirectory(prefix="wsol-final-") as directory:
             state_file = save_training_state(
@@ -310,10 +314,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 ),
             )
             logger.log_model(method.cpu(), state_file, loop_config.get("registered_model_name", ""))
-        logger.log_dict(outcome.metrics, "test/metrics.json")
         log_run_summary(
-            logger, flatten(cfg), {**last_val, **outcome.metrics},
+            logger, flatten(cfg), {**last_val, **test_metrics},
             dataset=load_manifest(data_root / "train").dataset, synthetic=not cfg.data.root,
         )
-    ray.train.report({**outcome.metrics, "epoch": cfg.train.epochs, SCORE_KEY: last_val.get(SCORE_KEY, -1.0)})
+    ray.train.report({**test_metrics, "epoch": cfg.train.epochs, SCORE_KEY: last_val.get(SCORE_KEY, -1.0)})
     logger.stop_system_metrics()  # the driver closes the run with its final status
