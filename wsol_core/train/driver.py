@@ -69,9 +69,6 @@ def check_data(root: Path) -> dict[str, Any]:
 
 def run_training(cfg: Config, *, ray_address: str | None = None, registered_model_name: str = "") -> TrainingOutcome:
     """Train ``cfg`` on Ray Train and record it in MLflow; resumes a run with the same name."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     data_root = resolve_data_root(cfg.data)
     data = check_data(data_root)
     if cfg.model.num_classes and cfg.model.num_classes != data["num_classes"]:
@@ -96,7 +93,10 @@ def run_training(cfg: Config, *, ray_address: str | None = None, registered_mode
     logger.log_text(dump_yaml(cfg), "config.yaml")
     print(f"[wsol] run {name!r}: MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {tracking_uri}", flush=True)
 
-    init_ray(ray_address)
+    init_ray(ray_address)  # before any other ray import: it decides how workers start
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
 
     trainer = TorchTrainer(
         train_loop_per_worker,
