@@ -102,7 +102,7 @@ class ModelConfig:
 class SyntheticDataConfig:
     """The generated WSOL benchmark used when ``data.root`` is empty (the embedded default)."""
 
-    num_train: int = spec(2000, ge=1)
+    num_train: int = spec(1600, ge=1)
     num_val: int = spec(300, ge=1)
     num_test: int = spec(300, ge=1)
     size: int = spec(128, ge=32)
@@ -168,7 +168,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = spec(5, ge=1)
+    epochs: int = spec(4, ge=1)
     seed: int = 0
     amp: Literal["auto", "bf16", "off"] = "auto"
     channels_last: bool = True
