@@ -44,7 +44,7 @@ from wsol_core.data.format import (
     read_member_bytes,
     split_member_name,
 )
-from wsol_core.data.loader import EpochPlan, LoaderOptions, SkipReport, SplitKind, make_batch
+from wsol_core.data.loader import EpochPlan, LoaderOptions, SkipReport, SplitKind, make_batch, resolve_load_masks
 from wsol_core.data.manifest import VerifiedSplit
 
 log = logging.getLogger(__name__)
@@ -246,10 +246,7 @@ class DaliLoader:
         self.device = device
         self.options = options
         self.skipped = SkipReport()
-        manifest = split.manifest
-        self.load_masks = options.load_masks if options.load_masks is not None else (split_kind == "eval" and manifest.has_masks)
-        if self.load_masks and not manifest.has_masks:
-            raise ValueError(f"{split.root}: load_masks asked for but dataset.json says the split has no masks")
+        self.load_masks = resolve_load_masks(split, split_kind, options)
         self._epoch = 0
         self._gpu = device.type == "cuda"
         self.decode_rebuilds = 0

@@ -235,6 +235,15 @@ def boxes_tensor(metas: Sequence[SampleMeta]) -> tuple[torch.Tensor, torch.Tenso
     return torch.from_numpy(out), torch.tensor(counts, dtype=torch.int64)
 
 
+def resolve_load_masks(split: VerifiedSplit, split_kind: SplitKind, options: LoaderOptions) -> bool:
+    """Whether to read PxAP masks: as asked, else in evaluation when the split has them."""
+    has_masks = split.manifest.has_masks
+    load = options.load_masks if options.load_masks is not None else (split_kind == "eval" and has_masks)
+    if load and not has_masks:
+        raise ValueError(f"{split.root}: load_masks asked for but dataset.json says the split has no masks")
+    return load
+
+
 def make_batch(
     images: torch.Tensor,
     metas: Sequence[SampleMeta],

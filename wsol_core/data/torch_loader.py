@@ -51,7 +51,7 @@ from wsol_core.data.format import (
     parse_meta,
     protocol_mask,
 )
-from wsol_core.data.loader import EpochPlan, LoaderOptions, SkipReport, SplitKind, make_batch
+from wsol_core.data.loader import EpochPlan, LoaderOptions, SkipReport, SplitKind, make_batch, resolve_load_masks
 from wsol_core.data.manifest import VerifiedSplit
 
 log = logging.getLogger(__name__)
@@ -261,10 +261,7 @@ class TorchLoader:
         self.device = device
         self.options = options
         self.skipped = SkipReport()
-        manifest = split.manifest
-        self.load_masks = options.load_masks if options.load_masks is not None else (split_kind == "eval" and manifest.has_masks)
-        if self.load_masks and not manifest.has_masks:
-            raise ValueError(f"{split.root}: load_masks asked for but dataset.json says the split has no masks")
+        self.load_masks = resolve_load_masks(split, split_kind, options)
         workers = options.num_threads
         ctx = multiprocessing.get_context(options.worker_start) if workers > 0 else multiprocessing.get_context()
         self._epoch = ctx.Value("q", 0, lock=False)
