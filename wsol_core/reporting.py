@@ -836,11 +836,11 @@ def log_ablation_report(
     markdown is also its description). Tagged ``wsol.report = ablation`` so later reports skip it."""
     from mlflow.tracking import MlflowClient
 
-    from wsol_core.tracking import RunLogger
+    from wsol_core.tracking import RunLogger, ensure_store, get_or_create_experiment
 
+    ensure_store(tracking_uri)
     client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    experiment_id = get_or_create_experiment(client, experiment)
     run = client.create_run(
         experiment_id,
         run_name=run_name or f"ablation-report-{time.strftime('%Y%m%d-%H%M%S')}",

@@ -332,6 +332,28 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     Train run name is the trial id, so it resumes from its own latest checkpoint.
     """
     import ray.tune
+
+    space = SearchSpace(setup["method"], {n: parse_param(n, s) for n, s in setup["space"]["params"].items()})
+    sample = {k: config[k] for k in space.searched}
+    cfg = load_config(base=setup["config"], overrides=[*space.overrides(sample), "train.evaluate_test=false"])
+    train_in_trial(
+        cfg,
+        setup,
+        run_name=ray.tune.get_context().get_trial_name(),
+        tags={"wsol.method": cfg.method.name},
+        extra_params={f"search.{k}": v for k, v in sample.items()},
+    )
+
+
+def train_in_trial(cfg: Config, setup: dict[str, Any], *, run_name: str, tags: dict[str, str], extra_params: dict[str, Any]) -> None:
+    """Train ``cfg`` inside the current Tune trial, as a nested MLflow run of ``setup``'s parent.
+
+    Shared by the search and the seeded sweeps (:mod:`wsol_core.sweep`). ``setup`` holds
+    ``tracking_uri``, ``experiment``, ``parent_run_id``, ``search_key`` (the parent's run key),
+    ``data_root`` and ``train_storage``. The child run's key and the Train run's name are the
+    trial id, so a restored trial resumes its MLflow run and its latest checkpoint.
+    """
+    import ray.tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -339,20 +361,16 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     from wsol_core.tracking import RunLogger, start_or_resume_run
     from wsol_core.train.loop import SCORE_KEY, train_loop_per_worker
 
-    space = SearchSpace(setup["method"], {n: parse_param(n, s) for n, s in setup["space"]["params"].items()})
-    sample = {k: config[k] for k in space.searched}
-    cfg = load_config(base=setup["config"], overrides=[*space.overrides(sample), "train.evaluate_test=false"])
     trial_id = ray.tune.get_context().get_trial_id()
-    trial_name = ray.tune.get_context().get_trial_name()
     run_id, _ = start_or_resume_run(
         setup["tracking_uri"],
         setup["experiment"],
         f"{setup['search_key']}/{trial_id}",
-        run_name=trial_name,
-        tags={"mlflow.parentRunId": setup["parent_run_id"], "wsol.search.trial_id": trial_id, "wsol.method": cfg.method.name},
+        run_name=run_name,
+        tags={"mlflow.parentRunId": setup["parent_run_id"], "wsol.search.trial_id": trial_id, **tags},
     )
     logger = RunLogger(setup["tracking_uri"], run_id)
-    logger.log_params({**flatten(cfg), **{f"search.{k}": v for k, v in sample.items()}, "data.resolved_root": setup["data_root"]})
+    logger.log_params({**flatten(cfg), **extra_params, "data.resolved_root": setup["data_root"]})
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

@@ -51,11 +51,48 @@ def git_commit(path: str | Path | None = None) -> str:
         return "unknown"
 
 
+_READY_STORES: set[str] = set()
+
+
+def ensure_store(tracking_uri: str) -> None:
+    """Create (migrate) a SQLite store under a file lock, once per process.
+
+    MLflow creates a new SQLite database's schema on first use with Alembic migrations, which
+    are not safe to run from two processes at once: two jobs started together on a fresh
+    ``mlflow.db`` (a sweep's trials, two shells) make one of them fail with "Online migration
+    expected to match one row". The lock makes the second wait for the first to finish.
+    """
+    if not tracking_uri.startswith("sqlite:///") or tracking_uri in _READY_STORES:
+        return
+    import fcntl
+
+    db = Path(tracking_uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        MlflowClient(tracking_uri).search_experiments(max_results=1)
+    _READY_STORES.add(tracking_uri)
+
+
+def get_or_create_experiment(client: MlflowClient, name: str) -> str:
+    """The experiment's id; a concurrent creator of the same name is not an error."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
 def start_or_resume_run(tracking_uri: str, experiment: str, run_key: str, run_name: str, tags: Mapping[str, str] | None = None) -> tuple[str, bool]:
     """The id of the run with ``run_key`` in ``experiment`` (marked running again), or of a new one."""
+    ensure_store(tracking_uri)
     client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    experiment_id = get_or_create_experiment(client, experiment)
     escaped = run_key.replace("'", "\\'")
     runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{escaped}'", max_results=1, order_by=["attributes.start_time DESC"])
     if runs:

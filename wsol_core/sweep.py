@@ -1,0 +1,227 @@
+"""Seeded sweeps: a fixed list of configurations, each trained with several seeds, as one Ray Tune
+grid, recorded in MLflow and summarised as the papers' ablation table.
+
+This is how the ablations are run (``benchmarks/ablation.py``): the FMCG paper's Table 1 (the CAM
+baseline; FMCG with all of SRD, CG and PNL; FMCG without each in turn) and the other methods,
+each with ``n`` seeds. Every (variant, seed) pair is one Tune trial that trains to the end (no
+early stopping: the point is to compare finished runs) through the same trial body as the search
+(:func:`wsol_core.search.train_in_trial`), so nothing of the training job is copied.
+
+- **Variants** are named lists of config overrides over one base config (:data:`ABLATION_VARIANTS`).
+- **MLflow.** One parent run per sweep, one nested child run per trial (tags ``wsol.sweep.variant``
+  and the seed in ``train.seed``); at the end the parent gets ``ablation/ablation.md`` and ``.csv``
+  built by :func:`wsol_core.reporting.build_ablation_table` from the finished child runs.
+- **Resume.** The sweep lives in ``<storage>/<name>``; the same call restores Tune's experiment
+  (finished trials are kept, unfinished ones continue from their Train checkpoints).
+- **Selection rule.** Runs are compared on the ``test`` split; no choice is made on it (every
+  variant trains for the same fixed epochs and is evaluated at its last epoch's checkpoint
+  weights, as the protocol's test split requires).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wsol_core.config import Config, ConfigError, dump_yaml, flatten, load_config, to_dict
+
+# The FMCG paper's Table 1 rows (Sec. 4.2) and the other three methods, as overrides of one base.
+# FMCG without SRD uses pixel-level erasing at the fixed threshold (the paper's note under Table 1).
+ABLATION_VARIANTS: dict[str, list[str]] = {
+    "cam": ["method.name=cam"],
+    "fmcg": ["method.name=fmcg"],
+    "fmcg-no-srd": ["method.name=fmcg", "method.srd.enabled=false"],
+    "fmcg-no-cg": ["method.name=fmcg", "method.cg.enabled=false"],
+    "fmcg-no-pnl": ["method.name=fmcg", "method.pnl.enabled=false"],
+    "icl": ["method.name=icl"],
+    "caml": ["method.name=caml"],
+    "c2am": ["method.name=c2am"],
+}
+REPORT_COLUMNS = ("maxboxacc_30", "maxboxacc_50", "maxboxacc_70", "maxboxacc_v2", "gt_known_loc", "top1_loc")
+
+
+@dataclass
+class SweepSettings:
+    name: str
+    variants: dict[str, list[str]]
+    seeds: list[int]
+    storage_path: str = ""
+    max_concurrent_trials: int = 0  # 0: as many as the cluster's CPUs/GPUs fit
+    split: str = "test"
+    columns: tuple[str, ...] = REPORT_COLUMNS
+
+    def validate(self, base: Config) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"sweep name {self.name!r} must be a non-empty name without '/'")
+        if not self.variants:
+            raise ConfigError("a sweep needs at least one variant")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds {self.seeds} must be a non-empty list without repeats")
+        if self.max_concurrent_trials < 0:
+            raise ConfigError(f"max_concurrent_trials = {self.max_concurrent_trials} must be >= 0")
+        if self.split == "test" and not base.train.evaluate_test:
+            raise ConfigError("the sweep reports the test split but train.evaluate_test = false")
+        for name, overrides in self.variants.items():
+            try:  # every variant must be a valid config before Ray starts
+                load_config(base=to_dict(base), overrides=overrides)
+            except ConfigError as err:
+                raise ConfigError(f"sweep variant {name!r}: {err}") from None
+
+
+@dataclass
+class SweepOutcome:
+    name: str
+    path: str
+    restored: bool
+    parent_run_id: str
+    tracking_uri: str
+    experiment: str
+    run_ids: dict[str, list[str]] = field(default_factory=dict)  # variant -> finished child runs
+    failed: list[str] = field(default_factory=list)  # "variant seed N: error"
+    markdown: str = ""
+    table: Any = None  # reporting.AblationTable
+
+
+def variant_config(base: dict[str, Any], overrides: list[str], seed: int) -> Config:
+    return load_config(base=base, overrides=[*overrides, f"train.seed={seed}"])
+
+
+def run_sweep_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
+    """One trial of the grid: ``config`` = ``{"variant": name, "seed": n}``."""
+    import ray.tune
+
+    from wsol_core.search import train_in_trial
+
+    variant, seed = config["variant"], int(config["seed"])
+    cfg = variant_config(setup["config"], setup["variants"][variant], seed)
+    train_in_trial(
+        cfg,
+        setup,
+        run_name=f"{variant}-seed{seed}",
+        tags={"wsol.method": cfg.method.name, "wsol.sweep.variant": variant, "wsol.sweep.trial": ray.tune.get_context().get_trial_name()},
+        extra_params={"sweep.variant": variant},
+    )
+
+
+def run_sweep(base: Config, settings: SweepSettings, *, ray_address: str | None = None) -> SweepOutcome:
+    """Validate, run (or restore) the grid, then build and record the ablation table."""
+    from wsol_core.data.resolve import resolve_data_root
+    from wsol_core.search import derive_max_concurrent
+    from wsol_core.tracking import RunLogger, git_commit, resolve_tracking_uri, start_or_resume_run
+    from wsol_core.train.driver import check_data, default_storage_path
+
+    settings.validate(base)
+    storage = str(Path(settings.storage_path or base.run.storage_path or default_storage_path()).resolve())
+    sweep_dir = Path(storage) / settings.name
+    data_root = resolve_data_root(base.data)
+    data = check_data(data_root)
+    tracking_uri = resolve_tracking_uri(base.run.tracking_uri)
+    experiment = base.run.experiment or f"{data['dataset']}-ablation"
+    parent_id, parent_resumed = start_or_resume_run(
+        tracking_uri,
+        experiment,
+        str(sweep_dir),
+        run_name=settings.name,
+        tags={"mlflow.source.git.commit": git_commit(), "wsol.sweep": "true"},
+    )
+    parent = RunLogger(tracking_uri, parent_id)
+    parent.log_params(
+        {
+            **{f"variant.{name}": " ".join(o) for name, o in settings.variants.items()},
+            "sweep.seeds": ",".join(map(str, settings.seeds)),
+            "sweep.split": settings.split,
+            **flatten(base),
+        }
+    )
+    parent.log_text(dump_yaml(base), "base_config.yaml")
+
+    from wsol_core.train.ray_session import init_ray
+
+    init_ray(ray_address)
+    import ray
+    from ray import tune
+
+    # The heaviest variant decides how many trials fit side by side (they all use base.run).
+    max_concurrent = derive_max_concurrent(base, ray.cluster_resources(), settings.max_concurrent_trials)
+    setup = {
+        "config": to_dict(base),
+        "variants": settings.variants,
+        "data_root": str(data_root),
+        "tracking_uri": tracking_uri,
+        "experiment": experiment,
+        "parent_run_id": parent_id,
+        "search_key": str(sweep_dir),
+        "train_storage": str(sweep_dir / "train_runs"),
+    }
+    trainable = tune.with_resources(tune.with_parameters(run_sweep_trial, setup=setup), {"CPU": 0, "memory": 64 * 1024**2})
+    restored = tune.Tuner.can_restore(str(sweep_dir))
+    if restored:
+        print(f"[wsol] restoring the sweep in {sweep_dir}", flush=True)
+        tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            # seeds vary fastest, so the first results cover every variant once early on
+            param_space={"variant": tune.grid_search(list(settings.variants)), "seed": tune.grid_search(list(settings.seeds))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
+            run_config=tune.RunConfig(name=settings.name, storage_path=storage, verbose=1),
+        )
+    total = len(settings.variants) * len(settings.seeds)
+    print(f"[wsol] sweep {settings.name!r}: MLflow parent run {parent_id} ({'resumed' if parent_resumed else 'new'}); "
+          f"{total} trials ({len(settings.variants)} variants x {len(settings.seeds)} seeds), up to {max_concurrent} at a time", flush=True)
+    try:
+        results = tuner.fit()
+    except KeyboardInterrupt:
+        parent.finish("KILLED")
+        raise
+    except Exception:
+        parent.finish("FAILED")
+        raise
+
+    outcome = SweepOutcome(settings.name, str(sweep_dir), restored, parent_id, tracking_uri, experiment)
+    for result in results:
+        if result.error is not None:
+            outcome.failed.append(f"{result.config.get('variant')} seed {result.config.get('seed')}: {type(result.error).__name__}: {result.error}")
+    done = sum(1 for r in results if r.error is None)
+    if done + len(outcome.failed) < total or any(not r.metrics for r in results if r.error is None):
+        parent.finish("KILLED")
+        raise KeyboardInterrupt(f"the sweep was interrupted; run the same command again to resume it from {sweep_dir}")
+    _report(outcome, settings, parent)
+    parent.finish("FINISHED" if not outcome.failed else "FAILED")
+    return outcome
+
+
+def _report(outcome: SweepOutcome, settings: SweepSettings, parent) -> None:
+    """The ablation table from the sweep's finished child runs, logged into the parent run."""
+    from mlflow.tracking import MlflowClient
+
+    from wsol_core.reporting import RunRecord, ablation_csv, ablation_markdown, build_ablation_table
+
+    client = MlflowClient(outcome.tracking_uri)
+    exp = client.get_experiment_by_name(outcome.experiment)
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{outcome.parent_run_id}' and attributes.status = 'FINISHED'",
+        max_results=5000,
+    )
+    records = [RunRecord.from_mlflow(r) for r in runs]
+    for record in records:
+        outcome.run_ids.setdefault(record.tags.get("wsol.sweep.variant", "?"), []).append(record.run_id)
+    # Group by variant name: it is what differs between rows by construction (seeds and bookkeeping
+    # are not), and it keeps two variants with equal params apart if a user defines them.
+    table = build_ablation_table(records, split=settings.split, columns=settings.columns, group_by=["sweep.variant"])
+    variant_of = {rid: name for name, ids in outcome.run_ids.items() for rid in ids}
+    outcome.table = table
+    outcome.markdown = ablation_markdown(table, title=f"Ablation: sweep {settings.name}")
+    parent.log_text(outcome.markdown, "ablation/ablation.md")
+    parent.log_text(ablation_csv(table), "ablation/ablation.csv")
+    metrics = {}
+    for row in table.rows:
+        name = variant_of.get(row.run_ids[0], row.label)
+        for column in settings.columns:
+            if row.mean.get(column) is not None:
+                metrics[f"{name}/{settings.split}/{column}_mean"] = row.mean[column]
+            if row.std.get(column) is not None:
+                metrics[f"{name}/{settings.split}/{column}_std"] = row.std[column]
+    parent.log_metrics(metrics, step=0)
