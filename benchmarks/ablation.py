@@ -2,7 +2,8 @@
 
     uv run python benchmarks/ablation.py                      # 8 variants x 3 seeds, tiny backbone, CPU
     uv run python benchmarks/ablation.py --variants cam,fmcg --seeds 0,1 --epochs 2
-    uv run python benchmarks/ablation.py --variant fmcg-searched='method.name=fmcg method.srd.theta_drop=0.7'
+    uv run python benchmarks/ablation.py --variant fmcg-t7='method.name=fmcg method.srd.theta_drop=0.7'
+    uv run python benchmarks/ablation.py --variant fmcg-searched=@$HOME/wsol_runs/search-fmcg/best_config.yaml
 
 The variants (``wsol_core.sweep.ABLATION_VARIANTS``) are the FMCG paper's Table 1 -- the CAM
 baseline, full FMCG, FMCG without SRD / CG / PNL -- and ICL, CAML and C2AM, all over the training
@@ -36,19 +37,52 @@ from wsol_core.cli import add_config_options, config_from_args  # noqa: E402
 from wsol_core.config import ConfigError  # noqa: E402
 from wsol_core.sweep import ABLATION_VARIANTS, REPORT_COLUMNS, SweepSettings, run_sweep  # noqa: E402
 
-# The sweep's base over the training job's defaults: one single-core worker per run, so that two
-# runs share the 2-core box instead of one run paying DDP's all-reduce on both.
-BASE = {"run": {"num_workers": 1, "cpus_per_worker": 1.0, "max_failures": 1}, "eval": {"num_vis_images": 8}}
+# The sweep's base over the training job's defaults (the synthetic benchmark at 128 px, the tiny
+# backbone trained from scratch):
+# - one single-core worker per run, so two runs share the 2-core box instead of one run paying
+#   DDP's all-reduce on both;
+# - 1200 training images x 3 epochs (the job's default is 1600 x 4): 27 runs fit in about an hour
+#   on 2 cores, and on val every method localizes best in its first epochs anyway (BENCHMARKS.md);
+# - 300 val and 300 test images, so one image is a third of a point;
+# - head_lr_mult 1: the protocol trains new layers 10x faster than a *pretrained* trunk; with no
+#   pretrained weights every layer is new, and 10x made FMCG's training diverge in a pilot.
+BASE = {
+    "data": {"synthetic": {"num_train": 1200, "num_val": 300, "num_test": 300}},
+    "train": {"epochs": 3},
+    "optim": {"head_lr_mult": 1.0},
+    "run": {"num_workers": 1, "cpus_per_worker": 1.0, "max_failures": 1},
+    "eval": {"num_vis_images": 8},
+}
 FMCG_MARGIN = 5.0  # MaxBoxAccV2 points beyond the seed spread (issue 9)
 
 
+def method_overrides(path: str) -> list[str]:
+    """The ``method`` section of a config file as overrides (a search's best_config.yaml: its
+    data, schedule and run sections stay the sweep's own)."""
+    import yaml
+
+    from wsol_core.config import flatten, load_config
+
+    flat = flatten(load_config([path]))
+    return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip() if isinstance(v, (list, tuple)) else v}"
+            for k, v in flat.items() if k.startswith("method.")]
+
+
 def parse_variants(selected: str, extra: list[str]) -> dict[str, list[str]]:
+    """The built-in variants plus ``NAME='key=value ...'`` or ``NAME=@config.yaml`` (its method
+    section), narrowed to ``selected`` (comma-separated names) when given."""
     variants = dict(ABLATION_VARIANTS)
     for item in extra:
         name, sep, overrides = item.partition("=")
         if not sep or not name.strip() or not overrides.strip():
-            raise ConfigError(f"--variant {item!r}: expected NAME='key=value key=value ...'")
-        variants[name.strip()] = shlex.split(overrides)
+            raise ConfigError(f"--variant {item!r}: expected NAME='key=value key=value ...' or NAME=@config.yaml")
+        overrides = overrides.strip()
+        if overrides.startswith("@"):
+            if not Path(overrides[1:]).is_file():
+                raise ConfigError(f"--variant {name}: no config file {overrides[1:]!r}")
+            variants[name.strip()] = method_overrides(overrides[1:])
+        else:
+            variants[name.strip()] = shlex.split(overrides)
     if selected:
         names = [n.strip() for n in selected.split(",") if n.strip()]
         unknown = [n for n in names if n not in variants]

@@ -34,6 +34,7 @@ PLANS: dict[str, dict[str, tuple[str, list[str], str]]] = {
         "train_throughput": ("train_throughput.py", [], "train_throughput.json"),
         "train_scaling": ("train_scaling.py", [], "train_scaling.json"),
         "ablation": ("ablation.py", [], "ablation.json"),
+        "inference_maps": ("inference_maps.py", [], "inference_maps_fmcg_val.json"),  # on the ablation's FMCG models
     },
     "cuda": {
         # The issues' GPU targets: 50,000 maps at 1000 thresholds; DALI mixed decode; training

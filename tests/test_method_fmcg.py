@@ -45,7 +45,7 @@ def test_defaults_are_the_papers_vgg16_cub_values():
     assert isinstance(cfg, FMCGConfig)
     assert (cfg.srd.theta_drop, cfg.srd.kernel_size, cfg.cg.tau_fg, cfg.cg.tau_bg) == (0.8, 3, 0.9, 0.8)
     assert cfg.srd.enabled and cfg.cg.enabled and cfg.pnl.enabled
-    assert cfg.cg.embed_dim == 128 and cfg.cg.threshold_mode == "max" and cfg.inference_map == "max"
+    assert cfg.cg.embed_dim == 128 and cfg.cg.threshold_mode == "max" and cfg.inference_map == "erased"
 
 
 @pytest.mark.parametrize("name", [n for n in preset_names() if n.startswith("fmcg_")])

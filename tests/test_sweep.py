@@ -117,3 +117,20 @@ def test_ablation_sweep_end_to_end(tmp_path):
             assert row[column]["mean"] == pytest.approx(statistics.fmean(values))
             assert row[column]["std"] == pytest.approx(statistics.stdev(values))
     assert "fmcg_over_cam" in result["targets"]
+
+
+def test_variant_from_a_search_best_config_takes_its_method_only(tmp_path):
+    from wsol_core.config import dump_yaml
+
+    searched = load_config(overrides=["method.name=fmcg", "method.srd.theta_drop=0.7", "method.srd.kernel_size=5",
+                                      "method.cg.enabled=false", "data.synthetic.num_train=256", "train.epochs=9"])
+    path = tmp_path / "best_config.yaml"
+    path.write_text(dump_yaml(searched))
+    variants = parse_variants("cam,fmcg-searched", [f"fmcg-searched=@{path}"])
+    assert list(variants) == ["cam", "fmcg-searched"]
+    base = load_config(overrides=["train.epochs=3"])
+    cfg = variant_config(to_dict(base), variants["fmcg-searched"], seed=1)
+    assert (cfg.method.srd.theta_drop, cfg.method.srd.kernel_size, cfg.method.cg.enabled) == (0.7, 5, False)
+    assert cfg.train.epochs == 3 and cfg.data.synthetic.num_train == base.data.synthetic.num_train
+    with pytest.raises(ConfigError, match="no config file"):
+        parse_variants("", [f"x=@{tmp_path / 'missing.yaml'}"])

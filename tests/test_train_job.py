@@ -111,13 +111,16 @@ def test_two_workers_train_and_record_everything_in_mlflow(tmp_path):
     # The offline evaluator scores the final checkpoint, and the MLflow model URI works too.
     out = tmp_path / "eval.json"
     evaluate = [sys.executable, str(REPO / "jobs" / "evaluate.py"), "--checkpoint", f"runs:/{run.info.run_id}/model",
-                "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--split", "test", "--interval", "0.01", "--out", str(out)]
+                "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--split", "test", "--out", str(out)]
     done = subprocess.run(evaluate, cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     import json
 
     offline = json.loads(out.read_text())
-    assert offline["test/maxboxacc_v2"] == pytest.approx(metrics["test/maxboxacc_v2"], abs=5.0)
+    # Same weights, same thresholds (the protocol's 0.001 step in both): the same score, although
+    # training evaluated on 2 DDP ranks with padding and this runs in one process.
+    for key in ("test/maxboxacc_v2", "test/maxboxacc_70", "test/top1_loc"):
+        assert offline[key] == pytest.approx(metrics[key], abs=1e-6), key
 
 
 def _descendants(pid: int):

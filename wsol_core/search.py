@@ -506,16 +506,9 @@ def run_search(
     setup = {
         "method": space.method,
         "space": space.to_dict(),
-        "config": to_dict(fixed),
-        "data_root": str(data_root),
-        "tracking_uri": tracking_uri,
-        "experiment": experiment,
-        "parent_run_id": parent_id,
-        "search_key": search_key,
-        "train_storage": str(search_dir / "train_runs"),
+        **trial_setup(to_dict(fixed), data_root, tracking_uri, experiment, parent_id, search_dir),
     }
-    # The trial function only waits on its Train run; its workers request their own CPUs/GPUs.
-    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": 0, "memory": 64 * 1024**2})
+    trainable = trial_trainable(run_trial, setup)
     restored = tune.Tuner.can_restore(str(search_dir))
     if restored:
         print(f"[wsol] restoring the search in {search_dir}", flush=True)
@@ -550,15 +543,7 @@ def run_search(
         )
     print(f"[wsol] search {settings.name!r}: MLflow parent run {parent_id} ({'resumed' if parent_resumed else 'new'}); "
           f"{settings.num_samples} trials, up to {max_concurrent} at a time", flush=True)
-    try:
-        results = tuner.fit()
-    except KeyboardInterrupt:
-        parent.finish("KILLED")
-        raise
-    except Exception:
-        parent.finish("FAILED")
-        raise
-
+    results = fit_recorded(tuner, parent)
     trials = _collect_trials(results, space, cfg.train.epochs)
     if _interrupted(trials, settings.num_samples):
         parent.finish("KILLED")
@@ -591,6 +576,40 @@ def run_search(
         best_config_path=str(best_path),
         trials=trials,
     )
+
+
+def trial_setup(config: dict, data_root: Path, tracking_uri: str, experiment: str, parent_id: str, directory: Path) -> dict[str, Any]:
+    """What :func:`train_in_trial` needs besides the trial's config; ``directory`` is the Tune
+    experiment's (its path is the parent run's key, the child runs' keys extend it)."""
+    return {
+        "config": config,
+        "data_root": str(data_root),
+        "tracking_uri": tracking_uri,
+        "experiment": experiment,
+        "parent_run_id": parent_id,
+        "search_key": str(directory),
+        "train_storage": str(directory / "train_runs"),
+    }
+
+
+def trial_trainable(function, setup: dict[str, Any]):
+    """``function(config, setup)`` as a Tune trainable. The trial's own process only waits on its
+    Train run, whose workers request their own CPUs/GPUs, so it reserves none itself."""
+    from ray import tune
+
+    return tune.with_resources(tune.with_parameters(function, setup=setup), {"CPU": 0, "memory": 64 * 1024**2})
+
+
+def fit_recorded(tuner, parent):
+    """``tuner.fit()``; the MLflow parent run is closed as KILLED / FAILED if the fit is cut short."""
+    try:
+        return tuner.fit()
+    except KeyboardInterrupt:
+        parent.finish("KILLED")
+        raise
+    except Exception:
+        parent.finish("FAILED")
+        raise
 
 
 def _collect_trials(results, space: SearchSpace, epochs: int) -> list[dict[str, Any]]:

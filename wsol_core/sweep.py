@@ -107,7 +107,7 @@ def run_sweep_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
 def run_sweep(base: Config, settings: SweepSettings, *, ray_address: str | None = None) -> SweepOutcome:
     """Validate, run (or restore) the grid, then build and record the ablation table."""
     from wsol_core.data.resolve import resolve_data_root
-    from wsol_core.search import derive_max_concurrent
+    from wsol_core.search import derive_max_concurrent, fit_recorded, trial_setup, trial_trainable
     from wsol_core.tracking import RunLogger, git_commit, resolve_tracking_uri, start_or_resume_run
     from wsol_core.train.driver import check_data, default_storage_path
 
@@ -144,17 +144,8 @@ def run_sweep(base: Config, settings: SweepSettings, *, ray_address: str | None 
 
     # The heaviest variant decides how many trials fit side by side (they all use base.run).
     max_concurrent = derive_max_concurrent(base, ray.cluster_resources(), settings.max_concurrent_trials)
-    setup = {
-        "config": to_dict(base),
-        "variants": settings.variants,
-        "data_root": str(data_root),
-        "tracking_uri": tracking_uri,
-        "experiment": experiment,
-        "parent_run_id": parent_id,
-        "search_key": str(sweep_dir),
-        "train_storage": str(sweep_dir / "train_runs"),
-    }
-    trainable = tune.with_resources(tune.with_parameters(run_sweep_trial, setup=setup), {"CPU": 0, "memory": 64 * 1024**2})
+    setup = {"variants": settings.variants, **trial_setup(to_dict(base), data_root, tracking_uri, experiment, parent_id, sweep_dir)}
+    trainable = trial_trainable(run_sweep_trial, setup)
     restored = tune.Tuner.can_restore(str(sweep_dir))
     if restored:
         print(f"[wsol] restoring the sweep in {sweep_dir}", flush=True)
@@ -170,14 +161,7 @@ def run_sweep(base: Config, settings: SweepSettings, *, ray_address: str | None 
     total = len(settings.variants) * len(settings.seeds)
     print(f"[wsol] sweep {settings.name!r}: MLflow parent run {parent_id} ({'resumed' if parent_resumed else 'new'}); "
           f"{total} trials ({len(settings.variants)} variants x {len(settings.seeds)} seeds), up to {max_concurrent} at a time", flush=True)
-    try:
-        results = tuner.fit()
-    except KeyboardInterrupt:
-        parent.finish("KILLED")
-        raise
-    except Exception:
-        parent.finish("FAILED")
-        raise
+    results = fit_recorded(tuner, parent)
 
     outcome = SweepOutcome(settings.name, str(sweep_dir), restored, parent_id, tracking_uri, experiment)
     for result in results:
