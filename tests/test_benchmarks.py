@@ -1,0 +1,58 @@
+"""The benchmark scripts' plumbing (their figures are in BENCHMARKS.md, never asserted here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import run_all, train_throughput
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_run_all_rejects_unknown_names_and_lists_every_plan_script():
+    with pytest.raises(SystemExit) as exc:
+        run_all.main(["--only", "eval_speed,warp_drive"])
+    assert exc.value.code == 2
+    for device, plan in run_all.PLANS.items():
+        for name, (script, _, result) in plan.items():
+            assert (ROOT / "benchmarks" / script).is_file(), (device, name)
+            assert result.endswith(".json")
+
+
+def test_run_all_records_a_failed_benchmark_and_goes_on(tmp_path, monkeypatch):
+    # Two tiny stand-in benchmarks: one fails, one writes its JSON; both are in the index.
+    (tmp_path / "bad.py").write_text("import sys; sys.exit(3)\n")
+    (tmp_path / "good.py").write_text(f"from pathlib import Path; Path({str(tmp_path / 'results' / 'good.json')!r}).write_text('{{}}')\n")
+    (tmp_path / "results").mkdir()
+    monkeypatch.setattr(run_all, "HERE", tmp_path)
+    monkeypatch.setattr(run_all, "RESULTS", tmp_path / "results")
+    monkeypatch.setitem(run_all.PLANS, "cpu", {"bad": ("bad.py", [], "bad.json"), "good": ("good.py", [], "good.json")})
+    assert run_all.main([]) == 1
+    index = json.loads((tmp_path / "results" / "index_cpu.json").read_text())["benchmarks"]
+    assert index["bad"]["exit_status"] == 3 and index["bad"]["result"] is None
+    assert index["good"]["exit_status"] == 0 and index["good"]["result"].endswith("good.json")
+
+
+def test_train_throughput_measures_every_mode(tmp_path):
+    out = tmp_path / "tt.json"
+    payload = train_throughput.main([
+        "--method", "cam", "--num-train", "64", "--synthetic-size", "64", "--batch-size", "16", "--threads", "1",
+        "--set", f"data.synthetic.cache_dir={tmp_path / 'data'}", "--out", str(out),
+    ])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
+    (row,) = payload["rows"]
+    assert row["in_memory"]["backend"] == "in_memory" and row["torch_loader"]["backend"] == "torch"
+    assert row["pipeline"]["steps"] == row["in_memory"]["steps"] == 4  # 64 images / 16, remainder dropped
+    for mode in ("in_memory", "pipeline", "torch_loader"):
+        assert row[mode]["images_per_s"] > 0 and 0.0 <= row[mode]["data_wait"] < 1.0
+    assert row["pipeline_over_in_memory"] == pytest.approx(row["pipeline"]["images_per_s"] / row["in_memory"]["images_per_s"])
+
+
+def test_scaling_rejects_a_single_epoch():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_scaling.py"), "--epochs", "1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--epochs must be >= 2" in out.stderr
