@@ -331,7 +331,10 @@ class RayNode:
 
     def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
         self.args = args
-        self.env = env
+        # A raylet has 30 s by default to register with the GCS; a node busy with other jobs (a
+        # shared login node, a packed test machine) can miss that and ``ray start`` gives up.
+        # Ray's own advice in that error is to raise this wait; the user's value wins.
+        self.env = {"RAY_raylet_start_wait_time_s": "120", **env}
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
         self._offset = 0

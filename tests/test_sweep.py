@@ -88,7 +88,7 @@ def test_ablation_sweep_end_to_end(tmp_path):
     out_json = tmp_path / "ablation.json"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     command = [
-        sys.executable, str(SCRIPT), "--variants", "cam,fmcg", "--seeds", "0,1", "--epochs", "1",
+        sys.executable, str(SCRIPT), "--variants", "cam,fmcg", "--seeds", "0,1", "--epochs", "2",
         "--set", "data.synthetic.num_train=64", "--set", "data.synthetic.num_val=32", "--set", "data.synthetic.num_test=24",
         "--set", "data.synthetic.size=64", "--set", "data.batch_size=16", "--set", "eval.num_vis_images=0",
         "--set", f"data.synthetic.cache_dir={tmp_path / 'data'}", "--storage-path", str(tmp_path / "ray"),
@@ -105,7 +105,8 @@ def test_ablation_sweep_end_to_end(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     parent = client.get_run(result["mlflow"]["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["wsol.sweep"] == "true"
-    assert {a.path for a in client.list_artifacts(parent.info.run_id, "ablation")} == {"ablation/ablation.md", "ablation/ablation.csv"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "ablation")} == {
+        "ablation/ablation.md", "ablation/ablation_test.csv", "ablation/ablation_test_best.csv"}
     children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted((c.data.tags["wsol.sweep.variant"], c.data.params["train.seed"]) for c in children) == [
         ("cam", "0"), ("cam", "1"), ("fmcg", "0"), ("fmcg", "1")]
@@ -117,6 +118,14 @@ def test_ablation_sweep_end_to_end(tmp_path):
             assert row[column]["mean"] == pytest.approx(statistics.fmean(values))
             assert row[column]["std"] == pytest.approx(statistics.stdev(values))
     assert "fmcg_over_cam" in result["targets"]
+    # Each run's best-val checkpoint was scored on test: its epoch is the argmax of the val history.
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "val/maxboxacc_v2")
+        best = max(history, key=lambda m: (m.value, -m.step))
+        assert child.data.metrics["test_best/epoch"] == best.step
+        if best.step == 2:  # the last epoch: the same model as the final test score
+            assert child.data.metrics["test_best/maxboxacc_v2"] == pytest.approx(child.data.metrics["test/maxboxacc_v2"])
+    assert set(result["rows_best_val_checkpoint"]) == {"cam", "fmcg"}
 
 
 def test_variant_from_a_search_best_config_takes_its_method_only(tmp_path):

@@ -20,6 +20,7 @@ early stopping: the point is to compare finished runs) through the same trial bo
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,9 @@ class SweepSettings:
     max_concurrent_trials: int = 0  # 0: as many as the cluster's CPUs/GPUs fit
     split: str = "test"
     columns: tuple[str, ...] = REPORT_COLUMNS
+    # Also score each run's best-val checkpoint on test (wsolevaluation's
+    # --eval_checkpoint_type best), logged as test_best/* and tabled beside the last-epoch one.
+    score_best_checkpoint: bool = True
 
     def validate(self, base: Config) -> None:
         if not self.name or "/" in self.name:
@@ -81,6 +85,7 @@ class SweepOutcome:
     failed: list[str] = field(default_factory=list)  # "variant seed N: error"
     markdown: str = ""
     table: Any = None  # reporting.AblationTable
+    best_table: Any = None  # the same over test_best/*, when scored
 
 
 def variant_config(base: dict[str, Any], overrides: list[str], seed: int) -> Config:
@@ -171,9 +176,59 @@ def run_sweep(base: Config, settings: SweepSettings, *, ray_address: str | None 
     if done + len(outcome.failed) < total or any(not r.metrics for r in results if r.error is None):
         parent.finish("KILLED")
         raise KeyboardInterrupt(f"the sweep was interrupted; run the same command again to resume it from {sweep_dir}")
+    if settings.score_best_checkpoint and settings.split == "test":
+        score_best_checkpoints(outcome, sweep_dir, data_root, base.eval.cam_curve_interval)
     _report(outcome, settings, parent)
     parent.finish("FINISHED" if not outcome.failed else "FAILED")
     return outcome
+
+
+BEST_SPLIT = "test_best"  # metric prefix of the best-val checkpoint's test scores
+
+
+def score_best_checkpoints(outcome: SweepOutcome, sweep_dir: Path, data_root: Path, interval: float) -> None:
+    """Score every finished run's best-val checkpoint on the test split, once.
+
+    The protocol's reference code evaluates either the last model or the checkpoint with the best
+    val MaxBoxAccV2 (wsolevaluation ``--eval_checkpoint_type last|best``); runs here report the
+    last one as ``test/*``. Each trial's Train run keeps its best checkpoint by val MaxBoxAccV2
+    (``CheckpointConfig``) beside the latest; that checkpoint is scored here and logged to the
+    child run as ``test_best/*`` with ``test_best/epoch``. Runs already scored are skipped, so
+    re-running a finished sweep costs nothing; a run whose best checkpoint is missing is skipped
+    with a message (its row then counts fewer runs in the best-checkpoint table).
+    """
+    from mlflow.tracking import MlflowClient
+
+    from wsol_core.train.checkpoint import load_training_state
+    from wsol_core.train.loop import SCORE_KEY
+    from wsol_core.train.offline_eval import evaluate_checkpoint
+
+    client = MlflowClient(outcome.tracking_uri)
+    exp = client.get_experiment_by_name(outcome.experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{outcome.parent_run_id}' and attributes.status = 'FINISHED'", max_results=5000)
+    for run in runs:
+        if f"{BEST_SPLIT}/maxboxacc_v2" in run.data.metrics:
+            continue
+        history = client.get_metric_history(run.info.run_id, SCORE_KEY)
+        if not history:
+            continue
+        best = max(history, key=lambda m: (m.value, -m.step))  # the earliest of equal scores
+        train_dir = sweep_dir / "train_runs" / run.data.tags.get("wsol.search.trial_id", "?")
+        found = [d for d in sorted(train_dir.glob("checkpoint_*")) if d.is_dir() and load_training_state(d).epoch == best.step]
+        if not found:
+            print(f"[wsol] {run.info.run_name}: no checkpoint of epoch {best.step} in {train_dir}; best-checkpoint score skipped", flush=True)
+            continue
+        metrics = evaluate_checkpoint(str(found[0]), data_root / "test", split="test", interval=interval)
+        logged = {f"{BEST_SPLIT}/{k.split('/', 1)[1]}": v for k, v in metrics.items() if k.startswith("test/")}
+        client.log_batch(run.info.run_id, metrics=_metric_list({**logged, f"{BEST_SPLIT}/epoch": float(best.step)}))
+        print(f"[wsol] {run.info.run_name}: best val epoch {best.step}, test MaxBoxAccV2 {logged[f'{BEST_SPLIT}/maxboxacc_v2']:.2f}", flush=True)
+
+
+def _metric_list(values: dict[str, float]):
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, 0) for k, v in values.items()]
 
 
 def _report(outcome: SweepOutcome, settings: SweepSettings, parent) -> None:
@@ -197,15 +252,22 @@ def _report(outcome: SweepOutcome, settings: SweepSettings, parent) -> None:
     table = build_ablation_table(records, split=settings.split, columns=settings.columns, group_by=["sweep.variant"])
     variant_of = {rid: name for name, ids in outcome.run_ids.items() for rid in ids}
     outcome.table = table
-    outcome.markdown = ablation_markdown(table, title=f"Ablation: sweep {settings.name}")
+    outcome.markdown = ablation_markdown(table, title=f"Ablation: sweep {settings.name}, last-epoch model on {settings.split}")
+    tables = {settings.split: table}
+    if any(f"{BEST_SPLIT}/maxboxacc_v2" in r.metrics for r in records):
+        outcome.best_table = build_ablation_table(records, split=BEST_SPLIT, columns=settings.columns, group_by=["sweep.variant"])
+        tables[BEST_SPLIT] = outcome.best_table
+        outcome.markdown += "\n\n" + ablation_markdown(
+            outcome.best_table, title=f"Ablation: sweep {settings.name}, best-val checkpoint on test", paper_reference=False)
     parent.log_text(outcome.markdown, "ablation/ablation.md")
-    parent.log_text(ablation_csv(table), "ablation/ablation.csv")
     metrics = {}
-    for row in table.rows:
-        name = variant_of.get(row.run_ids[0], row.label)
-        for column in settings.columns:
-            if row.mean.get(column) is not None:
-                metrics[f"{name}/{settings.split}/{column}_mean"] = row.mean[column]
-            if row.std.get(column) is not None:
-                metrics[f"{name}/{settings.split}/{column}_std"] = row.std[column]
+    for split, tab in tables.items():
+        parent.log_text(ablation_csv(tab), f"ablation/ablation_{split}.csv")
+        for row in tab.rows:
+            name = variant_of.get(row.run_ids[0], row.label)
+            for column in settings.columns:
+                if row.mean.get(column) is not None:
+                    metrics[f"{name}/{split}/{column}_mean"] = row.mean[column]
+                if row.std.get(column) is not None:
+                    metrics[f"{name}/{split}/{column}_std"] = row.std[column]
     parent.log_metrics(metrics, step=0)
