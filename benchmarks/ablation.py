@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        print(f"\n[wsol] {err or 'interrupted'}; the same command resumes the sweep", file=sys.stderr)
+        print(f"\n[wsol] {err or 'interrupted; the same command resumes the sweep'}", file=sys.stderr)
         return 130
 
     variant_of = {rid: name for name, ids in outcome.run_ids.items() for rid in ids}

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        print(f"\n[wsol] {err or 'interrupted'}; the same command resumes the search", file=sys.stderr)
+        print(f"\n[wsol] {err or 'interrupted; the same command resumes the search'}", file=sys.stderr)
         return 130
     print()
     print(f"[wsol] search {outcome.name!r} {'(restored) ' if outcome.restored else ''}finished in {elapsed(start)}: "
