@@ -147,7 +147,7 @@ def run_sweep(base: Config, settings: SweepSettings, *, ray_address: str | None 
     import ray
     from ray import tune
 
-    # The heaviest variant decides how many trials fit side by side (they all use base.run).
+    # Variants override the method, never run.*: one trial's workers decide how many fit side by side.
     max_concurrent = derive_max_concurrent(base, ray.cluster_resources(), settings.max_concurrent_trials)
     setup = {"variants": settings.variants, **trial_setup(to_dict(base), data_root, tracking_uri, experiment, parent_id, sweep_dir)}
     trainable = trial_trainable(run_sweep_trial, setup)
