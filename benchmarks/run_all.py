@@ -33,7 +33,9 @@ PLANS: dict[str, dict[str, tuple[str, list[str], str]]] = {
         "step_cost": ("step_cost.py", ["--device", "cpu", "--batch-size", "32", "--steps", "5", "--warmup", "2"], "step_cost_cpu.json"),
         "train_throughput": ("train_throughput.py", [], "train_throughput.json"),
         "train_scaling": ("train_scaling.py", [], "train_scaling.json"),
-        "ablation": ("ablation.py", [], "ablation.json"),
+        # The searched FMCG config (tune/search_srd.py on this benchmark) rides along as a variant.
+        "ablation": ("ablation.py", ["--variant", "fmcg-searched=@" + str(RESULTS / "search_synthetic_best_config.yaml")],
+                     "ablation.json"),
         "inference_maps": ("inference_maps.py", [], "inference_maps_fmcg_val.json"),  # on the ablation's FMCG models
     },
     "cuda": {

@@ -13,9 +13,11 @@ early stopping: the point is to compare finished runs) through the same trial bo
   built by :func:`wsol_core.reporting.build_ablation_table` from the finished child runs.
 - **Resume.** The sweep lives in ``<storage>/<name>``; the same call restores Tune's experiment
   (finished trials are kept, unfinished ones continue from their Train checkpoints).
-- **Selection rule.** Runs are compared on the ``test`` split; no choice is made on it (every
-  variant trains for the same fixed epochs and is evaluated at its last epoch's checkpoint
-  weights, as the protocol's test split requires).
+- **Selection rule.** Runs are compared on the ``test`` split and no choice is made on it. Every
+  variant trains for the same fixed epochs; its last epoch's weights are scored on test during
+  training (``test/*``), and after the sweep the checkpoint with the best *val* MaxBoxAccV2 is
+  scored on test too (``test_best/*``, wsolevaluation's ``--eval_checkpoint_type best``). The
+  two tables sit side by side; the val split alone chooses the checkpoint.
 """
 
 from __future__ import annotations
