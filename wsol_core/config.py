@@ -108,6 +108,9 @@ class SyntheticDataConfig:
     size: int = spec(128, ge=32)
     classes: int = spec(10, ge=2)
     seed: int = 0
+    # Creatures in a canonical pose (body near horizontal, part on top, lit from above), as
+    # photographs have; the default draws every orientation (see wsol_core/data/synthetic.py).
+    upright: bool = False
     # Where generated shards are cached; "" means ``$XDG_CACHE_HOME/wsol/synthetic``.
     cache_dir: str = ""
 
