@@ -91,8 +91,9 @@ class ModelConfig:
 
     backbone: Literal["vgg16", "resnet50", "inception_v3", "tiny"] = "tiny"
     large_feature_map: bool = False
-    # A torchvision-format state dict on disk, or "torchvision" to fetch the weights enum
-    # (online machines only). None trains from scratch.
+    # A torchvision-format state dict on disk, "torchvision" to fetch the weights enum (online
+    # machines only), or a training checkpoint of this project (its backbone, any backbone
+    # kind). None trains from scratch.
     pretrained: str | None = None
     # 0 takes the number of classes from the dataset manifest.
     num_classes: int = spec(0, ge=0)
