@@ -117,3 +117,40 @@ def test_config_is_validated():
         SyntheticConfig(min_object=0.8, max_object=0.5)
     with pytest.raises(ValueError):
         SyntheticConfig(size=16)
+
+
+def test_default_pictures_and_cache_key_are_unchanged_by_later_options():
+    # Published figures and users' cached shards are of the default benchmark: options added
+    # later (upright) must leave its pictures and its cache directory exactly as they were.
+    import hashlib
+
+    from wsol_core.config import SyntheticDataConfig
+    from wsol_core.data.resolve import synthetic_dataset_dir
+
+    gen = SyntheticWSOL(SyntheticConfig(), seed=0)
+    digest = hashlib.sha256()
+    for i in range(4):
+        digest.update(gen.sample("val", i).image.tobytes())
+    assert digest.hexdigest() == "3914e7b937f7dd2d5100e30769b00560795c313acb80c10c4e70c1109f056ae6"
+    assert synthetic_dataset_dir(SyntheticDataConfig()).name == "synthetic-128px-10c-cf6d2cab39b1"
+    assert synthetic_dataset_dir(SyntheticDataConfig(upright=True)).name != "synthetic-128px-10c-cf6d2cab39b1"
+
+
+def test_upright_creatures_have_a_canonical_pose():
+    def part_above_body(gen, n=80):
+        above, wide = 0, 0
+        for i in range(n):
+            s = gen.sample("train", i)
+            ys, _ = np.nonzero(s.mask & ~s.part_mask)
+            pys, _ = np.nonzero(s.part_mask)
+            above += pys.mean() < ys.mean()
+            x0, y0, x1, y1 = _bbox(s.mask & ~s.part_mask)
+            wide += (x1 - x0) > (y1 - y0)
+        return above / n, wide / n
+
+    upright_above, upright_wide = part_above_body(SyntheticWSOL(SyntheticConfig(upright=True), seed=0))
+    any_above, any_wide = part_above_body(SyntheticWSOL(SyntheticConfig(), seed=0))
+    # Upright: the part (head) always sits above the body, which lies near horizontal. By
+    # default both are a coin flip, so a rotated picture is as likely as the original.
+    assert upright_above == 1.0 and upright_wide == 1.0
+    assert 0.3 < any_above < 0.7 and 0.3 < any_wide < 0.7

@@ -127,3 +127,30 @@ def test_pickled_objects_are_refused(tmp_path):
     torch.save({"state_dict": NotAStateDict()}, path)
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
         load_pretrained(build_backbone("vgg16"), path)
+
+
+def test_backbone_from_a_training_checkpoint(tmp_path):
+    from wsol_core.config import load_config, to_dict
+    from wsol_core.methods import build_method
+    from wsol_core.train.checkpoint import TrainingState, save_training_state
+
+    torch.manual_seed(0)
+    cfg = load_config(overrides=["method.name=cam", "model.backbone=tiny"])
+    trained = build_method(cfg, num_classes=5)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(1.0)  # unlike any fresh initialization
+    ckpt = tmp_path / "checkpoint_000002"
+    ckpt.mkdir()
+    save_training_state(ckpt, TrainingState(epoch=2, model=trained.state_dict(), optimizer={}, scheduler={}, config=to_dict(cfg)))
+
+    # Another method on the same backbone kind starts from the checkpoint's backbone (directory
+    # or state.pt), through the config like any pretrained weights; its own head stays fresh.
+    for source in (ckpt, ckpt / "state.pt"):
+        started = build_method(load_config(overrides=["method.name=c2am", "model.backbone=tiny", f"model.pretrained={source}"]), num_classes=5)
+        for key, value in trained.backbone.state_dict().items():
+            torch.testing.assert_close(started.backbone.state_dict()[key], value)
+
+    # A checkpoint of another architecture is refused with both named.
+    with pytest.raises(PretrainedMismatchError, match=r"TinyCNN <- .*state.pt \(a 'tiny' checkpoint\)"):
+        load_pretrained(build_backbone("tiny", large_feature_map=False).__class__(width=16), ckpt)

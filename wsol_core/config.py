@@ -91,8 +91,9 @@ class ModelConfig:
 
     backbone: Literal["vgg16", "resnet50", "inception_v3", "tiny"] = "tiny"
     large_feature_map: bool = False
-    # A torchvision-format state dict on disk, or "torchvision" to fetch the weights enum
-    # (online machines only). None trains from scratch.
+    # A torchvision-format state dict on disk, "torchvision" to fetch the weights enum (online
+    # machines only), or a training checkpoint of this project (its backbone, any backbone
+    # kind). None trains from scratch.
     pretrained: str | None = None
     # 0 takes the number of classes from the dataset manifest.
     num_classes: int = spec(0, ge=0)
@@ -108,6 +109,9 @@ class SyntheticDataConfig:
     size: int = spec(128, ge=32)
     classes: int = spec(10, ge=2)
     seed: int = 0
+    # Creatures in a canonical pose (body near horizontal, part on top, lit from above), as
+    # photographs have; the default draws every orientation (see wsol_core/data/synthetic.py).
+    upright: bool = False
     # Where generated shards are cached; "" means ``$XDG_CACHE_HOME/wsol/synthetic``.
     cache_dir: str = ""
 

@@ -29,7 +29,8 @@ def synthetic_cache_root(cfg: SyntheticDataConfig) -> Path:
 
 
 def synthetic_dataset_dir(cfg: SyntheticDataConfig) -> Path:
-    key = json.dumps({k: v for k, v in asdict(cfg).items() if k != "cache_dir"}, sort_keys=True)
+    # Options added later (upright) join the key only when set, so existing caches keep their key.
+    key = json.dumps({k: v for k, v in asdict(cfg).items() if k != "cache_dir" and not (k == "upright" and not v)}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return synthetic_cache_root(cfg) / f"synthetic-{cfg.size}px-{cfg.classes}c-{digest}"
 
@@ -49,7 +50,7 @@ def ensure_synthetic(cfg: SyntheticDataConfig) -> Path:
                 num_train=cfg.num_train,
                 num_val=cfg.num_val,
                 num_test=cfg.num_test,
-                config=SyntheticConfig(size=cfg.size, num_classes=cfg.classes),
+                config=SyntheticConfig(size=cfg.size, num_classes=cfg.classes, upright=cfg.upright),
                 seed=cfg.seed,
             )
     return root

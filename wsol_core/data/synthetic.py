@@ -12,6 +12,13 @@ Each image (default 128 x 128 px, one object) shows a "creature" on a cluttered 
   probability ``body_evidence`` (0.6) it has its class's body colour (a muted hue between two part
   hues), otherwise the body colour of a random class. So the part alone classifies perfectly, the
   body alone only about ``body_evidence + (1 - body_evidence) / K`` of the time.
+* **Orientation.** By default every orientation is equally likely: the body's axis, where the part
+  sits on its rim, the shading, the background grating. A rotated image is then as likely as the
+  original, so a rotation pretext task (CAML) can only be solved from the one oriented thing left,
+  the apex-up distractor triangles of the background. ``upright=True`` gives the creatures a
+  canonical pose, as in photographs: the body lies within ``UPRIGHT_TILT`` of horizontal, the
+  part sits on the upper half of the rim and the light comes from above, so the object itself
+  tells which way is up.
 * **Clutter.** The background is a smooth low-saturation colour field with an oriented grating
   and pixel noise, plus 2-5 distractor shapes (rectangles, triangles, ellipses). Distractors carry
   no class evidence (low-saturation colours) except that each is, with probability
@@ -51,6 +58,8 @@ from wsol_core.data.writer import EncodedSample, WriteResult, WriterOptions, wri
 SPLITS = ("train", "val", "test")
 _PATTERNS = ("solid", "ring", "half")
 _MAX_HUES = 12
+#: Largest tilt of an upright body's long axis from horizontal (radians).
+UPRIGHT_TILT = math.radians(20)
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,8 @@ class SyntheticConfig:
     jpeg_quality: int = 90
     #: Write labels as -1 (co-localization); the pictures are the same.
     unlabeled: bool = False
+    #: Creatures in a canonical pose (see the module docstring); False draws every orientation.
+    upright: bool = False
 
     def __post_init__(self) -> None:
         if self.size < 32:
@@ -99,6 +110,15 @@ class SyntheticSample:
     part_box: tuple[int, int, int, int]
     mask: np.ndarray  # [H, W] bool, the whole object
     part_mask: np.ndarray  # [H, W] bool, the part only
+
+
+def config_key(config: SyntheticConfig) -> dict:
+    """The options that identify a generated dataset. Options added after the first release join
+    only when they differ from their default, so datasets generated before them keep their key."""
+    key = asdict(config)
+    if not config.upright:
+        del key["upright"]
+    return key
 
 
 def _hsv(h: float, s: float, v: float) -> np.ndarray:
@@ -213,9 +233,11 @@ class SyntheticWSOL:
         self._distractors(rng, img)
 
         # Shape at unit scale: body semi-axes (1, b), rotated by alpha; part on the rim at angle phi.
+        # Upright draws from narrower ranges with the same number of draws, so that the default's
+        # pictures do not change. Image y grows downward: the upper rim is sin(phi) < 0.
         b = rng.uniform(0.45, 0.8)
-        alpha = rng.uniform(0, math.pi)
-        phi = rng.uniform(0, 2 * math.pi)
+        alpha = rng.uniform(-UPRIGHT_TILT, UPRIGHT_TILT) if cfg.upright else rng.uniform(0, math.pi)
+        phi = rng.uniform(-5 * math.pi / 6, -math.pi / 6) if cfg.upright else rng.uniform(0, 2 * math.pi)
         ca, sa = math.cos(alpha), math.sin(alpha)
         rim = np.array([math.cos(phi), b * math.sin(phi)])  # in body coordinates
         normal = np.array([b * math.cos(phi), math.sin(phi)])
@@ -257,7 +279,8 @@ class SyntheticWSOL:
         part = d2 <= r_px * r_px
 
         body_class = label if rng.random() < cfg.body_evidence else int(rng.integers(0, cfg.num_classes))
-        shade_dir = rng.uniform(0, 2 * math.pi)
+        # The shading brightens towards shade_dir; upright: lit from above.
+        shade_dir = rng.uniform(-2 * math.pi / 3, -math.pi / 3) if cfg.upright else rng.uniform(0, 2 * math.pi)
         shade = 1.0 + 0.18 * (xx * math.cos(shade_dir) + yy * math.sin(shade_dir)) / max(a_px, 1.0)
         spots = self._noise_patch(rng, *xx.shape) * 6.0
         window = img[wy0:wy1, wx0:wx1]
@@ -334,7 +357,7 @@ class SyntheticMaterializer:
     with_masks: bool
 
     def fingerprint(self) -> str:
-        return f"synthetic:{sorted(asdict(self.config).items())}:seed={self.seed}:masks={self.with_masks}"
+        return f"synthetic:{sorted(config_key(self.config).items())}:seed={self.seed}:masks={self.with_masks}"
 
     def __call__(self, record: SyntheticRecord, key: str) -> EncodedSample:
         # The generator's precomputed grids are built once per process and kept on this object

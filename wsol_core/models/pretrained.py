@@ -6,6 +6,12 @@ torchvision's parameter names, so the only remapping is dropping what the protoc
 (VGG's fully connected ``classifier``, ResNet's ``fc``, Inception's ``Mixed_7*``, ``AuxLogits``
 and ``fc``) and leaving the protocol's new layers (``conv6``, the SPG convs) at their fresh
 initialization. Anything else that does not match is an error, never a silent skip.
+
+A training checkpoint of this project (a checkpoint directory, or its ``state.pt``) is a source
+too: its method's ``backbone.*`` weights, for any backbone including ``tiny``, must match the
+architecture exactly. This is how a method starts from a classifier trained with labels on the
+same data, the way the papers start from ImageNet-supervised weights (BENCHMARKS.md: C2AM on the
+synthetic benchmark).
 """
 
 from __future__ import annotations
@@ -73,11 +79,47 @@ def _torchvision_state_dict(backbone: Backbone) -> dict[str, torch.Tensor]:
     return weights.get_state_dict(progress=True)  # downloads: online machines only
 
 
+def _training_checkpoint(source: str | Path) -> Path | None:
+    """``source``'s ``state.pt`` when it is one of this project's training checkpoints."""
+    from wsol_core.train.checkpoint import STATE_FILE
+
+    path = Path(source)
+    if path.is_dir() and (path / STATE_FILE).is_file():
+        return path / STATE_FILE
+    return path if path.name == STATE_FILE and path.is_file() else None
+
+
+def load_backbone_from_checkpoint(backbone: Backbone, state_file: Path) -> LoadReport:
+    """The ``backbone.*`` weights of a training checkpoint, which must fit ``backbone`` exactly."""
+    from wsol_core.train.checkpoint import load_model_weights
+
+    model, config = load_model_weights(state_file)
+    trained = config.get("model", {}).get("backbone", "?")
+    state = {k.removeprefix("backbone."): v for k, v in model.items() if k.startswith("backbone.")}
+    target = backbone.state_dict()
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    wrong_shape = sorted(f"{k}: {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in target if k in state and state[k].shape != target[k].shape)
+    if missing or unexpected or wrong_shape:
+        raise PretrainedMismatchError(
+            f"{type(backbone).__name__} <- {state_file} (a {trained!r} checkpoint): missing {missing[:5]} ({len(missing)}), "
+            f"not in the model {unexpected[:5]} ({len(unexpected)}), shape mismatch {wrong_shape[:3]}"
+        )
+    backbone.load_state_dict(state)
+    return LoadReport(loaded=sorted(state), dropped=[], fresh=[])
+
+
 def load_pretrained(backbone: Backbone, source: str | Path) -> LoadReport:
-    """Copy ImageNet weights into ``backbone``; ``source`` is a path or ``"torchvision"``."""
+    """Copy pretrained weights into ``backbone``: ``source`` is ``"torchvision"``, a
+    torchvision-format state dict file, or one of this project's training checkpoints."""
+    state_file = _training_checkpoint(source) if str(source) != "torchvision" else None
+    if state_file is not None:
+        return load_backbone_from_checkpoint(backbone, state_file)
     kind = type(backbone).__name__
     if kind not in _DROPPED_SOURCE_PREFIXES:
-        raise PretrainedMismatchError(f"{kind} has no ImageNet-pretrained form; train it from scratch")
+        raise PretrainedMismatchError(
+            f"{kind} has no ImageNet-pretrained form; train it from scratch or start from a training checkpoint of this project"
+        )
     state = _torchvision_state_dict(backbone) if str(source) == "torchvision" else _read_state_dict(source)
     target = backbone.state_dict()
     dropped_prefixes, new_prefixes = _DROPPED_SOURCE_PREFIXES[kind], _NEW_TARGET_PREFIXES[kind]
