@@ -288,6 +288,20 @@ def test_ablation_synthetic_runs_are_flagged_and_labels_disambiguated():
     assert "**Synthetic data**" in text and "not comparable with the synthetic runs" in text
     grouped = build_ablation_table(records, group_by=["method.*.enabled"], label_template="{method.name}")
     assert [(row.label, row.n) for row in grouped.rows] == [("fmcg", 2)]
+    # A sweep groups by its variant names; two variants with the same switches are told apart
+    # by those names, not by a list of the params that differ.
+    named = [RunRecord(r.run_id, {**r.params, "sweep.variant": name}, r.metrics) for r, name in zip(records, ("fmcg", "fmcg-searched"))]
+    no_srd = RunRecord("c", {**records[0].params, "sweep.variant": "fmcg-no-srd", "method.srd.enabled": "False"}, _metrics(90, 50, 20, 30))
+    by_variant = build_ablation_table([*named, no_srd], group_by=["sweep.variant"])
+    labels = {row.label: row for row in by_variant.rows}
+    assert set(labels) == {"FMCG (full) [sweep.variant=fmcg-searched]", "FMCG (full) [sweep.variant=fmcg]", "FMCG w/o SRD"}
+    # The ablated row is compared with the full configuration it differs from only by its switch
+    # (the same lr), not with the other full row.
+    paper, searched = labels["FMCG (full) [sweep.variant=fmcg]"], labels["FMCG (full) [sweep.variant=fmcg-searched]"]
+    assert paper.delta_vs_full == searched.delta_vs_full == pytest.approx(0.0)
+    without = labels["FMCG w/o SRD"]
+    assert without.delta_vs_full == pytest.approx(without.mean["maxboxacc_v2"] - paper.mean["maxboxacc_v2"])
+    assert without.delta_vs_full != pytest.approx(without.mean["maxboxacc_v2"] - searched.mean["maxboxacc_v2"])
 
 
 def test_ablation_val_split_and_missing_columns():

@@ -693,10 +693,18 @@ def build_ablation_table(
         return (has, row.method, 0 if all_off else 1, len(off), [keys.index(k) for k in off if k in keys], row.label)
 
     rows.sort(key=order)
+
+    def params_apart(a: AblationRow, b: AblationRow) -> int:
+        keys = {k for k in a.params.keys() | b.params.keys() if not _ignored(k, ignore) and not _SWITCH_RE.match(k)}
+        return sum(a.params.get(k) != b.params.get(k) for k in keys)
+
     for row in rows:
         full = [r for r in rows if r.method == row.method and r.switches and all(r.switches.values())]
-        if full and "maxboxacc_v2" in columns and row.mean.get("maxboxacc_v2") is not None and full[0].mean.get("maxboxacc_v2") is not None:
-            row.delta_vs_full = row.mean["maxboxacc_v2"] - full[0].mean["maxboxacc_v2"]
+        # With several full configurations (the paper's settings, a searched one), an ablated row
+        # is compared with the one it differs from only by its switches: the nearest in params.
+        nearest = min(full, key=lambda r: params_apart(row, r), default=None)
+        if nearest and "maxboxacc_v2" in columns and row.mean.get("maxboxacc_v2") is not None and nearest.mean.get("maxboxacc_v2") is not None:
+            row.delta_vs_full = row.mean["maxboxacc_v2"] - nearest.mean["maxboxacc_v2"]
     return AblationTable(rows=rows, columns=tuple(columns), split=split, switch_keys=keys, synthetic=any(r.synthetic for r in rows), skipped=skipped)
 
 
@@ -707,8 +715,11 @@ def _disambiguate(rows: list[AblationRow], group_by: Sequence[str] | None, ignor
     for same in by_label.values():
         if len(same) < 2:
             continue
-        keys = sorted({k for r in same for k in r.params if not _ignored(k, ignore)})
-        differing = [k for k in keys if len({r.params.get(k, "<unset>") for r in same}) > 1]
+        # The grouping keys name the rows best (a sweep's variant names); else the differing params.
+        differing = [k for k in group_by or () if len({r.params.get(k, "<unset>") for r in same}) > 1]
+        if not differing:
+            keys = sorted({k for r in same for k in r.params if not _ignored(k, ignore)})
+            differing = [k for k in keys if len({r.params.get(k, "<unset>") for r in same}) > 1]
         for row in same:
             shown = ", ".join(f"{k}={row.params.get(k, '<unset>')}" for k in differing[:3])
             row.label = f"{row.label} [{shown}{', ...' if len(differing) > 3 else ''}]"

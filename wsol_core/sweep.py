@@ -214,16 +214,21 @@ def score_best_checkpoints(outcome: SweepOutcome, sweep_dir: Path, data_root: Pa
         history = client.get_metric_history(run.info.run_id, SCORE_KEY)
         if not history:
             continue
-        best = max(history, key=lambda m: (m.value, -m.step))  # the earliest of equal scores
         train_dir = sweep_dir / "train_runs" / run.data.tags.get("wsol.search.trial_id", "?")
-        found = [d for d in sorted(train_dir.glob("checkpoint_*")) if d.is_dir() and load_training_state(d).epoch == best.step]
-        if not found:
-            print(f"[wsol] {run.info.run_name}: no checkpoint of epoch {best.step} in {train_dir}; best-checkpoint score skipped", flush=True)
+        kept = {load_training_state(d).epoch: d for d in sorted(train_dir.glob("checkpoint_*")) if d.is_dir()}
+        # Epochs tied for the best val score are equally "the best checkpoint"; Ray Train keeps
+        # one of them (not necessarily the earliest), so take the earliest tied epoch it kept.
+        top = max(m.value for m in history)
+        tied = sorted(m.step for m in history if m.value == top)
+        best_epoch = next((epoch for epoch in tied if epoch in kept), None)
+        if best_epoch is None:
+            print(f"[wsol] {run.info.run_name}: no checkpoint of best val epoch {tied} in {train_dir} (kept: {sorted(kept)}); "
+                  "best-checkpoint score skipped", flush=True)
             continue
-        metrics = evaluate_checkpoint(str(found[0]), data_root / "test", split="test", interval=interval)
+        metrics = evaluate_checkpoint(str(kept[best_epoch]), data_root / "test", split="test", interval=interval)
         logged = {f"{BEST_SPLIT}/{k.split('/', 1)[1]}": v for k, v in metrics.items() if k.startswith("test/")}
-        client.log_batch(run.info.run_id, metrics=_metric_list({**logged, f"{BEST_SPLIT}/epoch": float(best.step)}))
-        print(f"[wsol] {run.info.run_name}: best val epoch {best.step}, test MaxBoxAccV2 {logged[f'{BEST_SPLIT}/maxboxacc_v2']:.2f}", flush=True)
+        client.log_batch(run.info.run_id, metrics=_metric_list({**logged, f"{BEST_SPLIT}/epoch": float(best_epoch)}))
+        print(f"[wsol] {run.info.run_name}: best val epoch {best_epoch}, test MaxBoxAccV2 {logged[f'{BEST_SPLIT}/maxboxacc_v2']:.2f}", flush=True)
 
 
 def _metric_list(values: dict[str, float]):
