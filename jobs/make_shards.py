@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--unlabeled", action="store_true", help="labels -1 (co-localization)")
     p.add_argument("--upright", action="store_true", help="creatures in a canonical pose (see wsol_core/data/synthetic.py)")
+    p.add_argument("--body-texture", action="store_true", help="every body wears the same checker texture (see wsol_core/data/synthetic.py)")
     _add_writer_options(p, default_bytes="0", default_samples=1000)
 
     p = sub.add_parser("index", help="rebuild the DALI index files of a split directory")
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from wsol_core.data.synthetic import SyntheticConfig, write_synthetic
 
-        config = SyntheticConfig(size=args.size, num_classes=args.classes, unlabeled=args.unlabeled, upright=args.upright)
+        config = SyntheticConfig(size=args.size, num_classes=args.classes, unlabeled=args.unlabeled, upright=args.upright, body_texture=args.body_texture)
         results = write_synthetic(args.out, num_train=args.num_train, num_val=args.num_val, num_test=args.num_test,
                                   config=config, seed=args.seed, options=options)
     _report(results)

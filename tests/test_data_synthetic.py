@@ -154,3 +154,19 @@ def test_upright_creatures_have_a_canonical_pose():
     # default both are a coin flip, so a rotated picture is as likely as the original.
     assert upright_above == 1.0 and upright_wide == 1.0
     assert 0.3 < any_above < 0.7 and 0.3 < any_wide < 0.7
+
+
+def test_body_texture_changes_only_the_bodies():
+    plain = SyntheticWSOL(SyntheticConfig(), seed=3)
+    textured = SyntheticWSOL(SyntheticConfig(body_texture=True), seed=3)
+    for i in range(20):
+        a, b = plain.sample("val", i), textured.sample("val", i)
+        assert a.box == b.box and np.array_equal(a.mask, b.mask) and a.label == b.label
+        changed = (a.image != b.image).any(axis=2)
+        body = a.mask & ~a.part_mask
+        assert not (changed & ~body).any()  # background, distractors and the part are untouched
+        assert changed[body].mean() > 0.4  # the checker covers the body
+        # The checker is a strong local texture: neighbouring body pixels differ far more.
+        rows, cols = np.nonzero(body[:, :-1] & body[:, 1:])
+        step = lambda img: np.abs(img[rows, cols].astype(int) - img[rows, cols + 1].astype(int)).mean()
+        assert step(b.image) > 2 * step(a.image)

@@ -112,6 +112,9 @@ class SyntheticDataConfig:
     # Creatures in a canonical pose (body near horizontal, part on top, lit from above), as
     # photographs have; the default draws every orientation (see wsol_core/data/synthetic.py).
     upright: bool = False
+    # Every body wears the same checker texture, so the whole object (not only its part) differs
+    # from the background in a class-agnostic way (see wsol_core/data/synthetic.py).
+    body_texture: bool = False
     # Where generated shards are cached; "" means ``$XDG_CACHE_HOME/wsol/synthetic``.
     cache_dir: str = ""
 

@@ -29,8 +29,9 @@ def synthetic_cache_root(cfg: SyntheticDataConfig) -> Path:
 
 
 def synthetic_dataset_dir(cfg: SyntheticDataConfig) -> Path:
-    # Options added later (upright) join the key only when set, so existing caches keep their key.
-    key = json.dumps({k: v for k, v in asdict(cfg).items() if k != "cache_dir" and not (k == "upright" and not v)}, sort_keys=True)
+    # Options added later join the key only when set, so existing caches keep their key.
+    later = ("upright", "body_texture")
+    key = json.dumps({k: v for k, v in asdict(cfg).items() if k != "cache_dir" and not (k in later and not v)}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return synthetic_cache_root(cfg) / f"synthetic-{cfg.size}px-{cfg.classes}c-{digest}"
 
@@ -50,7 +51,7 @@ def ensure_synthetic(cfg: SyntheticDataConfig) -> Path:
                 num_train=cfg.num_train,
                 num_val=cfg.num_val,
                 num_test=cfg.num_test,
-                config=SyntheticConfig(size=cfg.size, num_classes=cfg.classes, upright=cfg.upright),
+                config=SyntheticConfig(size=cfg.size, num_classes=cfg.classes, upright=cfg.upright, body_texture=cfg.body_texture),
                 seed=cfg.seed,
             )
     return root

@@ -19,6 +19,12 @@ Each image (default 128 x 128 px, one object) shows a "creature" on a cluttered 
   canonical pose, as in photographs: the body lies within ``UPRIGHT_TILT`` of horizontal, the
   part sits on the upper half of the rim and the light comes from above, so the object itself
   tells which way is up.
+* **Body texture.** By default a body's surface (its colour with shading and faint noise) is
+  statistically close to the background's, so only the part stands out from everything else in a
+  class-agnostic way, and a map trained to separate "object" from "background" across images
+  (C2AM) settles on the part. ``body_texture=True`` gives every body, whatever its class, a
+  checker of "scales" that nothing else in the picture has: the whole object becomes the
+  consistent foreground, as real objects are against their scenes. It carries no class evidence.
 * **Clutter.** The background is a smooth low-saturation colour field with an oriented grating
   and pixel noise, plus 2-5 distractor shapes (rectangles, triangles, ellipses). Distractors carry
   no class evidence (low-saturation colours) except that each is, with probability
@@ -60,6 +66,8 @@ _PATTERNS = ("solid", "ring", "half")
 _MAX_HUES = 12
 #: Largest tilt of an upright body's long axis from horizontal (radians).
 UPRIGHT_TILT = math.radians(20)
+#: Half the brightness step of the body checker (0-255 scale).
+BODY_TEXTURE_CONTRAST = 28.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,8 @@ class SyntheticConfig:
     unlabeled: bool = False
     #: Creatures in a canonical pose (see the module docstring); False draws every orientation.
     upright: bool = False
+    #: Every body wears the same checker texture (see the module docstring).
+    body_texture: bool = False
 
     def __post_init__(self) -> None:
         if self.size < 32:
@@ -116,8 +126,9 @@ def config_key(config: SyntheticConfig) -> dict:
     """The options that identify a generated dataset. Options added after the first release join
     only when they differ from their default, so datasets generated before them keep their key."""
     key = asdict(config)
-    if not config.upright:
-        del key["upright"]
+    for later in ("upright", "body_texture"):
+        if not key[later]:
+            del key[later]
     return key
 
 
@@ -285,6 +296,11 @@ class SyntheticWSOL:
         spots = self._noise_patch(rng, *xx.shape) * 6.0
         window = img[wy0:wy1, wx0:wx1]
         body_pix = self.body_colors[body_class][None, None, :] * shade[..., None] + spots[..., None]
+        if cfg.body_texture:
+            # Scales: a checker in body coordinates (it turns with the body), period s/24 px.
+            # Deterministic, so it draws nothing from rng: the other pixels are as without it.
+            freq = 2 * math.pi / (s / 24)
+            body_pix += (BODY_TEXTURE_CONTRAST * np.sign(np.sin(u * freq) * np.sin(v * freq)))[..., None]
         # copyto(where=) is several times faster than boolean-index assignment.
         np.copyto(window, body_pix, where=body[..., None])
 
