@@ -223,8 +223,15 @@ def test_ports_are_stable_per_job_and_apart_between_jobs():
 
 
 # ---------------------------------------------------------------------------- process groups
+def _default_sigint() -> None:
+    # A process started in the background by a non-interactive shell (CI runners, nohup ... &)
+    # inherits SIGINT ignored, and bash cannot trap a signal ignored on entry: give the child the
+    # default disposition a terminal gives it, so the test does not depend on how pytest started.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _spawn(script: str) -> subprocess.Popen:
-    proc = subprocess.Popen(["bash", "-c", script], start_new_session=True)
+    proc = subprocess.Popen(["bash", "-c", script], start_new_session=True, preexec_fn=_default_sigint)
     deadline = time.monotonic() + 10
     while len(group_members(proc.pid)) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -241,7 +248,8 @@ def test_stop_process_group_ends_a_leader_that_ignores_sigterm():
 
 
 def test_stop_process_group_is_quick_when_the_leader_obeys():
-    proc = _spawn("sleep 300 & child=$!; trap 'kill $child; exit 0' INT; wait")
+    # The trap is set before the child starts, so it is in place once _spawn sees the child.
+    proc = _spawn("trap 'kill $child; exit 0' INT; sleep 300 & child=$!; wait")
     t0 = time.monotonic()
     assert stop_process_group(proc, first=signal.SIGINT, grace_s=30.0) == 0
     assert time.monotonic() - t0 < 5 and group_members(proc.pid) == []
