@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from wsol_core.config import ConfigError, DataConfig, SyntheticDataConfig
-from wsol_core.data.synthetic import SyntheticConfig, write_synthetic
+from wsol_core.data.synthetic import LATER_OPTIONS, SyntheticConfig, write_synthetic
 
 SPLITS = ("train", "val", "test")
 
@@ -30,8 +30,7 @@ def synthetic_cache_root(cfg: SyntheticDataConfig) -> Path:
 
 def synthetic_dataset_dir(cfg: SyntheticDataConfig) -> Path:
     # Options added later join the key only when set, so existing caches keep their key.
-    later = ("upright", "body_texture")
-    key = json.dumps({k: v for k, v in asdict(cfg).items() if k != "cache_dir" and not (k in later and not v)}, sort_keys=True)
+    key = json.dumps({k: v for k, v in asdict(cfg).items() if k != "cache_dir" and (v or k not in LATER_OPTIONS)}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return synthetic_cache_root(cfg) / f"synthetic-{cfg.size}px-{cfg.classes}c-{digest}"
 

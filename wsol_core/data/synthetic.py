@@ -68,6 +68,9 @@ _MAX_HUES = 12
 UPRIGHT_TILT = math.radians(20)
 #: Half the brightness step of the body checker (0-255 scale).
 BODY_TEXTURE_CONTRAST = 28.0
+#: Options added after the first release: they join a dataset's identity only when set, so
+#: datasets generated before them keep their fingerprint and cache directory.
+LATER_OPTIONS = ("upright", "body_texture")
 
 
 @dataclass(frozen=True)
@@ -123,13 +126,8 @@ class SyntheticSample:
 
 
 def config_key(config: SyntheticConfig) -> dict:
-    """The options that identify a generated dataset. Options added after the first release join
-    only when they differ from their default, so datasets generated before them keep their key."""
-    key = asdict(config)
-    for later in ("upright", "body_texture"):
-        if not key[later]:
-            del key[later]
-    return key
+    """The options that identify a generated dataset (:data:`LATER_OPTIONS` only when set)."""
+    return {k: v for k, v in asdict(config).items() if v or k not in LATER_OPTIONS}
 
 
 def _hsv(h: float, s: float, v: float) -> np.ndarray:
