@@ -79,7 +79,7 @@ def measure(cfg: Config, root: Path, device: torch.device, mode: str, epochs: in
         loader.close()
         loader = InMemory(held, steps)
     optimizer = build_optimizer(method, cfg.optim, device)
-    scheduler = build_scheduler(optimizer, cfg.optim, steps)
+    scheduler = build_scheduler(optimizer, cfg.optim, steps, cfg.train.epochs)
     metrics = {}
     for epoch in range(epochs):
         loader.set_epoch(epoch)

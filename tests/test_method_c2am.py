@@ -210,7 +210,7 @@ def test_border_fraction_by_hand():
 
 
 def test_orientation_flips_an_inverted_map_and_not_a_proper_one():
-    proper = _model()
+    proper = _model(orientation_check="step")
     assert proper.orientation_due(299) is False and proper.orientation_due(300) is True
     assert proper.calibrate_orientation(_blob_maps()) == 1.0
     assert proper.orientation.item() == 1.0 and proper.orientation_due(10_000) is False
@@ -238,7 +238,7 @@ def test_orientation_persists_through_state_dict_round_trip(tmp_path):
     model.calibrate_orientation(1 - _blob_maps())
     path = tmp_path / "ckpt.pt"
     torch.save(model.state_dict(), path)
-    resumed = _model()
+    resumed = _model(orientation_check="step")
     assert resumed.orientation_due(10_000) is True
     resumed.load_state_dict(torch.load(path, weights_only=True))
     assert resumed.orientation.item() == -1.0
@@ -255,6 +255,25 @@ def test_orientation_is_all_reduced_under_ddp(tmp_path):
         assert model.calibrate_orientation(1 - _blob_maps()) == -1.0
     finally:
         dist.destroy_process_group()
+
+
+def test_epoch_end_mode_decides_on_the_first_epochs_last_step_image_zero():
+    """The released scripts: last iteration of epoch 0, ``check_positive`` on image 0 only."""
+    model = _model()  # defaults: orientation_check = "epoch_end", orientation_images = 1
+    maps = _blob_maps(3)
+    maps[0] = 1 - maps[0]  # image 0 inverted, the others proper: image 0 alone decides
+    model.after_step(1, {"raw_maps": _blob_maps(3)})
+    model.after_step(2, {"raw_maps": maps})  # the epoch's last step
+    assert not model._calibrated  # nothing decided before the epoch ends
+    model.after_epoch(1)
+    assert model.orientation.item() == -1.0 and bool(model.orientation_calibrated)
+    model.after_step(3, {"raw_maps": _blob_maps(3)})
+    model.after_epoch(2)
+    assert model.orientation.item() == -1.0  # once only
+    voting = _model(orientation_images=0)  # every image votes: 1 of 3 inverted -> keep P
+    voting.after_step(1, {"raw_maps": maps})
+    voting.after_epoch(1)
+    assert voting.orientation.item() == 1.0
 
 
 def test_first_eval_mode_waits_for_evaluation():

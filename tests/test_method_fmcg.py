@@ -102,7 +102,9 @@ def test_unknown_drop_stage_fails_when_the_method_is_built():
 
 
 def test_theta_schedule_and_fixed_threshold_without_srd():
-    m = build(["method.srd.theta_drop=0.6"])
+    m = build(["method.srd.theta_drop=0.6"])  # default: a warm-up over the first 0.3 of training
+    assert [m.theta(p) for p in (0.0, 0.15, 0.3, 0.9)] == pytest.approx([1.0, 0.8, 0.6, 0.6])
+    m = build(["method.srd.theta_drop=0.6", "method.srd.schedule_fraction=1.0"])  # whole-run ramp
     assert [m.theta(p) for p in (0.0, 0.5, 1.0)] == pytest.approx([1.0, 0.8, 0.6])
     m = build(["method.srd.theta_drop=0.6", "method.srd.schedule_fraction=0.25"])
     assert [m.theta(p) for p in (0.0, 0.125, 0.25, 0.7)] == pytest.approx([1.0, 0.8, 0.6, 0.6])

@@ -154,3 +154,25 @@ def test_backbone_from_a_training_checkpoint(tmp_path):
     # A checkpoint of another architecture is refused with both named.
     with pytest.raises(PretrainedMismatchError, match=r"TinyCNN <- .*state.pt \(a 'tiny' checkpoint\)"):
         load_pretrained(build_backbone("tiny", large_feature_map=False).__class__(width=16), ckpt)
+
+
+def test_protocol_init_of_new_layers():
+    """wsolevaluation's VggCam: conv6 He-normal (fan_out, ReLU), zero bias; every protocol
+    architecture's classifier N(0, 0.01), zero bias. The tiny CPU backbone keeps Xavier."""
+    import math
+
+    from wsol_core.config import load_config
+    from wsol_core.methods import build_method
+
+    torch.manual_seed(0)
+    cfg = load_config(base={"model": {"backbone": "vgg16"}, "method": {"name": "fmcg"}})
+    method = build_method(cfg, 200)
+    conv6 = method.backbone.conv6
+    fan_out = conv6.out_channels * conv6.kernel_size[0] * conv6.kernel_size[1]
+    assert conv6.weight.std().item() == pytest.approx(math.sqrt(2.0 / fan_out), rel=0.02)
+    assert torch.count_nonzero(conv6.bias) == 0
+    fc = method.head.fc
+    assert fc.weight.std().item() == pytest.approx(0.01, rel=0.02) and torch.count_nonzero(fc.bias) == 0
+    tiny = build_method(load_config(base={"method": {"name": "cam"}}), 10)
+    bound = math.sqrt(6.0 / sum(tiny.head.fc.weight.shape))  # Xavier-uniform limit
+    assert tiny.head.fc.weight.abs().max().item() <= bound and tiny.head.fc.weight.std().item() > 0.05

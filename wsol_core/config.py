@@ -167,8 +167,12 @@ class OptimConfig:
     nesterov: bool = False
     # The protocol trains newly added layers 10x faster than the pretrained trunk.
     head_lr_mult: float = spec(10.0, gt=0.0)
+    # "step": lr_decay_factor every lr_decay_every epochs (the protocol); "poly": decay to 0 as
+    # (1 - progress) ** poly_power (C2AM's released recipe).
+    schedule: Literal["step", "poly"] = "step"
     lr_decay_every: int = spec(15, ge=1, doc="epochs between decays")
     lr_decay_factor: float = spec(0.1, gt=0.0, le=1.0)
+    poly_power: float = spec(0.9, gt=0.0)
     warmup_epochs: float = spec(0.0, ge=0.0)
     fused: bool = True
 
@@ -199,6 +203,12 @@ class EvalConfig:
     iou_thresholds: tuple[int, ...] = spec((30, 50, 70), gt=0, lt=100)
     num_vis_images: int = spec(8, ge=0)
     batch_size: int = spec(64, ge=1)
+    # Images per rank on which the method's training-time loss masks are measured (area and
+    # share inside the GT boxes, logged as <split>/mask_<name>_*); 0 turns it off.
+    mask_stat_images: int = spec(256, ge=0)
+    # Score the method's alternative inference maps (FMCG's erased / original / max) beside the
+    # configured one, as <split>/maxboxacc_v2_map_<name>.
+    compare_inference_maps: bool = True
 
 
 @dataclass

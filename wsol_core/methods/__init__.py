@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from importlib import import_module
 
+import torch
+
 from wsol_core.config import Config, ConfigError, MethodConfig
 from wsol_core.methods.base import Inference, WSOLMethod, select_classes
 
@@ -42,7 +44,23 @@ def build_method(cfg: Config, num_classes: int) -> WSOLMethod:
     from wsol_core.models import build_backbone
 
     backbone = build_backbone(cfg.model.backbone, large_feature_map=cfg.model.large_feature_map, pretrained=cfg.model.pretrained)
-    return method_class(cfg.method.name)(backbone, num_classes, cfg.method)
+    method = method_class(cfg.method.name)(backbone, num_classes, cfg.method)
+    if backbone.protocol_classifier_init:
+        init_protocol_classifiers(method)
+    return method
+
+
+def init_protocol_classifiers(method: WSOLMethod) -> None:
+    """The evaluation protocol's classifier init, N(0, 0.01) weights and zero biases
+    (wsolevaluation ``wsol/util.py`` ``initialize_weights``, for VGG16, ResNet50 and
+    InceptionV3 alike), on every classifier head of the method (CAM heads, pretext heads,
+    probes)."""
+    from wsol_core.models.head import CAMHead
+
+    for module in method.modules():
+        if isinstance(module, CAMHead):
+            torch.nn.init.normal_(module.fc.weight, 0.0, 0.01)
+            torch.nn.init.zeros_(module.fc.bias)
 
 
 __all__ = [

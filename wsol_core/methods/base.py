@@ -17,6 +17,19 @@ loop, evaluation and Tune only ever call these operations:
 ``localization_maps(images, labels=None) -> Tensor[B, h, w]``
     The map that becomes boxes: the CAM of the GT class (or of the predicted class when
     ``labels`` is None) for supervised methods, the class-agnostic map for CAML and C2AM.
+
+Seen, not trained (the loop and evaluation log these so that a dead term or a degenerate mask
+shows at once in MLflow):
+
+``loss_masks(outputs) -> dict[str, Tensor[B, h, w]]``
+    The masks the loss terms use on the batch's original images, values in [0, 1] (binary, or
+    soft for C2AM's activation map). Logged per epoch as ``train/mask_<name>_area`` and, on val,
+    as ``val/mask_<name>_area`` and ``val/mask_<name>_in_box`` (the share of the mask inside
+    the GT boxes).
+``diagnostics(outputs) -> dict[str, Tensor]``
+    Scalars a schedule or a term depends on (FMCG's theta_d), logged as ``train/<name>``.
+``inference_variants(images, labels=None) -> dict[str, Tensor[B, h, w]]``
+    Other readings of the paper's inference map, scored on val beside the configured one.
 """
 
 from __future__ import annotations
@@ -67,11 +80,27 @@ class WSOLMethod(nn.Module):
     def localization_maps(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.inference(images, labels).maps
 
+    def loss_masks(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The masks the loss terms use, ``[B, h, w]`` in [0, 1] per name (see the module docstring)."""
+        return {}
+
+    def diagnostics(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Scalar tensors that schedules or terms depend on, per name."""
+        return {}
+
+    @torch.no_grad()
+    def inference_variants(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Alternative inference maps ``[B, h, w]`` by name, for methods whose paper leaves the map open."""
+        return {}
+
     def after_step(self, step: int, outputs: dict[str, torch.Tensor]) -> None:
         """Called by the loop on every rank after each optimizer step (``step`` counts from 1).
 
         For one-time decisions taken during training, such as C2AM's orientation check.
         """
+
+    def after_epoch(self, epoch: int) -> None:
+        """Called by the loop on every rank after each training epoch (``epoch`` counts from 1)."""
 
     def before_evaluation(self, images: torch.Tensor) -> None:
         """Called by the loop on every rank before an evaluation, with a batch of val images."""

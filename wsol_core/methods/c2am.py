@@ -28,19 +28,26 @@ batch, nothing is gathered across ranks).
 is a sum over all (i, j) and eqs. 7-8 have the same form), so training may end with the
 background activated. The paper only says (end of Sec. 3.3) "we set a threshold to binarize the
 class-agnostic activation maps and detect the largest contour to determine the object regions";
-it does not describe how the sign is chosen. The released code decides it ONCE: during the first
-epoch (iteration 300 of epoch 0 in the latest CUB script, the last iteration of epoch 0 in the
-ImageNet script) it binarizes the map at 0.5, averages the first/last row and first/last column
-of the map, and if that border mean is above 0.5 (the border is mostly "foreground") it uses
-``1 - P`` from then on, for evaluation and box extraction. Here this is the buffer
-``orientation`` (+1 keeps ``P``, -1 uses ``1 - P``) and ``orientation_calibrated``, both in the
-state dict so a resumed run keeps the decision, set by :meth:`C2AM.calibrate_orientation` and
-applied by :meth:`C2AM.inference`. The training loop's generic hooks call it once:
-:meth:`C2AM.after_step` after the optimizer step of the configured ``orientation_check_step`` (``orientation_check =
-"step"``, the released code's way), and at the first evaluation in any case if it has not happened
-yet (:meth:`C2AM.before_evaluation`; with ``orientation_check = "first_eval"`` that is the only
-time), then with ``method.raw_maps(images)`` of the first validation batch. Under DDP
-the border statistics are all-reduced, so every rank takes the same decision.
+it does not describe how the sign is chosen. The released code (CVI-SZU/CCAM,
+``WSOL/train_CCAM_CUB.py`` and ``train_CCAM_ILSVRC.py``) decides it ONCE, at the last training
+iteration of epoch 0 (``epoch == 0 and i == len(train_loader) - 1``), on image 0 of that batch
+only (``check_positive`` reads ``am[0, 0]``): it binarizes the map at 0.5, averages the
+first/last row and first/last column, and if that border mean is above 0.5 (the border is mostly
+"foreground") it uses ``1 - P`` from then on, for evaluation and box extraction. Here this is
+the buffer ``orientation`` (+1 keeps ``P``, -1 uses ``1 - P``) and ``orientation_calibrated``,
+both in the state dict so a resumed run keeps the decision, set by
+:meth:`C2AM.calibrate_orientation` and applied by :meth:`C2AM.inference`. The training loop's
+generic hooks call it once:
+
+- ``orientation_check = "epoch_end"`` (default, the released scripts): :meth:`C2AM.after_epoch`
+  after the first epoch, on the maps of that epoch's last training step;
+- ``"step"``: :meth:`C2AM.after_step` after the optimizer step ``orientation_check_step``;
+- ``"first_eval"``, and in any mode if nothing has decided yet: :meth:`C2AM.before_evaluation`
+  with ``method.raw_maps(images)`` of the first validation batch.
+
+``orientation_images`` images of the checked batch vote (1 by default, the released code's
+image 0; 0 = all of them). Under DDP the border statistics are all-reduced, so every rank takes
+the same decision.
 
 **Classification.** C2AM itself has no classifier: the paper follows PSOL and classifies with a
 separate network (Sec. 3.4). As the project's addition, ``probe_classifier`` (default on) trains
@@ -122,8 +129,10 @@ class C2AMConfig(MethodConfig):
     concat_stage: str = ""
     head_init: Literal["default", "kaiming_normal", "kaiming_uniform", "normal", "uniform", "xavier_uniform"] = "default"
     # When the loop calls calibrate_orientation (see the module docstring).
-    orientation_check: Literal["step", "first_eval"] = "step"
-    orientation_check_step: int = spec(300, ge=0, doc="global step of the one-time orientation check")
+    orientation_check: Literal["epoch_end", "step", "first_eval"] = "epoch_end"
+    orientation_check_step: int = spec(300, ge=0, doc="global step of the check (orientation_check = step)")
+    # Images of the checked batch that vote (0 = all); the released code looks at image 0 only.
+    orientation_images: int = spec(1, ge=0, doc="images of the checked batch used by the check, 0 = all")
     orientation_threshold: float = spec(0.5, gt=0.0, lt=1.0, doc="binarization threshold of the check")
     orientation_border: int = spec(1, ge=1, doc="border width in map pixels for the check")
     # The project's addition: a linear probe on detached features for Top-1/Top-5 Loc.
@@ -302,6 +311,12 @@ class C2AM(WSOLMethod):
             out["logits"] = self.probe(final.detach())
         return out
 
+    def loss_masks(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Eq. 1's soft masks as the losses use them, before the orientation: ``P`` pools the
+        foreground representation, ``1 - P`` the background one."""
+        maps = outputs["raw_maps"].float()
+        return {"fg": maps, "bg": 1.0 - maps}
+
     def losses(self, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         """Eq. 9 as weighted terms ``neg`` (eq. 2), ``pos_fg`` (eq. 7), ``pos_bg`` (eq. 8), plus the
         probe's ``cls`` (labelled samples only; 0 when none is labelled)."""
@@ -339,6 +354,16 @@ class C2AM(WSOLMethod):
     def after_step(self, step: int, outputs: dict[str, torch.Tensor]) -> None:
         if self.orientation_due(step):
             self.calibrate_orientation(outputs["raw_maps"].detach())
+        elif not self._calibrated and self.cfg.orientation_check == "epoch_end":
+            self._last_maps = outputs["raw_maps"].detach()  # the epoch's last step is checked
+
+    def after_epoch(self, epoch: int) -> None:
+        """``orientation_check = "epoch_end"``: decide on the last training step's maps of the
+        first epoch, as the released scripts do (``epoch == 0 and i == len(train_loader) - 1``)."""
+        maps = getattr(self, "_last_maps", None)
+        if maps is not None and not self._calibrated:
+            self.calibrate_orientation(maps)
+        self._last_maps = None
 
     def before_evaluation(self, images: torch.Tensor) -> None:
         if self.orientation_due(0, evaluating=True):
@@ -364,6 +389,8 @@ class C2AM(WSOLMethod):
         """
         if self._calibrated and not force:
             return float(self.orientation)
+        if self.cfg.orientation_images:
+            maps = maps[: self.cfg.orientation_images]
         fraction = border_foreground_fraction(maps, self.cfg.orientation_threshold, self.cfg.orientation_border)
         stats = torch.stack([fraction.sum(), torch.tensor(float(fraction.numel()), device=fraction.device)])
         if dist.is_available() and dist.is_initialized():

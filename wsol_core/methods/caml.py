@@ -49,30 +49,41 @@ over C*h*w.
 Ambiguities, and the defaults chosen
 ------------------------------------
 
-- ``caml.map_activation`` (what ``A`` is in eq. 3-4): eq. 3 thresholds the reverse map ``1 - A``
-  at ``theta_bg * min(1 - A)`` with ``theta_bg = 2.3 > 1``. That selects a non-trivial background
-  only if ``A`` lies in (0, 1) with its maximum NOT pinned to 1: with a min-max (or max)
-  normalized map ``min(1 - A) = 0`` so ``theta = 0`` and the "background" is every pixel but the
-  peak; with the raw map of eq. 2, any ``max A > 1`` gives ``theta < 0`` and the background is the
-  whole map (the hinge becomes the constant ``m``, no gradient). Default ``"sigmoid"``
-  (``A <- sigmoid(A)``, the importance-map squashing of ADL [9] that this line of work uses):
-  always in (0, 1), and eq. 3 keeps pixels below an image-adaptive fraction of the peak as
-  background (e.g. raw peak 3 -> background where raw < 2.1). ``"none"`` (eq. 2 map as is) and
-  ``"minmax"`` are available, with the degeneracies above. Inference returns the raw eq. 2 map.
-- ``caml.bg_rule``: Sec. 3.2 defines the threshold on the reverse map (``"reverse_min"``,
-  default, as above); Sec. 4 says "the background threshold is set to minimum intensity of
-  A_PTAP times pre-defined ratio theta_bg", i.e. background where ``A < theta_bg * min(A)``
-  (``"map_min"``).
-- The mask ``1[...]`` is a hard indicator (no gradient through it); distances are per image,
-  ``sqrt(sum of squares)`` clamped at 1e-12 before the root so that identical maps (identity
-  pretext labels) give a zero, finite gradient.
-- ``caml.distance``: eq. 4 says "L2 distance" (default ``"l2"``, the norm over all pixels). With
-  a positive equal to its anchor, ``d(a, n)`` is the norm of the anchor over the foreground pixels
-  (those not in ``M_bg``), which for maps in (0, 1) exceeds the margin 1 as soon as a few pixels
-  are foreground: the hinge is then inactive (0, no gradient) until the maps of the two views
-  disagree by about that much. Observed on the tiny backbone with toy data: ``caml`` stays 0 while
-  ``cls`` trains. ``"mse"`` (mean squared difference, values in [0, 1]) keeps the hinge active
-  nearly always; offered because Fig. 5a shows L_caml decreasing slowly throughout training.
+- **What eq. 3-4 act on, and which background rule** (``caml.map_activation``,
+  ``caml.bg_rule``). Eq. 3 as printed thresholds the reverse map: ``M_bg = 1[(1 - A) >
+  theta_bg * min(1 - A)]`` with ``theta_bg = 2.3``; Sec. 4 words it differently: "The background
+  threshold is set to minimum intensity of A_PTAP times pre-defined ratio θ_bg", i.e.
+  ``1[A < theta_bg * min(A)]`` (``"map_min"``, scale-invariant). The paper never says how ``A``
+  is scaled, yet eq. 4 compares L2 distances with the margin ``m = 1``. The readings, measured
+  on the synthetic benchmark's upright form (tiny backbone, 150 steps of batch 32, SGD 0.01;
+  BENCHMARKS.md "CAML: which reading keeps eq. 4 alive"):
+
+  - ``"sigmoid"`` + ``"reverse_min"`` (this project's earlier default): PTAP pools ReLU
+    features, so ``sigmoid(A) >= 0.5`` everywhere and the background is empty unless the raw
+    peak exceeds ~1.28; and over h*w pixels ``d(a, n)`` (about 7.4) dwarfs ``m``. Measured: the
+    background mask covered 0 % of the map and 0 of the hinges were active in every step: the
+    loss never trained anything (Table 3's "-L_caml" row in disguise).
+  - ``"l2"`` + ``"map_min"`` (default): each map divided by its L2 norm over the h*w pixels,
+    so ``d`` lies in [0, 2] on the scale of ``m = 1``, and the negative ``A (.) M_bg`` has at
+    most unit norm: the hinge ``d(a, p) - ||a outside M_bg|| + 1`` stays active until the two
+    views agree AND the map's energy has left the background. Measured: 100 % of hinges
+    active, the loss falling from 0.31 to 0.04, the background mask 59 % -> 31 % of the map
+    with 0.2-4 % of it inside the GT box.
+  - ``"l2"`` + ``"reverse_min"``: ``min(1 - A) = 1 - max(A)`` and a unit-L2 map's peak is far
+    below 1 (e.g. 0.2), so ``theta >= 1`` and the background is empty again.
+  - ``"none"`` (the raw eq. 2 map) + ``"map_min"``: the same mask as the default, but the
+    distances scale with the features (measured below).
+  - ``"minmax"``: ``min(1 - A) = 0`` with any rule on the reverse map, so the "background" is
+    every pixel but the peak.
+
+  Fig. 6's description ("Lower θ_bg leaves more foreground attention on the negative
+  counterpart") fits eq. 3's reverse form; with ``"map_min"`` a lower ``theta_bg`` leaves LESS
+  on the negative. The default still takes Sec. 4's rule because it is the one under which eq. 4
+  trains at all on unit maps. The mask is a hard indicator (no gradient through it); ``d`` is per
+  image, ``sqrt(sum of squares)`` clamped at 1e-12 before the root so that identical maps
+  (identity pretext labels) give a zero, finite gradient. The former ``caml.distance = "mse"``
+  remedy is gone: with an empty background the negative is the zero map and the loss only
+  pushed the maps up everywhere.
 - ``pretext.head_input``: eq. 6 "employ a GAP layer at the end of the network". Default
   ``"weighted"``: the heads read ``F_w`` (ECA is a layer "inserted at the last convolution
   layer", Sec. 4, whose output continues into the network as in ECA-Net); ``"raw"`` reads
@@ -95,6 +106,11 @@ Ambiguities, and the defaults chosen
   single task on CUB (Table 7).
 - ``E_x`` over several views: eq. 4 and eq. 6 terms are summed over views/heads (each pretext
   task brings its own loss; PsyNet sums its heads' cross-entropies), averaged over images.
+- **PST is not implemented.** Table 7's last row is PsyNet's point symmetric transformation [2],
+  "reproduced using official code"; CAML's text does not define it, and PsyNet's definition is
+  not among the sources this project works from, so no PST pretext is offered rather than a
+  guess. ``pretext.mode = "compose"`` over rotation, scale and translation is the nearest
+  available setting, and it is NOT PST; Table 7's five other rows are all available.
 
 Switches for the paper's ablations
 ----------------------------------
@@ -245,12 +261,12 @@ class ContrastConfig:
     weight: float = spec(1.0, ge=0.0, doc="eq. 5 weight of L_caml (0 = -L_caml ablation)")
     margin: float = spec(1.0, ge=0.0, doc="m of eq. 4")
     theta_bg: float = spec(2.3, gt=0.0, doc="ratio of eq. 3's background threshold")
-    bg_rule: Literal["reverse_min", "map_min"] = "reverse_min"
-    map_activation: Literal["sigmoid", "none", "minmax"] = "sigmoid"
+    # The module docstring ("Ambiguities") gives every reading and the measurement behind the
+    # defaults: unit-L2 maps and the scale-invariant rule of Sec. 4 keep the hinge alive.
+    bg_rule: Literal["reverse_min", "map_min"] = "map_min"
+    map_activation: Literal["l2", "sigmoid", "none", "minmax"] = "l2"
     pairs: Literal["both", "pos", "neg"] = "both"
     embedding: Literal["attention", "feature"] = "attention"
-    # "l2": eq. 4's L2 distance (norm of the difference); "mse": mean squared difference.
-    distance: Literal["l2", "mse"] = "l2"
 
 
 @dataclass
@@ -344,6 +360,8 @@ def activate_maps(maps: torch.Tensor, activation: str) -> torch.Tensor:
     """The map ``A`` that eq. 3-4 act on, from eq. 2's map (``caml.map_activation``; see the
     module docstring for why ``"sigmoid"`` is the default). ``[N, h, w]`` float32."""
     maps = maps.float()
+    if activation == "l2":
+        return unit_l2(maps)
     if activation == "sigmoid":
         return torch.sigmoid(maps)
     if activation == "none":
@@ -352,7 +370,14 @@ def activate_maps(maps: torch.Tensor, activation: str) -> torch.Tensor:
         low = maps.amin(dim=(-2, -1), keepdim=True)
         high = maps.amax(dim=(-2, -1), keepdim=True)
         return (maps - low) / (high - low).clamp_min(1e-6)
-    raise ValueError(f"map_activation must be 'sigmoid', 'none' or 'minmax', got {activation!r}")
+    raise ValueError(f"map_activation must be 'l2', 'sigmoid', 'none' or 'minmax', got {activation!r}")
+
+
+def unit_l2(x: torch.Tensor) -> torch.Tensor:
+    """``x / ||x||_2`` per sample over every non-batch element (``caml.map_activation = "l2"``):
+    eq. 4's distances between unit maps lie in [0, 2], on the scale of the margin m = 1."""
+    norm = x.float().flatten(1).norm(dim=1).clamp_min(1e-6)
+    return x.float() / norm.view(-1, *([1] * (x.dim() - 1)))
 
 
 def background_mask(maps: torch.Tensor, theta_bg: float, rule: str = "reverse_min") -> torch.Tensor:
@@ -372,21 +397,16 @@ def background_mask(maps: torch.Tensor, theta_bg: float, rule: str = "reverse_mi
     raise ValueError(f"bg_rule must be 'reverse_min' or 'map_min', got {rule!r}")
 
 
-def l2_distance(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None, kind: str = "l2") -> torch.Tensor:
+def l2_distance(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 4's ``d``: per-sample L2 norm of ``x - y`` over every non-batch element, float32 [N].
 
     ``weight`` (broadcastable, e.g. ``[N, 1, h, w]``) multiplies the squared differences
     (``pretext.mask_undefined``). The sum of squares is clamped at 1e-12 before the root, so
-    identical inputs give d = 1e-6 and a zero (finite) gradient instead of NaN.
-    ``kind = "mse"`` returns the mean of the squared differences instead (``caml.distance``)."""
+    identical inputs give d = 1e-6 and a zero (finite) gradient instead of NaN."""
     with _no_autocast(x.device):
         sq = (x.float() - y.float()).square()
         if weight is not None:
             sq = sq * weight.float()
-        if kind == "mse":
-            return sq.flatten(1).mean(dim=1)
-        if kind != "l2":
-            raise ValueError(f"distance must be 'l2' or 'mse', got {kind!r}")
         return sq.flatten(1).sum(dim=1).clamp_min(1e-12).sqrt()
 
 
@@ -397,14 +417,13 @@ def triplet_hinge(
     margin: float,
     pairs: str = "both",
     weight: torch.Tensor | None = None,
-    distance: str = "l2",
 ) -> torch.Tensor:
     """One bracket of eq. 4, per sample [N]: ``[d(a, p) - d(a, n) + m]_+``.
 
     ``pairs = "pos"``: ``d(a, p)`` only (Table 5, "w/o neg pairs", an L2 loss between positive
     pairs); ``"neg"``: ``[m - d(a, n)]_+`` only (Table 5, "w/o pos pairs")."""
-    d_pos = l2_distance(anchor, positive, weight, distance) if pairs != "neg" else None
-    d_neg = l2_distance(anchor, negative, weight, distance) if pairs != "pos" else None
+    d_pos = l2_distance(anchor, positive, weight) if pairs != "neg" else None
+    d_neg = l2_distance(anchor, negative, weight) if pairs != "pos" else None
     if pairs == "pos":
         return d_pos
     if pairs == "neg":
@@ -422,9 +441,8 @@ def caml_loss(
     *,
     margin: float = 1.0,
     theta_bg: float = 2.3,
-    bg_rule: str = "reverse_min",
+    bg_rule: str = "map_min",
     pairs: str = "both",
-    distance: str = "l2",
 ) -> torch.Tensor:
     """Eq. 3-4 on ``[N, h, w]`` maps (already activated), averaged over the N images.
 
@@ -432,8 +450,8 @@ def caml_loss(
     (also for the ``"feature"`` embedding and with undefined-region weights)."""
     n_ori = a_ori * background_mask(a_ori, theta_bg, bg_rule)
     n_trans = a_trans * background_mask(a_trans, theta_bg, bg_rule)
-    first = triplet_hinge(a_trans2ori, a_ori, n_ori, margin, pairs, distance=distance)
-    second = triplet_hinge(a_ori2trans, a_trans, n_trans, margin, pairs, distance=distance)
+    first = triplet_hinge(a_trans2ori, a_ori, n_ori, margin, pairs)
+    second = triplet_hinge(a_ori2trans, a_trans, n_trans, margin, pairs)
     return (first + second).mean()
 
 
@@ -671,9 +689,12 @@ class CAML(WSOLMethod):
             act = activate_maps(maps, cfg.caml.map_activation)  # [N, h, w]
             if cfg.caml.embedding == "attention":
                 emb = act.unsqueeze(1)  # [N, 1, h, w]
-            else:  # Table 4: A (.) F_w
+            else:  # Table 4: A (.) F_w (unit-normalized as a whole under "l2")
                 emb = act.unsqueeze(1) * weighted.float()
+                if cfg.caml.map_activation == "l2":
+                    emb = unit_l2(emb)
             bg = background_mask(act, cfg.caml.theta_bg, cfg.caml.bg_rule).unsqueeze(1)  # eq. 3
+            out["caml_bg_mask"] = bg[:b, 0]  # eq. 3's M_bg of the originals (logged, not a loss input)
             ori_emb, ori_bg = emb[:m], bg[:m]
             parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("a1", "p1", "n1", "a2", "p2", "n2", "w1", "w2")}
             for v, ops in enumerate(view_ops):
@@ -699,6 +720,10 @@ class CAML(WSOLMethod):
             out["logits"] = self.probe(features[:b].detach())
         return out
 
+    def loss_masks(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Eq. 3's background mask ``M_bg`` of the original images (the negatives' support)."""
+        return {"caml_bg": outputs["caml_bg_mask"]} if "caml_bg_mask" in outputs else {}
+
     def losses(self, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         """Eq. 5's terms, weighted: ``cls`` (eq. 6, summed over pretext heads), ``caml`` (eq. 4,
         mean over images, summed over views) and the project's ``probe`` (labelled samples only)."""
@@ -719,8 +744,8 @@ class CAML(WSOLMethod):
             w1 = outputs.get("caml_w1")
             w2 = outputs.get("caml_w2")
             c = cfg.caml
-            first = triplet_hinge(outputs["caml_a1"], outputs["caml_p1"], outputs["caml_n1"], c.margin, c.pairs, w1, c.distance)
-            second = triplet_hinge(outputs["caml_a2"], outputs["caml_p2"], outputs["caml_n2"], c.margin, c.pairs, w2, c.distance)
+            first = triplet_hinge(outputs["caml_a1"], outputs["caml_p1"], outputs["caml_n1"], c.margin, c.pairs, w1)
+            second = triplet_hinge(outputs["caml_a2"], outputs["caml_p2"], outputs["caml_n2"], c.margin, c.pairs, w2)
             terms["caml"] = cfg.caml.weight * (first + second).sum() / m
         if self.probe is not None:  # the project's probe; 0 on an unlabeled batch
             labels = batch.labels.to(outputs["logits"].device)

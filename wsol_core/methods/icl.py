@@ -317,6 +317,15 @@ class ICL(DualBranchMethod):
             outputs.update(self.embed(features, extras["bg_drop_mask"]))
         return outputs
 
+    def loss_masks(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The two drops (on the drop stage's attention) and, with CAL, its foreground, negative
+        and erased-branch foreground masks (on the final attention)."""
+        masks = {"drop": outputs["drop_mask"][:, 0], "bg_drop": outputs["bg_drop_mask"][:, 0]}
+        if "cal_masks" in outputs:
+            cal = outputs["cal_masks"]
+            masks.update(cal_fg=cal[:, 0], cal_negative=cal[:, 1], cal_fg_erased=cal[:, 2])
+        return masks
+
     def losses(self, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         """``cls``, ``cls_erased``, ``cal`` (contrastive attention) and ``fcl`` (foreground
         consistency) when on; weighted."""

@@ -32,11 +32,15 @@ class Backbone(nn.Module):
             ``conv4_3`` in FMCG's Table 2).
         head_stages: stages that the protocol trains at the head learning rate (layers that
             are new or repurposed relative to ImageNet pretraining).
+        protocol_classifier_init: the evaluation protocol's architecture, whose classifiers start
+            from N(0, 0.01) weights and zero biases (wsolevaluation ``initialize_weights``);
+            :func:`~wsol_core.methods.build_method` applies it to every classifier head.
     """
 
     out_channels: int
     default_drop_stage: str
     head_stages: tuple[str, ...] = ()
+    protocol_classifier_init: bool = False
 
     def _set_stages(self, stages: Sequence[tuple[str, Sequence[Callable[[torch.Tensor], torch.Tensor]], int]]) -> None:
         # Plain lists, not ModuleLists: the layers are already registered under their

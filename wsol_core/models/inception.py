@@ -54,6 +54,7 @@ class _MaxPool(nn.Module):
 class InceptionV3(Backbone):
     default_drop_stage = "mixed5"
     head_stages = ("spg",)
+    protocol_classifier_init = True
 
     def __init__(self, large_feature_map: bool = False) -> None:
         super().__init__()

@@ -22,6 +22,7 @@ def _set_stride_one(layer: nn.Sequential) -> None:
 class ResNet50(Backbone):
     default_drop_stage = "layer3"
     head_stages = ("layer4",)
+    protocol_classifier_init = True
 
     def __init__(self, large_feature_map: bool = False) -> None:
         super().__init__()

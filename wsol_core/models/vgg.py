@@ -13,11 +13,12 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models import vgg16
 
-from wsol_core.models.base import Backbone, init_new_layers
+from wsol_core.models.base import Backbone
 
 class VGG16(Backbone):
     default_drop_stage = "block4"  # after conv4_3 (FMCG Table 2's best location)
     head_stages = ("conv6",)
+    protocol_classifier_init = True
 
     def __init__(self, large_feature_map: bool = False) -> None:
         super().__init__()
@@ -27,7 +28,9 @@ class VGG16(Backbone):
         self.features = nn.Sequential(*layers)
         self.conv6 = nn.Conv2d(512, 1024, kernel_size=3, padding=1)
         self.relu6 = nn.ReLU(inplace=False)
-        init_new_layers([self.conv6])
+        # The protocol's VggCam: He-normal (fan_out, ReLU) weights, zero bias for the new conv6.
+        nn.init.kaiming_normal_(self.conv6.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.conv6.bias)
 
         f = list(self.features)
         # Index ranges in torchvision's numbering: block4 ends with conv4_3's ReLU (22) so that

@@ -157,29 +157,43 @@ def train_one_epoch(
         scheduler.step()
         method.after_step(epoch * steps_per_epoch + steps + 1, outputs)
 
-        # One host sync per step for the logged values; cheap next to a WSOL step.
-        values = {name: float(value.detach()) for name, value in terms.items()}
-        if not all(math.isfinite(v) for v in values.values()):
-            raise FloatingPointError(f"non-finite loss at epoch {epoch + 1} step {steps + 1}: {values}")
+        # One host sync per step for the logged values (loss terms, then what the terms use:
+        # mask areas and schedule values); cheap next to a WSOL step.
+        seen = step_statistics(method, outputs)
+        logged = {f"loss_{name}": value for name, value in terms.items()} | seen
+        flat = torch.stack([v.detach().float().reshape(()).to(loss.device) for v in logged.values()]).tolist()
+        values = dict(zip(logged, flat))
+        losses_now = {k: v for k, v in values.items() if k.startswith("loss_")}
+        if not all(math.isfinite(v) for v in losses_now.values()):
+            raise FloatingPointError(f"non-finite loss at epoch {epoch + 1} step {steps + 1}: {losses_now}")
         for name, value in values.items():
             totals[name] = totals.get(name, 0.0) + value
         images_seen += len(batch)
         steps += 1
         tick = time.perf_counter()
         elapsed = tick - epoch_start
-        bar.update(images_seen / max(elapsed, 1e-9), wait_seconds / max(elapsed, 1e-9), sum(values.values()))
+        bar.update(images_seen / max(elapsed, 1e-9), wait_seconds / max(elapsed, 1e-9), sum(losses_now.values()))
     bar.close()
     if steps == 0:
         raise RuntimeError(f"epoch {epoch + 1}: the training loader yielded no batch (dataset smaller than one batch per worker?)")
     elapsed = time.perf_counter() - epoch_start
     world = dist.get_world_size() if dist.is_initialized() else 1
-    metrics = {f"train/loss_{name}": total / steps for name, total in totals.items()}
-    metrics["train/loss"] = sum(totals.values()) / steps
+    metrics = {f"train/{name}": total / steps for name, total in totals.items()}
+    metrics["train/loss"] = sum(v for k, v in totals.items() if k.startswith("loss_")) / steps
     metrics["train/lr"] = optimizer.param_groups[0]["lr"]
     # Every rank sees the same number of batches, so the global rate is world x the local one.
     metrics["train/images_per_s"] = images_seen * world / elapsed
     metrics["train/data_wait"] = wait_seconds / elapsed
     return metrics
+
+
+def step_statistics(method: WSOLMethod, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the loss terms used this step: the method's diagnostics (e.g. FMCG's theta_d) and
+    the area of each loss mask as a fraction of the map (``mask_<name>_area``)."""
+    stats = dict(method.diagnostics(outputs))
+    for name, mask in method.loss_masks(outputs).items():
+        stats[f"mask_{name}_area"] = mask.detach().float().mean()
+    return stats
 
 
 def _restore(model: WSOLMethod, optimizer, scheduler, device) -> TrainingState | None:
@@ -244,7 +258,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_loader = build_loader(data_root / "train", split_kind="train", rank=rank, world_size=world_size, device=device, options=options)
     steps_per_epoch = len(train_loader)
     optimizer = build_optimizer(method, cfg.optim, device)
-    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch)
+    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
 
     restored = _restore(method, optimizer, scheduler, device)
     start_epoch = restored.epoch if restored else 0
@@ -263,10 +277,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.train.epochs):
         train_loader.set_epoch(epoch)
         metrics = train_one_epoch(model, method, train_loader, optimizer, scheduler, cfg, device, epoch, steps_per_epoch, rank == 0)
+        method.after_epoch(epoch + 1)
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
             method.before_evaluation(next(iter(val_loader)).images.to(device))
             with autocast_context(cfg, device):
-                outcome = evaluate_split(method, val_loader, cfg.eval, split="val", draw=rank == 0)
+                outcome = evaluate_split(method, val_loader, cfg.eval, split="val", draw=rank == 0, progress=(epoch + 1) / cfg.train.epochs)
             last_val = outcome.metrics
             _log_pictures(logger, outcome, "val", epoch + 1)
         metrics.update(last_val)

@@ -1,4 +1,4 @@
-"""The protocol's optimizer: SGD over two learning-rate groups, step decay, optional warmup."""
+"""The protocol's optimizer: SGD over two learning-rate groups, step (or poly) decay, optional warmup."""
 
 from __future__ import annotations
 
@@ -24,15 +24,28 @@ def build_optimizer(method: WSOLMethod, cfg: OptimConfig, device: torch.device) 
     )
 
 
-def lr_factor(step: int, steps_per_epoch: int, cfg: OptimConfig) -> float:
-    """Multiplier on each group's base lr at a global optimizer step."""
+def lr_factor(step: int, steps_per_epoch: int, cfg: OptimConfig, epochs: int = 0) -> float:
+    """Multiplier on each group's base lr at a global optimizer step.
+
+    ``"step"``: ``lr_decay_factor`` every ``lr_decay_every`` epochs (the protocol's schedule);
+    ``"poly"``: ``(1 - step / total_steps) ** poly_power`` over ``epochs`` (C2AM's released
+    recipe, PolyOptimizer with power 0.9)."""
     epoch = step / max(steps_per_epoch, 1)
-    factor = cfg.lr_decay_factor ** math.floor(epoch / cfg.lr_decay_every)
+    if cfg.schedule == "poly":
+        total = max(epochs * steps_per_epoch, 1)
+        factor = max(1.0 - step / total, 0.0) ** cfg.poly_power
+    else:
+        factor = cfg.lr_decay_factor ** math.floor(epoch / cfg.lr_decay_every)
     if cfg.warmup_epochs > 0 and epoch < cfg.warmup_epochs:
         factor *= (epoch + 1.0 / max(steps_per_epoch, 1)) / cfg.warmup_epochs
     return factor
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Stepped once per optimizer step, so a resumed run lands on the same lr."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, cfg))
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, epochs: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per optimizer step, so a resumed run lands on the same lr. ``epochs`` (the
+    run's length) is needed by the ``"poly"`` schedule."""
+    if cfg.schedule == "poly" and epochs < 1:
+        raise ValueError("optim.schedule = 'poly' needs the run's number of epochs")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, cfg, epochs))
