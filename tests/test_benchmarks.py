@@ -56,3 +56,31 @@ def test_train_throughput_measures_every_mode(tmp_path):
 def test_scaling_rejects_a_single_epoch():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_scaling.py"), "--epochs", "1"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "--epochs must be >= 2" in out.stderr
+
+
+def test_every_mutant_still_applies_to_the_current_source(tmp_path):
+    """benchmarks/mutants.py edits exact lines; a refactor that moves one must update the mutant
+    (its run would stop with a message naming it), and each mutant names tests that exist."""
+    from benchmarks import mutants
+
+    ids = [m.id for m in mutants.MUTANTS]
+    assert len(ids) == len(set(ids))
+    for mutant in mutants.MUTANTS:
+        source = (ROOT / mutant.file).read_text()
+        for old, new in mutant.edits:
+            assert source.count(old) == 1, (mutant.id, old)
+            assert new != old
+        assert all((ROOT / test).is_file() for test in mutant.tests), mutant.id
+    # Applying one in a scratch copy changes that copy only.
+    (tmp_path / "wsol_core" / "methods").mkdir(parents=True)
+    first = mutants.MUTANTS[0]
+    (tmp_path / first.file).write_text((ROOT / first.file).read_text())
+    mutants.apply(first, tmp_path)
+    assert first.edits[0][1] in (tmp_path / first.file).read_text()
+    assert first.edits[0][1] not in (ROOT / first.file).read_text()
+
+
+def test_mutants_rejects_an_unknown_selection():
+    from benchmarks import mutants
+
+    assert mutants.main(["--only", "no-such-mutant"]) == 2

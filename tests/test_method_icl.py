@@ -123,18 +123,48 @@ def test_both_drops_on_a_hand_made_map_without_non_local():
     assert region[0, 0].flatten().tolist() == [0, 0, 0, 0, 1, 1, 0, 1, 1]
 
 
-def test_erased_input_drops_peak_and_background_after_the_non_local_block():
-    m = build(["method.nl.zero_init=false"]).eval()
+def _affinity_by_hand(block, x: torch.Tensor) -> torch.Tensor:
+    """ICL's non-local attention computed here: W = softmax_j((q_i - mean q)^T (k_j - mean k)),
+    A'_i = sum_j W_ij mean_c(X'_j) with X' the block's output."""
+    q, k = block.query(x).flatten(2), block.key(x).flatten(2)
+    q, k = q - q.mean(dim=2, keepdim=True), k - k.mean(dim=2, keepdim=True)
+    w = torch.softmax(q.transpose(1, 2) @ k, dim=-1)
+    a = block(x).mean(dim=1).flatten(1)  # [B, N]
+    return (w @ a.unsqueeze(-1)).reshape(x.shape[0], 1, x.shape[2], x.shape[3])
+
+
+@pytest.mark.parametrize("mode", ["channel_mean", "affinity"])
+def test_erased_input_drops_peak_and_background_of_the_non_local_attention(mode):
+    m = build(["method.nl.zero_init=false", f"method.nl.attention={mode}"]).eval()
     images = torch.randn(2, 3, 112, 112)
     with torch.no_grad():
         out = m(images)
-        x = m.nl_drop(m.backbone.forward_features(images, until="block3"))  # non-local attention
-        a = channel_attention(x)
+        f = m.backbone.forward_features(images, until="block3")
+        x = m.nl_drop(f)
+        a = _affinity_by_hand(m.nl_drop, f) if mode == "affinity" else channel_attention(x)
+        assert not torch.equal(a, channel_attention(f))  # not the plain pooling of X
         high, low = drop_mask(a, 0.8, 1), background_mask(a, 0.2)
         assert torch.equal(out["drop_mask"], high) and torch.equal(out["bg_drop_mask"], low)
-        assert not torch.equal(a, channel_attention(m.backbone.forward_features(images, until="block3")))
         erased = m.nl_final(m.backbone.forward_features(x * (1 - high) * (1 - low), after="block3"))
     torch.testing.assert_close(out["features_erased"], erased, rtol=1e-4, atol=1e-5)
+
+
+def test_non_local_attention_replaces_channel_pooling_from_the_start():
+    """With the block's output branch zero-initialised, X' = X, so the channel mean of the block's
+    output IS plain channel pooling at step 0 (``nl.attention = channel_mean``); the affinity
+    reading carries it through W and differs from the first step."""
+    images = torch.randn(2, 3, 112, 112)
+    affinity = build(["method.nl.attention=affinity"]).eval()
+    mean_mode = build(["method.nl.attention=channel_mean"]).eval()
+    mean_mode.load_state_dict(affinity.state_dict())
+    with torch.no_grad():
+        f = affinity.backbone.forward_features(images, until="block3")
+        plain = channel_attention(f)
+        x, w = affinity.nl_drop(f, return_weights=True)
+        torch.testing.assert_close(mean_mode.attention(x, w), plain)
+        enhanced = affinity.attention(x, w)
+        torch.testing.assert_close(enhanced, _affinity_by_hand(affinity.nl_drop, f), rtol=1e-4, atol=1e-6)
+        assert (enhanced - plain).abs().max() > 1e-3 * plain.abs().max()
 
 
 # -- contrastive attention loss -------------------------------------------------------------

@@ -340,7 +340,8 @@ class PairwiseNonLocal(nn.Module):
             nn.init.zeros_(self.bn.weight)
         self.scale = inner**-0.5 if scaled else 1.0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_weights: bool = False):
+        """``F' = F + h(v W)``; with ``return_weights`` also eq. 6's ``W`` ``[B, N, N]``."""
         b, _, h, w = x.shape
         q = self.query(x).flatten(2)
         k = self.key(x).flatten(2)
@@ -348,7 +349,19 @@ class PairwiseNonLocal(nn.Module):
         weights = pairwise_weights(q, k, self.scale)  # [B, N_i, N_j]
         # (v W)_i = sum_j W_ij v_j  ->  v @ W^T
         y = torch.bmm(v, weights.to(v.dtype).transpose(1, 2)).reshape(b, -1, h, w)
-        return x + self.bn(self.out(y))
+        out = x + self.bn(self.out(y))
+        return (out, weights) if return_weights else out
+
+
+def non_local_attention(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The channel-pooled map carried through a non-local block's pairwise weights:
+    ``A'_i = sum_j W_ij A_j`` with ``A = mean_c F`` (ICL's "non-local attention ... to replace
+    channel-pooled attention ... considering the spatial similarity"). ``features``
+    ``[B, C, h, w]``, ``weights`` ``[B, hw, hw]`` (rows sum to 1) -> ``[B, 1, h, w]`` float32."""
+    b, _, h, w = features.shape
+    a = channel_attention(features).reshape(b, h * w, 1)
+    with no_autocast(features.device):
+        return torch.bmm(weights.float(), a).reshape(b, 1, h, w)
 
 
 # ---------------------------------------------------------------------------------------------

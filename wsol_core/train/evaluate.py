@@ -128,7 +128,7 @@ def evaluate_split(
                 if name not in variants:
                     variants[name] = MaxBoxAccumulator(thresholds, cfg.iou_thresholds, device=device)
                 variants[name].update_raw(variant_maps.float()[keep], gt, sizes)
-        if mask_images < cfg.mask_stat_images:
+        if mask_images < cfg.mask_stat_images and type(method).loss_masks is not WSOLMethod.loss_masks:
             mask_stats.update(method.loss_masks(method(batch.images, batch.labels, progress)), batch, keep)
             mask_images += len(keep)
         if labeled:
