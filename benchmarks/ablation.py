@@ -25,6 +25,7 @@ Re-running the same command resumes an interrupted sweep (same --name and --stor
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -116,6 +117,43 @@ def targets(rows: dict[str, dict]) -> dict:
     return out
 
 
+# Logged beside the scores so that a variant's figure can be read with what its terms did: the
+# last epoch's loss terms and schedule values, the loss masks on test (area, share in the GT
+# boxes) and FMCG's inference maps.
+DIAGNOSTIC_PREFIXES = ("train/loss_", "train/srd_theta", "train/mask_", "test/mask_", "val/maxboxacc_v2_map_", "test/maxboxacc_v2_map_")
+
+
+def diagnostics(rows: dict[str, dict], tracking_uri: str) -> dict[str, dict]:
+    """Per variant, mean and sample std over its runs of every logged metric named by
+    :data:`DIAGNOSTIC_PREFIXES` (the last logged value of each run)."""
+    import statistics
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    out: dict[str, dict] = {}
+    for variant, row in rows.items():
+        values: dict[str, list[float]] = {}
+        for run_id in row["run_ids"]:
+            for key, value in client.get_run(run_id).data.metrics.items():
+                if key.startswith(DIAGNOSTIC_PREFIXES):
+                    values.setdefault(key, []).append(value)
+        out[variant] = {
+            key: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else None, "n": len(v)}
+            for key, v in sorted(values.items())
+        }
+    return out
+
+
+def add_diagnostics(path: Path) -> dict:
+    """Recompute the diagnostics of an existing result file (``--diagnostics-only``)."""
+    payload = json.loads(path.read_text())
+    uri = payload["mlflow"]["tracking_uri"]
+    payload["diagnostics"] = diagnostics(payload["rows"], uri)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return payload
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_options(parser)
@@ -126,7 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--max-concurrent-trials", type=int, default=0, help="default: as many as the CPUs/GPUs fit")
     group.add_argument("--ray-address", default=None, help="Ray cluster address (default: the job's cluster, else a local instance)")
     group.add_argument("--out", default="", help=f"JSON result (default: {RESULTS_DIR}/ablation.json; the table goes beside it as .md)")
+    group.add_argument("--diagnostics-only", default="", metavar="RESULT.json",
+                       help="only (re)compute the per-variant diagnostics of an existing result from its MLflow runs")
     args = parser.parse_args(argv)
+    if args.diagnostics_only:
+        add_diagnostics(Path(args.diagnostics_only))
+        print(f"[wsol] diagnostics added to {args.diagnostics_only}")
+        return 0
     start = time.perf_counter()
     try:
         base = config_from_args(args, base=BASE)
@@ -177,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets_best_val_checkpoint": targets(best_rows),
         "failed": outcome.failed,
         "mlflow": {"tracking_uri": outcome.tracking_uri, "experiment": outcome.experiment, "parent_run_id": outcome.parent_run_id},
+        "diagnostics": diagnostics(rows, outcome.tracking_uri),
         "wall_s": time.perf_counter() - start,
     }
     path = write_result("ablation", payload, args.out or None)

@@ -84,3 +84,30 @@ def test_mutants_rejects_an_unknown_selection():
     from benchmarks import mutants
 
     assert mutants.main(["--only", "no-such-mutant"]) == 2
+
+
+def test_ablation_diagnostics_average_each_variants_logged_terms(tmp_path):
+    """The ablation JSON carries, per variant, the mean and std of the loss terms, mask
+    statistics and inference-map scores its runs logged (and nothing else)."""
+    from mlflow.tracking import MlflowClient
+
+    from benchmarks import ablation
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("diag")
+    run_ids = []
+    for value in (0.2, 0.4):
+        run = client.create_run(experiment)
+        for key, v in (("train/loss_caml", value), ("test/mask_caml_bg_in_box", value / 10), ("val/maxboxacc_v2", 50.0)):
+            client.log_metric(run.info.run_id, key, v)
+        client.set_terminated(run.info.run_id)
+        run_ids.append(run.info.run_id)
+    result = tmp_path / "ablation.json"
+    result.write_text(json.dumps({"rows": {"caml": {"run_ids": run_ids}}, "mlflow": {"tracking_uri": uri}}))
+    payload = ablation.add_diagnostics(result)
+    diag = payload["diagnostics"]["caml"]
+    assert set(diag) == {"train/loss_caml", "test/mask_caml_bg_in_box"}
+    assert diag["train/loss_caml"]["mean"] == pytest.approx(0.3) and diag["train/loss_caml"]["n"] == 2
+    assert diag["test/mask_caml_bg_in_box"]["std"] == pytest.approx(0.01414, rel=1e-3)
+    assert json.loads(result.read_text())["diagnostics"] == payload["diagnostics"]

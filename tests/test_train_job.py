@@ -90,6 +90,17 @@ def test_two_workers_train_and_record_everything_in_mlflow(tmp_path):
     assert 0.0 <= metrics["val/maxboxacc_v2"] <= 100.0
     assert abs(metrics["val/maxboxacc_v2"] - (metrics["val/maxboxacc_30"] + metrics["val/maxboxacc_50"] + metrics["val/maxboxacc_70"]) / 3) < 1e-9
     assert 0.0 <= metrics["train/data_wait"] <= 1.0 and metrics["train/images_per_s"] > 0
+    # What the loss terms use, per epoch: the masks (area; on val also the share inside the GT
+    # boxes, all-reduced over both workers), theta_d as SRD saw it, FMCG's three inference maps.
+    for key in ("train/mask_cg_fg_area", "train/mask_cg_bg_area", "train/mask_srd_drop_area", "val/mask_cg_fg_area"):
+        assert 0.0 < metrics[key] < 1.0, key
+    for key in ("val/mask_cg_fg_in_box", "val/mask_cg_bg_in_box", "val/mask_srd_drop_in_box"):
+        assert 0.0 < metrics[key] <= 1.0, key
+    theta = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/srd_theta"), key=lambda m: m.step)]
+    assert len(theta) == 2 and 0.8 < theta[0] < 1.0 and theta[1] == pytest.approx(0.8)  # warm-up over the first 0.3
+    for mode in ("erased", "original", "max"):
+        assert 0.0 <= metrics[f"val/maxboxacc_v2_map_{mode}"] <= 100.0, mode
+    assert metrics["val/maxboxacc_v2_map_erased"] == pytest.approx(metrics["val/maxboxacc_v2"])  # the default map
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "val", "test", "summary.md"} <= artifacts, artifacts
