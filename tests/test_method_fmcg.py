@@ -45,7 +45,7 @@ def test_defaults_are_the_papers_vgg16_cub_values():
     assert isinstance(cfg, FMCGConfig)
     assert (cfg.srd.theta_drop, cfg.srd.kernel_size, cfg.cg.tau_fg, cfg.cg.tau_bg) == (0.8, 3, 0.9, 0.8)
     assert cfg.srd.enabled and cfg.cg.enabled and cfg.pnl.enabled
-    assert cfg.cg.embed_dim == 128 and cfg.cg.threshold_mode == "max" and cfg.inference_map == "erased"
+    assert cfg.cg.embed_dim == 128 and cfg.cg.threshold_mode == "mean" and cfg.inference_map == "erased"
 
 
 @pytest.mark.parametrize("name", [n for n in preset_names() if n.startswith("fmcg_")])
@@ -67,7 +67,7 @@ def test_expected_presets_exist():
         ("method.srd.kernel_size=4", ["method.srd.kernel_size", "odd"]),
         ("method.srd.schedule_fraction=0", ["method.srd.schedule_fraction"]),
         ("method.cg.tau_bg=0.95", ["method.cg.tau_bg", "method.cg.tau_fg", "smaller"]),
-        ("method.cg.tau_fg=1.2", ["method.cg.tau_fg", "threshold_mode"]),
+        ("method.cg.threshold_mode=max method.cg.tau_fg=1.2", ["method.cg.tau_fg", "threshold_mode"]),
         ("method.cg.threshold_mode=median", ["method.cg.threshold_mode", "median"]),
         ("method.cg.variant=ntxent", ["method.cg.variant", "infonce"]),
         ("method.cg.margin=-1", ["method.cg.margin"]),
@@ -80,7 +80,7 @@ def test_expected_presets_exist():
 )
 def test_bad_config_names_the_field(override, fragments):
     with pytest.raises(ConfigError) as err:
-        load_config(base={"method": {"name": "fmcg"}}, overrides=[override])
+        load_config(base={"method": {"name": "fmcg"}}, overrides=override.split())
     for fragment in fragments:
         assert fragment in str(err.value), (fragment, str(err.value))
 

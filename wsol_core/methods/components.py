@@ -83,9 +83,9 @@ class ContrastConfig:
     """Foreground/background masks (eq. 3), pooling (eq. 4) and the projection head (Sec. 3.3).
 
     ``threshold_mode`` decides what ``tau_fg`` / ``tau_bg`` scale (see :func:`threshold_masks`):
-    ``"max"``: ``A > tau * max(A)`` as in eq. 2 (the default: the paper says "as in Section
-    3.2"), ``"mean"``: ``A > tau * mean(A)``, ``"minmax"``: the min-max normalized map against
-    ``tau`` directly. ``pooling``: ``"masked_mean"`` averages over the mask's pixels only,
+    ``"max"``: ``A > tau * max(A)`` as in eq. 2 (this shared default is ICL's; FMCG's own
+    config defaults to ``"mean"``), ``"mean"``: ``A > tau * mean(A)``, ``"minmax"``: the min-max
+    normalized map against ``tau`` directly. ``pooling``: ``"masked_mean"`` averages over the mask's pixels only,
     ``"gap"`` is global average pooling of ``F * M`` (divides by all ``h*w`` pixels).
     ``hidden_dim`` 0 means the input channel count.
     """
@@ -200,10 +200,10 @@ def threshold_masks(
     The paper: "thresholding the average intensity of channel-wise pooled attention map A_F as
     in Section 3.2". Three readings of what the thresholds are:
 
-    - ``"max"`` (default): ``t = tau * max(A_F)`` per image, exactly eq. 2's rule, which is what
-      "as in Section 3.2" points at; "average intensity" then names A_F itself (channel-wise
-      *average* pooling), and tau_fg 0.9 / tau_bg 0.8 share theta_d's scale (0.8 on CUB);
-    - ``"mean"``: ``t = tau * mean(A_F)`` ("average intensity" read as the map's spatial mean);
+    - ``"mean"``: ``t = tau * mean(A_F)``, the map's average intensity (FMCG's default, chosen
+      by the text and a measurement: see :mod:`wsol_core.methods.fmcg`);
+    - ``"max"``: ``t = tau * max(A_F)`` per image, eq. 2's rule ("as in Section 3.2"), with
+      "average intensity" naming A_F itself (channel-wise *average* pooling); ICL's default;
     - ``"minmax"``: A_F min-max normalized per image, compared with tau directly.
     """
     a = attention.float()
