@@ -44,6 +44,13 @@ class Mutant:
     tests: tuple[str, ...]
     what: str
 
+    @property
+    def select(self) -> str:
+        """``pytest -k``: the tests of the mutant's method (its whole test file, its rows of the
+        loss-term tests; FMCG's also the loop-level SRD test)."""
+        method = self.id.split("-")[0]
+        return f"{method} or srd" if method == "fmcg" else method
+
 
 def _zero(term_line: str, lhs: str) -> tuple[str, str]:
     """Scale the term assigned on ``term_line`` to zero."""
@@ -128,12 +135,12 @@ def scratch_copy(dest: Path) -> None:
         shutil.copy2(ROOT / name, dest / name)
 
 
-def run_tests(root: Path, tests: tuple[str, ...], timeout: float) -> tuple[bool, str, float]:
+def run_tests(root: Path, tests: tuple[str, ...], select: str, timeout: float) -> tuple[bool, str, float]:
     """(killed, first failing test, seconds)."""
     env = {**os.environ, "PYTHONPATH": str(root)}
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rf", *tests],
+        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rf", "-k", select, *tests],
         cwd=root, env=env, capture_output=True, text=True, timeout=timeout,
     )
     seconds = time.perf_counter() - start
@@ -165,9 +172,9 @@ def main(argv: list[str] | None = None) -> int:
             work = Path(tmp) / mutant.id
             shutil.copytree(base, work)
             apply(mutant, work)
-            killed, by, seconds = run_tests(work, mutant.tests, args.timeout)
+            killed, by, seconds = run_tests(work, mutant.tests, mutant.select, args.timeout)
             rows.append({"id": mutant.id, "what": mutant.what, "file": mutant.file, "killed": killed, "killed_by": by if killed else "",
-                         "tests": list(mutant.tests), "seconds": round(seconds, 1)})
+                         "tests": list(mutant.tests), "select": mutant.select, "seconds": round(seconds, 1)})
             print(f"{'KILLED  ' if killed else 'SURVIVED'} {mutant.id:40s} {by if killed else ''} ({seconds:.0f} s)", flush=True)
             shutil.rmtree(work)
     survived = [r["id"] for r in rows if not r["killed"]]
