@@ -196,6 +196,19 @@ def step_statistics(method: WSOLMethod, outputs: dict[str, torch.Tensor]) -> dic
     return stats
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's floating-point buffers (BatchNorm running statistics) on every rank.
+
+    DDP broadcasts buffers at the start of each training forward, but every rank's last step then
+    updates its own copy, so after an epoch the ranks hold slightly different models. Evaluation
+    is split over the ranks and rank 0 saves the checkpoint: all must be rank 0's model, or the
+    in-training score is not the saved model's (seen: test 23.6 in training, 25.0 offline)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in module.buffers():
+            if buffer.is_floating_point():
+                dist.broadcast(buffer, src=0)
+
+
 def _restore(model: WSOLMethod, optimizer, scheduler, device) -> TrainingState | None:
     import ray.train
 
@@ -278,6 +291,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         train_loader.set_epoch(epoch)
         metrics = train_one_epoch(model, method, train_loader, optimizer, scheduler, cfg, device, epoch, steps_per_epoch, rank == 0)
         method.after_epoch(epoch + 1)
+        broadcast_buffers(method)
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
             method.before_evaluation(next(iter(val_loader)).images.to(device))
             with autocast_context(cfg, device):
