@@ -15,36 +15,21 @@ For each method, on structured pictures (the synthetic benchmark's creatures, no
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.readings import batch_of, pictures
 from wsol_core.config import load_config, preset_names
 from wsol_core.data.batch import Batch
-from wsol_core.data.synthetic import SyntheticConfig, SyntheticWSOL
 from wsol_core.methods import build_method
 
 METHODS = ("cam", "fmcg", "icl", "caml", "c2am")
-SIDE = 112
-
-
-def _pictures(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = SyntheticWSOL(SyntheticConfig(size=SIDE, upright=True, body_texture=True), seed=0)
-    samples = [gen.sample("train", i) for i in range(n)]
-    x = torch.tensor(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 255
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    return (x - mean) / std, torch.tensor([s.label for s in samples])
-
-
-IMAGES, LABELS = _pictures()
+IMAGES, LABELS, _ = pictures(8, upright=True, body_texture=True)
 
 
 def _batch() -> Batch:
-    n = IMAGES.shape[0]
-    return Batch(images=IMAGES, labels=LABELS, keys=[str(i) for i in range(n)], orig_sizes=torch.full((n, 2), SIDE),
-                 boxes=torch.zeros(n, 1, 4), num_boxes=torch.ones(n, dtype=torch.long))
+    return batch_of(IMAGES, LABELS)
 
 
 def _build(method: str, overrides=(), method_section: dict | None = None, seed: int = 0):
