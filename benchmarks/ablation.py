@@ -112,8 +112,8 @@ def targets(rows: dict[str, dict]) -> dict:
             "met": gap - spread >= FMCG_MARGIN,
         }
     if cam and c2am:
-        gap = c2am["maxboxacc_70"]["mean"] - cam["maxboxacc_70"]["mean"]
-        out["c2am_over_cam_iou70"] = {"gap_maxboxacc_70": gap, "met": gap > 0}
+        gap = c2am["boxacc_v2_iou70"]["mean"] - cam["boxacc_v2_iou70"]["mean"]
+        out["c2am_over_cam_iou70"] = {"gap_boxacc_v2_iou70": gap, "met": gap > 0}
     return out
 
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import RESULTS_DIR, machine_info, write_result  # noqa: E402
 
-COLUMNS = ("maxboxacc_30", "maxboxacc_50", "maxboxacc_70", "maxboxacc_v2", "gt_known_loc")
+COLUMNS = ("boxacc_v2_iou30", "boxacc_v2_iou50", "boxacc_v2_iou70", "maxboxacc_v2", "gt_known_loc")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
                           "values": [r[c] for r in per_run]} for c in COLUMNS}
         v2 = rows[mode]["maxboxacc_v2"]
         print(f"{args.variant} {mode:>8} on {args.split}: MaxBoxAccV2 {v2['mean']:.2f} ± {v2['std'] or 0:.2f} "
-              f"(IoU 0.7: {rows[mode]['maxboxacc_70']['mean']:.2f}) over {len(per_run)} runs", flush=True)
+              f"(IoU 0.7: {rows[mode]['boxacc_v2_iou70']['mean']:.2f}) over {len(per_run)} runs", flush=True)
     payload = {
         "benchmark": "inference_maps",
         "machine": machine_info("cpu"),

@@ -2,10 +2,14 @@
 
     uv run python jobs/evaluate.py --checkpoint RUN_DIR/checkpoint_... --data SHARDS --split test
     uv run python jobs/evaluate.py --checkpoint runs:/<run_id>/model --split test --num-workers 2
+    uv run python jobs/evaluate.py --checkpoint vgg16_cam_cub.pth.tar --data SHARDS --split test
 
-The checkpoint is a Ray checkpoint directory, a ``state.pt`` file, or an MLflow model URI
-logged by the training job. Without --data, the run's own data (from its config) is used.
-Prints a table, writes JSON (--out), and optionally logs to MLflow (--log-to-mlflow).
+The checkpoint is a Ray checkpoint directory, a ``state.pt`` file, an MLflow model URI logged by
+the training job, or a released checkpoint of the field: clovaai/wsolevaluation's CAM models
+(``last_checkpoint.pth.tar``) or CVI-SZU/CCAM's C2AM models (``--layout`` picks one; by default
+the keys tell). Without --data, the run's own data (from its config) is used. GT-known / Top-k
+Loc on test are read at the threshold chosen on val (``--loc-threshold``). Prints a table,
+writes JSON (--out), and optionally logs to MLflow (--log-to-mlflow).
 """
 
 from __future__ import annotations
@@ -32,25 +36,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI (for models:/ and runs:/ URIs and logging)")
     parser.add_argument("--log-to-mlflow", default="", metavar="RUN_ID", help="log the metrics into this MLflow run")
     parser.add_argument("--out", default="", help="write the metrics as JSON here")
+    parser.add_argument("--layout", default="auto", choices=["auto", "wsolevaluation", "ccam"], help="layout of a released checkpoint file")
+    parser.add_argument(
+        "--loc-threshold", default="auto",
+        help="where GT-known / Top-k Loc are read: auto (the model's val threshold, else a val split beside --data's split), self, or a value in [0, 1)",
+    )
     args = parser.parse_args(argv)
     if not 0 < args.interval < 1:
         parser.error(f"--interval {args.interval} must be in (0, 1)")
 
     from wsol_core.data.resolve import resolve_data_root
     from wsol_core.tracking import RunLogger, resolve_tracking_uri
-    from wsol_core.train.offline_eval import evaluate_checkpoint, load_method, local_state_file
+    from wsol_core.models.released import ReleasedCheckpointError
+    from wsol_core.train.offline_eval import evaluate_checkpoint, load_model
 
     try:
         tracking_uri = resolve_tracking_uri(args.tracking_uri) if (args.tracking_uri or args.log_to_mlflow) else ""
         root = Path(args.data) if args.data else None
         if root is None:
-            _, cfg = load_method(local_state_file(args.checkpoint, tracking_uri), args.overrides)
-            root = resolve_data_root(cfg.data)
+            loaded = load_model(args.checkpoint, tracking_uri=tracking_uri, overrides=args.overrides, layout=args.layout)
+            if loaded.source != "project":
+                raise ValueError(f"{args.checkpoint} is a released {loaded.source} checkpoint: pass --data (it carries no data location)")
+            root = resolve_data_root(loaded.cfg.data)
         metrics = evaluate_checkpoint(
             args.checkpoint, root / args.split, split=args.split, interval=args.interval, overrides=args.overrides,
-            num_workers=args.num_workers, use_gpu=args.use_gpu, tracking_uri=tracking_uri,
+            num_workers=args.num_workers, use_gpu=args.use_gpu, tracking_uri=tracking_uri, layout=args.layout,
+            loc_threshold=args.loc_threshold,
         )
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, ReleasedCheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     width = max(len(k) for k in metrics)

@@ -194,7 +194,7 @@ def log_training_like_run(tracking_uri: str, run_key: str, epochs: int = 3) -> t
             "train/data_wait": 0.05,
             "val/top1_acc": 40.0 + 5 * epoch,
             "val/top5_acc": 80.0 + epoch,
-            **{f"val/maxboxacc_{d}": box[d] for d in (30, 50, 70)},
+            **{f"val/boxacc_v2_iou{d}": box[d] for d in (30, 50, 70)},
             "val/maxboxacc_v2": sum(box.values()) / 3,
             "val/gt_known_loc": box[50],
             "val/top1_loc": box[50] * 0.7,
@@ -374,7 +374,7 @@ def test_model_metrics_tab_charts_the_epochs(open_server, open_run, browser, tmp
     WebDriverWait(browser, PAGE_TIMEOUT_S).until(
         lambda d: len(d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")) == 4 and "test\n(" not in body_text(d), message="no val-only charts"
     )
-    text = wait_for_text(browser, "val\n(4)", "maxboxacc_30", "maxboxacc_50", "maxboxacc_70", "maxboxacc_v2")
+    text = wait_for_text(browser, "val\n(4)", "boxacc_v2_iou30", "boxacc_v2_iou50", "boxacc_v2_iou70", "maxboxacc_v2")
     assert "train\n(" not in text
     keep_screenshot(browser, tmp_path, "dashboard_model_metrics.png", capsys)
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from data_fixtures import all_members, jpeg_bytes, mask_png, png_bytes, write_files
 from wsol_core.data.converters import convert_cub, convert_imagenet, convert_wsolmeta
-from wsol_core.data.format import key_from_id, protocol_mask
+from wsol_core.data.format import key_from_id, protocol_mask, resize_nearest
 from wsol_core.data.manifest import load_manifest, verify_split
 from wsol_core.data.writer import SourceError, WriterOptions
 
@@ -192,3 +192,20 @@ def test_cli_subcommands(tmp_path, capsys):
     assert "OK, 3 samples" in out and "cub/train: 3 samples" in out
     img = Image.open(io.BytesIO(all_members(tmp_path / "cub" / "train")[key_from_id("001.Albatross/A_1.jpg") + ".jpg"]))
     assert img.size == (50, 40)
+
+
+def test_mask_resize_matches_opencv_inter_nearest_for_every_side():
+    """``resize_nearest`` samples the pixels ``cv2.resize(INTER_NEAREST)`` samples, for every source
+    side up to 1,200 (the plain ``floor(x * w / 224)`` differs from OpenCV for 68 of them)."""
+    cv2 = pytest.importorskip("cv2")
+    differing = []
+    for side in range(1, 1201):
+        source = np.arange(side, dtype=np.float32)[None, :]
+        want = cv2.resize(source, (224, 1), interpolation=cv2.INTER_NEAREST)[0].astype(np.int64)
+        got = resize_nearest(np.arange(side)[None, :], 224)
+        if not (got[0] == want).all() or not (got == got[0]).all():
+            differing.append(side)
+    assert differing == []
+    rows = np.arange(333)[:, None]  # heights are sampled the same way
+    want = cv2.resize(rows.astype(np.float32), (1, 224), interpolation=cv2.INTER_NEAREST)[:, 0].astype(np.int64)
+    np.testing.assert_array_equal(resize_nearest(rows, 224)[:, 0], want)

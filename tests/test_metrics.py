@@ -471,13 +471,32 @@ def test_bad_gt_boxes_name_index():
     with pytest.raises(ValueError, match=r"gt_boxes\[1\] box 0 \[5, 0, 4, 10\] is inverted"):
         best_iou_per_threshold(maps, [good, np.array([[5, 0, 4, 10]]), good], THR_01)
     with pytest.raises(ValueError, match=r"gt_boxes\[2\] box 1 .* leaves the 224x224 map"):
-        best_iou_per_threshold(maps, [good, good, np.array([[0, 0, 5, 5], [0, 0, 224, 10]])], THR_01)
+        best_iou_per_threshold(maps, [good, good, np.array([[0, 0, 5, 5], [0, 0, 225, 10]])], THR_01)
     with pytest.raises(ValueError, match=r"gt_boxes\[0\] box 0 .* leaves"):
         best_iou_per_threshold(maps, [np.array([[-1, 0, 5, 5]]), good, good], THR_01)
     with pytest.raises(ValueError, match=r"gt_boxes\[1\] must be \[k >= 1, 4\]"):
         best_iou_per_threshold(maps, [good, np.zeros((0, 4)), good], THR_01)
     with pytest.raises(ValueError, match="got 2 GT box arrays for 3 maps"):
         best_iou_per_threshold(maps, [good, good], THR_01)
+
+
+def test_gt_box_on_the_far_edge_is_scored_like_the_reference():
+    """A box whose far corner is the image width / height (``x1 == W`` after rescaling) is scored
+    by the protocol's arithmetic IoU, not rejected; one pixel further still raises."""
+    rng = np.random.default_rng(3)
+    maps = prepare_maps(torch.rand(6, 14, 14, generator=torch.Generator().manual_seed(3))).numpy()
+    sizes = np.array([[300, 200]] * 6)
+    original = [np.array([[int(rng.integers(0, 150)), int(rng.integers(0, 100)), 300, 200]]) for _ in range(6)]
+    boxes = [b.numpy() for b in rescale_boxes(original, sizes)]
+    assert all(b[0, 2] == 224 and b[0, 3] == 224 for b in boxes)  # the far corner lands on the side
+    thresholds = np.arange(0, 1, 0.01)
+    ours = best_iou_per_threshold(maps, boxes, thresholds)
+    theirs = reference_best_iou(maps, boxes, thresholds)
+    np.testing.assert_array_equal(ours, theirs)
+    v1 = best_iou_per_threshold(maps, boxes, thresholds, largest_contour=True)
+    np.testing.assert_array_equal(v1, reference_best_iou(maps, boxes, thresholds, largest_contour=True))
+    with pytest.raises(ValueError, match="leaves the 224x224 map"):
+        best_iou_per_threshold(maps[:1], [np.array([[0, 0, 225, 224]])], thresholds)
 
 
 def test_bad_masks_name_index():

@@ -53,7 +53,7 @@ def test_cam_anchors_are_the_protocol_papers_numbers():
     for (backbone, dataset), value in expected.items():
         assert _anchor("cam", backbone, dataset, "choe2020").maxboxacc_v2 == value
     vgg_cub = _anchor("cam", "vgg16", "cub", "choe2020")
-    assert (vgg_cub.maxboxacc_30 + vgg_cub.maxboxacc_50 + vgg_cub.maxboxacc_70) / 3 == pytest.approx(63.72, abs=0.01)
+    assert (vgg_cub.boxacc_v2_iou30 + vgg_cub.boxacc_v2_iou50 + vgg_cub.boxacc_v2_iou70) / 3 == pytest.approx(63.72, abs=0.01)
 
 
 def test_fmcg_anchors_match_its_tables():
@@ -108,9 +108,9 @@ CFG = {
 METRICS = {
     "val/maxboxacc_v2": 70.0,
     "test/maxboxacc_v2": 75.0,
-    "test/maxboxacc_30": 97.0,
-    "test/maxboxacc_50": 83.0,
-    "test/maxboxacc_70": 45.0,
+    "test/boxacc_v2_iou30": 97.0,
+    "test/boxacc_v2_iou50": 83.0,
+    "test/boxacc_v2_iou70": 45.0,
     "test/gt_known_loc": 84.0,
     "test/top1_loc": 61.5,
 }
@@ -147,11 +147,11 @@ def test_summary_real_data_on_a_known_backbone_but_synthetic_flag_is_not_compara
 
 
 def test_summary_falls_back_to_val_and_computes_the_mean():
-    metrics = {"val/maxboxacc_30": 90.0, "val/maxboxacc_50": 60.0, "val/maxboxacc_70": 30.0, "val/maxboxacc_v2": 60.0}
+    metrics = {"val/boxacc_v2_iou30": 90.0, "val/boxacc_v2_iou50": 60.0, "val/boxacc_v2_iou70": 30.0, "val/maxboxacc_v2": 60.0}
     summary = build_run_summary(CFG, metrics, "cub", synthetic=False)
     assert summary.split == "val" and summary.run["maxboxacc_v2"] == 60.0
     assert any("validation split" in note for note in summary.notes)
-    summary = build_run_summary(CFG, {"maxboxacc_30": 90.0, "maxboxacc_50": 60.0, "maxboxacc_70": 30.0}, "cub", synthetic=False)
+    summary = build_run_summary(CFG, {"boxacc_v2_iou30": 90.0, "boxacc_v2_iou50": 60.0, "boxacc_v2_iou70": 30.0}, "cub", synthetic=False)
     assert summary.split is None and summary.run["maxboxacc_v2"] == pytest.approx(60.0)
 
 
@@ -203,7 +203,7 @@ def _params(srd=True, cg=True, pnl=True, seed=0, method="fmcg", **extra):
 
 
 def _metrics(v30, v50, v70, top1, split="test"):
-    return {f"{split}/maxboxacc_30": v30, f"{split}/maxboxacc_50": v50, f"{split}/maxboxacc_70": v70,
+    return {f"{split}/boxacc_v2_iou30": v30, f"{split}/boxacc_v2_iou50": v50, f"{split}/boxacc_v2_iou70": v70,
             f"{split}/maxboxacc_v2": (v30 + v50 + v70) / 3, f"{split}/top1_loc": top1}
 
 
@@ -245,14 +245,14 @@ def test_ablation_table_groups_seeds_and_orders_like_the_paper():
     assert table.switch_keys == ["srd", "cg", "pnl"]
     full = table.rows[2]
     assert full.n == 2 and full.run_ids == ["full-0", "full-1"] and full.seeds == ["0", "1"]
-    assert full.mean["maxboxacc_30"] == pytest.approx(98.5)
-    assert full.std["maxboxacc_30"] == pytest.approx(statistics.stdev([99.0, 98.0]))
+    assert full.mean["boxacc_v2_iou30"] == pytest.approx(98.5)
+    assert full.std["boxacc_v2_iou30"] == pytest.approx(statistics.stdev([99.0, 98.0]))
     assert full.mean["maxboxacc_v2"] == pytest.approx(statistics.fmean([(99 + 88 + 54) / 3, (98 + 90 + 52) / 3]))
     assert full.delta_vs_full == pytest.approx(0.0)
     no_cg = table.rows[4]
     assert no_cg.delta_vs_full == pytest.approx(no_cg.mean["maxboxacc_v2"] - full.mean["maxboxacc_v2"])
     single = table.rows[3]
-    assert single.n == 1 and single.std["maxboxacc_30"] is None
+    assert single.n == 1 and single.std["boxacc_v2_iou30"] is None
     assert table.rows[0].delta_vs_full is None  # CAM has no "full" configuration
     assert sorted(s.split(":")[0] for s in table.skipped) == ["report", "unfinished"]
 
@@ -271,8 +271,8 @@ def test_ablation_markdown_and_csv():
     no_cg = rows[4]
     assert no_cg["cg_enabled"] == "false" and no_cg["srd_enabled"] == "true" and no_cg["n"] == "2"
     assert no_cg["run_ids"] == "nocg-0;nocg-1"
-    assert float(no_cg["maxboxacc_30_mean"]) == pytest.approx(98.3)
-    assert float(no_cg["maxboxacc_30_std"]) == pytest.approx(statistics.stdev([98.0, 98.6]), abs=1e-4)
+    assert float(no_cg["boxacc_v2_iou30_mean"]) == pytest.approx(98.3)
+    assert float(no_cg["boxacc_v2_iou30_std"]) == pytest.approx(statistics.stdev([98.0, 98.6]), abs=1e-4)
     assert rows[0]["cg_enabled"] == "" and rows[0]["delta_maxboxacc_v2_vs_full"] == ""
 
 

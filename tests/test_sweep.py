@@ -61,14 +61,14 @@ def test_settings_errors_name_the_variant():
 
 
 def _row(v2: float, v2_std: float | None, iou70: float) -> dict:
-    return {"maxboxacc_v2": {"mean": v2, "std": v2_std}, "maxboxacc_70": {"mean": iou70, "std": None}}
+    return {"maxboxacc_v2": {"mean": v2, "std": v2_std}, "boxacc_v2_iou70": {"mean": iou70, "std": None}}
 
 
 def test_targets_arithmetic():
     met = targets({"cam": _row(30.0, 1.0, 5.0), "fmcg": _row(37.5, 1.0, 9.0), "c2am": _row(31.0, 0.5, 6.0)})
     assert met["fmcg_over_cam"]["gap_maxboxacc_v2"] == pytest.approx(7.5)
     assert met["fmcg_over_cam"]["gap_beyond_spread"] == pytest.approx(5.5) and met["fmcg_over_cam"]["met"]
-    assert met["c2am_over_cam_iou70"] == {"gap_maxboxacc_70": pytest.approx(1.0), "met": True}
+    assert met["c2am_over_cam_iou70"] == {"gap_boxacc_v2_iou70": pytest.approx(1.0), "met": True}
     missed = targets({"cam": _row(30.0, 2.0, 5.0), "fmcg": _row(37.5, 1.0, 9.0), "c2am": _row(31.0, 0.5, 4.0)})
     assert not missed["fmcg_over_cam"]["met"] and not missed["c2am_over_cam_iou70"]["met"]
     assert targets({"fmcg": _row(1, 0, 0)}) == {}
@@ -115,7 +115,7 @@ def test_ablation_sweep_end_to_end(tmp_path):
     for name, row in result["rows"].items():
         runs = [c for c in children if c.data.tags["wsol.sweep.variant"] == name]
         assert sorted(row["run_ids"]) == sorted(c.info.run_id for c in runs)
-        for column in ("maxboxacc_v2", "maxboxacc_70", "gt_known_loc"):
+        for column in ("maxboxacc_v2", "boxacc_v2_iou70", "gt_known_loc"):
             values = [c.data.metrics[f"test/{column}"] for c in runs]
             assert row[column]["mean"] == pytest.approx(statistics.fmean(values))
             assert row[column]["std"] == pytest.approx(statistics.stdev(values))

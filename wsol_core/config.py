@@ -209,6 +209,13 @@ class EvalConfig:
     # Score the method's alternative inference maps (FMCG's erased / original / max) beside the
     # configured one, as <split>/maxboxacc_v2_map_<name>.
     compare_inference_maps: bool = True
+    # The protocol computes CAMs in fp32; bf16 maps moved MaxBoxAccV2 by about 0.2 points (CPU),
+    # so evaluation runs in fp32 whatever train.amp says. bf16 is an explicit, faster option.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # Input path of val / test: "exact" reads them with the torch loader, bit-identical to the
+    # protocol's transform (PIL bilinear resize); "same" uses data.loader (DALI's resize differs
+    # by up to 2 grey levels on CPU). Training always uses data.loader.
+    loader: Literal["exact", "same"] = "exact"
 
 
 @dataclass

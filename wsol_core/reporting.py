@@ -87,11 +87,13 @@ class Anchor:
     dataset: str  # cub, imagenet
     source: str  # key of SOURCES
     maxboxacc_v2: float | None = None
-    maxboxacc_30: float | None = None
-    maxboxacc_50: float | None = None
-    maxboxacc_70: float | None = None
-    gt_known_loc: float | None = None
+    boxacc_v2_iou30: float | None = None
+    boxacc_v2_iou50: float | None = None
+    boxacc_v2_iou70: float | None = None
+    gt_known_loc: float | None = None  # one box per image (largest contour), IoU >= 0.5
     top1_loc: float | None = None
+    maxboxacc_v1: float | None = None  # the protocol's original MaxBoxAcc (largest contour, IoU 0.5)
+    pxap: float | None = None  # OpenImages
     label: str = ""  # row label; default: the method in capitals
 
     @property
@@ -202,7 +204,10 @@ def select_anchors(method: str, backbone: str, dataset: str) -> tuple[list[Ancho
 # Small helpers
 # ---------------------------------------------------------------------------------------------
 
-LOC_KEYS = ("maxboxacc_v2", "maxboxacc_30", "maxboxacc_50", "maxboxacc_70", "gt_known_loc", "top1_loc")
+LOC_KEYS = ("maxboxacc_v2", "boxacc_v2_iou30", "boxacc_v2_iou50", "boxacc_v2_iou70", "maxboxacc_v1", "gt_known_loc", "top1_loc", "pxap")
+# Runs logged before the names were made unconfusable stored the V2 components as maxboxacc_<IoU>
+# (and their GT-known / Top-k Loc came from every contour, not the published single box).
+LEGACY_NAMES = {f"boxacc_v2_iou{d}": f"maxboxacc_{d}" for d in (30, 50, 70)}
 _SWITCH_RE = re.compile(r"^method\.([A-Za-z0-9_]+)\.enabled$")
 _SWITCH_NAMES = {"srd": "SRD", "cg": "CG", "pnl": "PNL", "nl": "NL", "bg_drop": "BG-drop", "cal": "CAL", "fcl": "FCL"}
 
@@ -237,8 +242,11 @@ def method_switches(params: Mapping[str, Any]) -> dict[str, bool]:
 
 
 def metric(metrics: Mapping[str, float], name: str, split: str | None = None) -> float | None:
-    """``metrics["<split>/<name>"]``, else ``metrics[name]``; ``None`` when absent or NaN."""
-    for key in ([f"{split}/{name}"] if split else []) + [name]:
+    """``metrics["<split>/<name>"]``, else ``metrics[name]``; ``None`` when absent or NaN.
+
+    Runs logged under the earlier names (:data:`LEGACY_NAMES`) are read too."""
+    names = [name] + ([LEGACY_NAMES[name]] if name in LEGACY_NAMES else [])
+    for key in [f"{split}/{n}" for n in names if split] + names:
         if key in metrics and metrics[key] is not None:
             value = float(metrics[key])
             return None if math.isnan(value) else value
@@ -246,9 +254,10 @@ def metric(metrics: Mapping[str, float], name: str, split: str | None = None) ->
 
 
 def pick_split(metrics: Mapping[str, float], preferred: Sequence[str] = ("test", "val")) -> str | None:
-    """The first split with a MaxBoxAccV2 in ``metrics`` (``None``: unprefixed keys)."""
+    """The first split with a MaxBoxAccV2 (or, on mask-only data, a PxAP) in ``metrics``
+    (``None``: unprefixed keys)."""
     for split in preferred:
-        if f"{split}/maxboxacc_v2" in metrics:
+        if f"{split}/maxboxacc_v2" in metrics or f"{split}/pxap" in metrics:
             return split
     return None
 
@@ -303,8 +312,8 @@ def build_run_summary(cfg_flat: Mapping[str, Any], metrics: Mapping[str, float],
     backbone = str(cfg_flat.get("model.backbone", "?"))
     split = pick_split(metrics)
     run = {key: metric(metrics, key, split) for key in (*LOC_KEYS, "top5_loc", "top1_acc", "corloc")}
-    if run["maxboxacc_v2"] is None and all(run[f"maxboxacc_{d}"] is not None for d in (30, 50, 70)):
-        run["maxboxacc_v2"] = sum(run[f"maxboxacc_{d}"] for d in (30, 50, 70)) / 3
+    if run["maxboxacc_v2"] is None and all(run[f"boxacc_v2_iou{d}"] is not None for d in (30, 50, 70)):
+        run["maxboxacc_v2"] = sum(run[f"boxacc_v2_iou{d}"] for d in (30, 50, 70)) / 3
     anchors, matched = select_anchors(method, backbone, dataset)
     comparable = matched and not synthetic
     notes = []
@@ -351,11 +360,10 @@ def _dataset_display(name: str) -> str:
 
 
 def _summary_rows(summary: RunSummary) -> tuple[list[str], list[list[str]], list[str]]:
-    header = ["", "backbone", "dataset", "MaxBoxAccV2", "IoU 0.3", "IoU 0.5", "IoU 0.7", "GT-known Loc", "Top-1 Loc", "source"]
+    header = ["", "backbone", "dataset", "MaxBoxAccV2", "IoU 0.3", "IoU 0.5", "IoU 0.7", "MaxBoxAcc (v1)", "GT-known Loc", "Top-1 Loc", "PxAP", "source"]
     run_label = "**this run**" + (" (synthetic: not comparable)" if summary.synthetic else "" if summary.comparable else " (not comparable)")
     r = summary.run
-    rows = [[run_label, summary.backbone, summary.dataset, fmt(r["maxboxacc_v2"]), fmt(r["maxboxacc_30"]), fmt(r["maxboxacc_50"]),
-             fmt(r["maxboxacc_70"]), fmt(r["gt_known_loc"]), fmt(r["top1_loc"]), summary.split or "–"]]
+    rows = [[run_label, summary.backbone, summary.dataset, *(fmt(r[key]) for key in LOC_KEYS), summary.split or "–"]]
     cited: list[str] = []
     for merged in merge_anchors(summary.anchors):
         refs = []
@@ -364,7 +372,7 @@ def _summary_rows(summary: RunSummary) -> tuple[list[str], list[list[str]], list
                 cited.append(source)
             refs.append(cited.index(source) + 1)
         rows.append([merged["display"], merged["backbone"], _dataset_display(merged["dataset"])]
-                    + [fmt(merged[key]) for key in ("maxboxacc_v2", "maxboxacc_30", "maxboxacc_50", "maxboxacc_70", "gt_known_loc", "top1_loc")]
+                    + [fmt(merged[key]) for key in LOC_KEYS]
                     + [f"[{', '.join(str(ref) for ref in sorted(refs))}]"])
     return header, rows, cited
 
@@ -533,11 +541,13 @@ DEFAULT_GROUP_IGNORE: tuple[str, ...] = (
     "train.compile",
     "train.keep_best",
 )
-ABLATION_COLUMNS = ("maxboxacc_30", "maxboxacc_50", "maxboxacc_70", "maxboxacc_v2", "top1_loc")
+ABLATION_COLUMNS = ("boxacc_v2_iou30", "boxacc_v2_iou50", "boxacc_v2_iou70", "maxboxacc_v2", "top1_loc")
 COLUMN_TITLES = {
-    "maxboxacc_30": "IoU 0.3",
-    "maxboxacc_50": "IoU 0.5",
-    "maxboxacc_70": "IoU 0.7",
+    "boxacc_v2_iou30": "IoU 0.3",
+    "boxacc_v2_iou50": "IoU 0.5",
+    "boxacc_v2_iou70": "IoU 0.7",
+    "maxboxacc_v1": "MaxBoxAcc (v1)",
+    "pxap": "PxAP",
     "maxboxacc_v2": "Mean (MaxBoxAccV2)",
     "top1_loc": "Top-1 Loc",
     "gt_known_loc": "GT-known Loc",
@@ -621,7 +631,7 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 def _run_value(record: RunRecord, column: str, split: str) -> float | None:
     value = metric(record.metrics, column, split)
     if value is None and column == "maxboxacc_v2":
-        parts = [metric(record.metrics, f"maxboxacc_{d}", split) for d in (30, 50, 70)]
+        parts = [metric(record.metrics, f"boxacc_v2_iou{d}", split) for d in (30, 50, 70)]
         if all(p is not None for p in parts):
             value = sum(parts) / 3
     return value

@@ -14,9 +14,10 @@
   function builds a Ray Train ``TorchTrainer`` over :func:`wsol_core.train.loop.train_loop_per_worker`
   with ``ray.tune.integration.ray_train.TuneReportCallback``, the pattern Ray 2.60 documents for
   Train V2 inside Tune (also for one worker: the loop needs a Train context). Train's per-epoch
-  reports (``val/maxboxacc_v2``, ``train/loss``, ``epoch``, ...) reach Tune through the callback.
+  reports (``val/score``, ``val/maxboxacc_v2``, ``train/loss``, ``epoch``, ...) reach Tune through the callback.
 - **Selection.** TPE (Optuna through Ray Tune) behind a concurrency limit, ASHA on
-  ``val/maxboxacc_v2`` (max) with ``epoch`` as its time axis. Only val figures are used to rank:
+  ``val/score`` (max; val MaxBoxAccV2, or val PxAP on a dataset with masks only) with ``epoch``
+  as its time axis. Only val figures are used to rank:
   ``test/*`` keys never enter the ranking, the table or the plot.
 - **MLflow.** One parent run per search (its space and settings as params and ``space.yaml``), one
   nested child run per trial (tag ``mlflow.parentRunId``) that the loop logs into; at the end the
@@ -41,7 +42,7 @@ import yaml
 
 from wsol_core.config import Config, ConfigError, dump_yaml, flatten, load_config, to_dict
 
-METRIC = "val/maxboxacc_v2"  # the protocol's model-selection score, on the val split only
+METRIC = "val/score"  # the training loop's SCORE_KEY: val MaxBoxAccV2 (val PxAP on mask-only data)
 MODE = "max"
 TIME_ATTR = "epoch"
 

@@ -41,7 +41,7 @@ ABLATION_VARIANTS: dict[str, list[str]] = {
     "caml": ["method.name=caml"],
     "c2am": ["method.name=c2am"],
 }
-REPORT_COLUMNS = ("maxboxacc_30", "maxboxacc_50", "maxboxacc_70", "maxboxacc_v2", "gt_known_loc", "top1_loc")
+REPORT_COLUMNS = ("boxacc_v2_iou30", "boxacc_v2_iou50", "boxacc_v2_iou70", "maxboxacc_v2", "gt_known_loc", "top1_loc")
 
 
 @dataclass

@@ -107,3 +107,18 @@ def threshold_curves(thresholds: np.ndarray, curves: dict[int, np.ndarray], best
     ax.legend()
     figure.tight_layout()
     return figure
+
+
+def pr_curve(result) -> Figure:
+    """The pixel precision-recall curve behind PxAP (a :class:`~wsol_core.metrics.PxAPResult`)."""
+    figure, ax = plt.subplots(figsize=(5, 4))
+    defined = ~np.isnan(result.precision)
+    ax.plot(result.recall[defined], result.precision[defined], drawstyle="steps-post")
+    ax.set_xlabel("pixel recall")
+    ax.set_ylabel("pixel precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"PxAP {result.pxap:.2f}")
+    ax.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure

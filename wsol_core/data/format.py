@@ -399,13 +399,16 @@ def parse_meta(
 def resize_nearest(mask: np.ndarray, size: int) -> np.ndarray:
     """Nearest-neighbour resize to ``size x size`` with OpenCV's ``INTER_NEAREST`` sampling.
 
-    The protocol resizes masks with ``cv2.resize(..., INTER_NEAREST)``: destination pixel ``x``
-    takes source pixel ``floor(x * src_w / dst_w)``. Reproduced here so the loaders do not need
-    OpenCV and give the protocol's exact masks.
+    The protocol resizes masks with ``cv2.resize(..., INTER_NEAREST)``. OpenCV computes the scale
+    as ``inverse = dst / src`` and samples source pixel ``floor(x * (1 / inverse))``; written as
+    ``floor(x * src / dst)`` the rounding differs for some sizes (12 pixels over 40 OpenImages
+    masks), so the same two floating-point steps are taken here, then clamped to the last pixel.
+    Reproduced so that the loaders need no OpenCV and give the protocol's exact masks.
     """
     h, w = mask.shape
-    ys = np.minimum(np.floor(np.arange(size) * (h / size)).astype(np.int64), h - 1)
-    xs = np.minimum(np.floor(np.arange(size) * (w / size)).astype(np.int64), w - 1)
+    positions = np.arange(size, dtype=np.float64)
+    ys = np.minimum(np.floor(positions * (1.0 / (size / h))).astype(np.int64), h - 1)
+    xs = np.minimum(np.floor(positions * (1.0 / (size / w))).astype(np.int64), w - 1)
     return mask[ys[:, None], xs[None, :]]
 
 

@@ -89,19 +89,30 @@ class BoxAccuracy:
         """CorLoc: GT-known Loc of class-agnostic maps (co-localization); same computation."""
         return self.gt_known_loc
 
-    def as_dict(self, prefix: str = "") -> dict[str, float]:
-        """Flat scalar figures for logging (e.g. MLflow), keys such as ``maxboxacc_50``."""
+    def as_dict(self, prefix: str = "", *, loc: bool = True) -> dict[str, float]:
+        """Flat scalar figures for logging (e.g. MLflow), under names that cannot be confused.
+
+        Multi-contour mode (V2): ``boxacc_v2_iou30`` / ``_iou50`` / ``_iou70`` (MaxBoxAcc at each
+        IoU, the threshold chosen per IoU) with their ``_threshold`` and the mean
+        ``maxboxacc_v2``. Largest-contour mode (v1): ``maxboxacc_v1`` (IoU 0.5, the protocol's
+        original metric) and its ``_threshold``; other IoUs as ``maxboxacc_v1_iou<d>``. With
+        ``loc``: ``loc_threshold``, ``gt_known_loc``, ``top1_loc``, ``top5_loc`` where available.
+        """
         out: dict[str, float] = {}
-        name = "maxboxacc_v1" if self.largest_contour else "maxboxacc"
         for delta in self.iou_deltas:
-            out[f"{prefix}{name}_{delta}"] = self.max_box_acc[delta]
-            out[f"{prefix}{name}_{delta}_threshold"] = self.best_threshold[delta]
+            if self.largest_contour:
+                name = "maxboxacc_v1" if delta == LOC_IOU else f"maxboxacc_v1_iou{delta}"
+            else:
+                name = f"boxacc_v2_iou{delta}"
+            out[f"{prefix}{name}"] = self.max_box_acc[delta]
+            out[f"{prefix}{name}_threshold"] = self.best_threshold[delta]
         if not self.largest_contour:
             out[f"{prefix}maxboxacc_v2"] = self.max_box_acc_v2
-        for key in ("gt_known_loc", "top1_loc", "top5_loc"):
-            value = getattr(self, key)
-            if value is not None:
-                out[f"{prefix}{key}"] = value
+        if loc:
+            for key in ("loc_threshold", "gt_known_loc", "top1_loc", "top5_loc"):
+                value = getattr(self, key)
+                if value is not None:
+                    out[f"{prefix}{key}"] = value
         return out
 
 

@@ -117,7 +117,12 @@ def flatten_gt_boxes(
     """Check per-image GT boxes and pack them as ``int64 [M, 4]`` plus offsets ``int64 [n + 1]``.
 
     Each image needs at least one box ``x0, y0, x1, y1`` with integer values, inclusive corners,
-    ``0 <= x0 <= x1 < width`` and ``0 <= y0 <= y1 < height``.
+    ``0 <= x0 <= x1 <= width`` and ``0 <= y0 <= y1 <= height``.
+
+    A far corner may equal the map side: a GT box that reaches the image's right or bottom edge
+    (``x1 == image width``, as many annotations are written) rescales to exactly ``width``, and
+    the protocol scores it as it is (IoU by arithmetic, no pixel lookup). One past that is a box
+    that really leaves the image, and raises.
     """
     if len(gt_boxes) != n:
         raise ValueError(f"got {len(gt_boxes)} GT box arrays for {n} maps")
@@ -155,11 +160,11 @@ def flatten_gt_boxes(
     inverted = (packed[:, 2] < packed[:, 0]) | (packed[:, 3] < packed[:, 1])
     if inverted.any():
         fail(inverted, "is inverted (x1 < x0 or y1 < y0)")
-    outside = (packed[:, 0] < 0) | (packed[:, 1] < 0) | (packed[:, 2] >= width) | (packed[:, 3] >= height)
+    outside = (packed[:, 0] < 0) | (packed[:, 1] < 0) | (packed[:, 2] > width) | (packed[:, 3] > height)
     if outside.any():
         fail(
             outside,
-            f"leaves the {width}x{height} map (inclusive corners must lie in "
-            f"[0, {width - 1}] x [0, {height - 1}])",
+            f"leaves the {width}x{height} map (corners must lie in [0, {width}] x [0, {height}]; "
+            "the far edge itself is allowed, as in the protocol)",
         )
     return packed, offsets

@@ -56,6 +56,17 @@ class TrainingState:
     mlflow_run_id: str = ""
     best_score: float = -1.0
     rng: dict[str, Any] = field(default_factory=dict)
+    # The Loc threshold chosen on val (index into np.arange(0, 1, cam_curve_interval)); the test
+    # split and jobs/localize.py read boxes there. None before the first evaluation.
+    loc_threshold_index: int | None = None
+    cam_curve_interval: float = 0.001
+
+    @property
+    def loc_threshold(self) -> float | None:
+        """Val's chosen CAM threshold as a value in [0, 1), or ``None``."""
+        if self.loc_threshold_index is None:
+            return None
+        return float(np.arange(0, 1, self.cam_curve_interval)[self.loc_threshold_index])
 
 
 def save_training_state(directory: str | Path, state: TrainingState) -> Path:

@@ -15,6 +15,7 @@ import random
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,26 @@ from wsol_core.train.checkpoint import (
     restore_rng_states,
     save_training_state,
 )
-from wsol_core.train.evaluate import EvalOutcome, evaluate_split
+from wsol_core.train.evaluate import EvalOutcome, eval_autocast, evaluate_split
 from wsol_core.train.optim import build_optimizer, build_scheduler
 
-SCORE_KEY = "val/maxboxacc_v2"  # checkpoints are ranked by this (Ray CheckpointConfig)
+SCORE_KEY = "val/score"  # checkpoints are ranked by this (Ray CheckpointConfig); see val_score()
+
+
+def val_score(val_metrics: dict[str, float]) -> float:
+    """The model-selection score: val MaxBoxAccV2 on a split with boxes, val PxAP on a split with
+    masks only (OpenImages); -1 before the first evaluation."""
+    for key in ("val/maxboxacc_v2", "val/pxap"):
+        if key in val_metrics:
+            return val_metrics[key]
+    return -1.0
+
+
+def eval_loader_options(cfg: Config) -> LoaderOptions:
+    """The evaluation splits' input options: ``eval.loader: exact`` reads them with the torch
+    path, bit-identical to the protocol's transform; ``same`` keeps ``data.loader``."""
+    options = loader_options(cfg)
+    return replace(options, backend="torch") if cfg.eval.loader == "exact" else options
 
 
 def loader_options(cfg: Config) -> LoaderOptions:
@@ -247,6 +264,9 @@ def _log_pictures(logger: RunLogger, outcome: EvalOutcome, split: str, epoch: in
     if outcome.curves is not None:
         logger.log_figure(outcome.curves, f"{split}/box_accuracy_vs_threshold/epoch_{epoch:03d}.png")
         plt.close(outcome.curves)
+    if outcome.pr_curve is not None:
+        logger.log_figure(outcome.pr_curve, f"{split}/pxap_pr_curve/epoch_{epoch:03d}.png")
+        plt.close(outcome.pr_curve)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -285,8 +305,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if cfg.train.compile:
         model = torch.compile(model)
 
-    val_loader = build_loader(data_root / "val", split_kind="eval", rank=rank, world_size=world_size, device=device, options=options, batch_size=cfg.eval.batch_size)
+    eval_options = eval_loader_options(cfg)
+    val_loader = build_loader(data_root / "val", split_kind="eval", rank=rank, world_size=world_size, device=device, options=eval_options, batch_size=cfg.eval.batch_size)
     last_val: dict[str, float] = {}
+    # Val's choice of the Loc threshold (an index into the threshold grid): test is read there.
+    loc_threshold_index: int | None = restored.loc_threshold_index if restored else None
     for epoch in range(start_epoch, cfg.train.epochs):
         train_loader.set_epoch(epoch)
         metrics = train_one_epoch(model, method, train_loader, optimizer, scheduler, cfg, device, epoch, steps_per_epoch, rank == 0)
@@ -294,12 +317,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         broadcast_buffers(method)
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
             method.before_evaluation(next(iter(val_loader)).images.to(device))
-            with autocast_context(cfg, device):
+            with eval_autocast(cfg.eval.precision, device):
                 outcome = evaluate_split(method, val_loader, cfg.eval, split="val", draw=rank == 0, progress=(epoch + 1) / cfg.train.epochs)
             last_val = outcome.metrics
+            loc_threshold_index = outcome.loc_threshold_index
             _log_pictures(logger, outcome, "val", epoch + 1)
         metrics.update(last_val)
-        score = last_val.get(SCORE_KEY, -1.0)
+        score = val_score(last_val)
         best_score = max(best_score, score)
         metrics[SCORE_KEY] = score  # every report carries the ranking key Ray sorts checkpoints by
         metrics["epoch"] = epoch + 1
@@ -315,15 +339,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 mlflow_run_id=loop_config["mlflow_run_id"],
                 best_score=best_score,
                 rng=capture_rng_states(),
+                loc_threshold_index=loc_threshold_index,
+                cam_curve_interval=cfg.eval.cam_curve_interval,
             )
         _report(metrics, state)
 
     # The protocol's final numbers: the test split, scored once, with the last model.
     test_metrics: dict[str, float] = {}
     if cfg.train.evaluate_test:
-        test_loader = build_loader(data_root / "test", split_kind="eval", rank=rank, world_size=world_size, device=device, options=options, batch_size=cfg.eval.batch_size)
-        with autocast_context(cfg, device):
-            outcome = evaluate_split(method, test_loader, cfg.eval, split="test", draw=rank == 0)
+        test_loader = build_loader(data_root / "test", split_kind="eval", rank=rank, world_size=world_size, device=device, options=eval_options, batch_size=cfg.eval.batch_size)
+        with eval_autocast(cfg.eval.precision, device):
+            outcome = evaluate_split(method, test_loader, cfg.eval, split="test", draw=rank == 0, loc_threshold_index=loc_threshold_index)
         test_metrics = outcome.metrics
         logger.log_metrics(test_metrics, step=cfg.train.epochs)
         _log_pictures(logger, outcome, "test", cfg.train.epochs)
@@ -340,6 +366,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     config=loop_config["config"],
                     mlflow_run_id=loop_config["mlflow_run_id"],
                     best_score=best_score,
+                    loc_threshold_index=loc_threshold_index,
+                    cam_curve_interval=cfg.eval.cam_curve_interval,
                 ),
             )
             logger.log_model(method.cpu(), state_file, loop_config.get("registered_model_name", ""))
@@ -347,5 +375,5 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             logger, flatten(cfg), {**last_val, **test_metrics},
             dataset=load_manifest(data_root / "train").dataset, synthetic=not cfg.data.root,
         )
-    ray.train.report({**test_metrics, "epoch": cfg.train.epochs, SCORE_KEY: last_val.get(SCORE_KEY, -1.0)})
+    ray.train.report({**test_metrics, "epoch": cfg.train.epochs, SCORE_KEY: val_score(last_val)})
     logger.stop_system_metrics()  # the driver closes the run with its final status

@@ -3,14 +3,21 @@ model URI) on one shard split, in one process or across Ray Train workers.
 
 Weights always come from the weights-only training state (``torch.load(weights_only=True)``):
 for an MLflow model that is the ``state.pt`` the training job stores in the model's
-``extra_files``, so no pickled object is ever loaded.
+``extra_files``, so no pickled object is ever loaded. A released checkpoint of the field
+(clovaai/wsolevaluation's CAM models, CVI-SZU/CCAM's C2AM models; any other file name than
+``state.pt``) is converted by :mod:`wsol_core.models.released`.
+
+**The Loc threshold.** GT-known / Top-k Loc of a test split are read at the threshold chosen on
+val. A model trained here stores it (``TrainingState.loc_threshold_index``, from the final val
+evaluation); :func:`evaluate_checkpoint` uses it on ``test`` by default, or scores the ``val``
+split beside ``test`` first when the checkpoint has none (a released model).
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +27,8 @@ from wsol_core.config import Config, load_config
 from wsol_core.data.loader import build_loader
 from wsol_core.data.manifest import load_manifest
 from wsol_core.methods import WSOLMethod, build_method
-from wsol_core.train.checkpoint import STATE_FILE, load_model_weights
-from wsol_core.train.evaluate import evaluate_split
+from wsol_core.train.checkpoint import STATE_FILE, load_training_state
+from wsol_core.train.evaluate import eval_autocast, evaluate_split
 
 
 def _is_mlflow_uri(source: str) -> bool:
@@ -49,22 +56,61 @@ def local_state_file(source: str, tracking_uri: str = "") -> Path:
             hint = f"; it holds Ray checkpoints, pass one of them: {inside[-3:]}" if inside else ""
             raise FileNotFoundError(f"checkpoint {source!r}: no {STATE_FILE} in this directory{hint}")
         return path / STATE_FILE
-    if path.name != STATE_FILE or not path.is_file():
-        raise FileNotFoundError(f"checkpoint {source!r} is neither a checkpoint directory nor a {STATE_FILE} file")
-    return path
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {source!r} does not exist")
+    return path  # state.pt, or a released checkpoint (load_model tells them apart)
 
 
-def load_method(state_file: Path, overrides: list[str] | None = None, device: str | torch.device = "cpu") -> tuple[WSOLMethod, Config]:
-    weights, config_dict = load_model_weights(state_file, map_location="cpu")
+@dataclass
+class LoadedModel:
+    """A model ready to evaluate or localize with, and what it was stored with."""
+
+    method: WSOLMethod
+    cfg: Config
+    loc_threshold: float | None  # the threshold chosen on val, when the checkpoint has one
+    source: str  # "project", "wsolevaluation" or "ccam"
+    note: str = ""
+
+
+def load_model(
+    source: str, *, tracking_uri: str = "", overrides: list[str] | None = None,
+    device: str | torch.device = "cpu", layout: str = "auto",
+) -> LoadedModel:
+    """This project's checkpoint (directory, ``state.pt``, MLflow URI) or a released one."""
+    state_file = local_state_file(source, tracking_uri)
+    if state_file.name != STATE_FILE:
+        return _load_released(state_file, overrides or [], device, layout)
+    state = load_training_state(state_file.parent, map_location="cpu")
     # The run's own config, with pretrained loading off: the checkpoint has every weight.
-    cfg = load_config(base=config_dict, overrides=["model.pretrained=null", *(overrides or [])])
-    num_classes = cfg.model.num_classes or _num_classes_from_weights(weights)
+    cfg = load_config(base=state.config, overrides=["model.pretrained=null", *(overrides or [])])
+    num_classes = cfg.model.num_classes or _num_classes_from_weights(state.model)
     method = build_method(cfg, num_classes)
-    method.load_state_dict(weights)
+    method.load_state_dict(state.model)
+    return LoadedModel(_ready(method, cfg, device), cfg, state.loc_threshold, "project")
+
+
+def _load_released(path: Path, overrides: list[str], device, layout: str) -> LoadedModel:
+    from wsol_core.models.released import convert_released
+
+    asked = [o for o in overrides if o.startswith("model.large_feature_map=")]
+    large = asked[-1].split("=", 1)[1].strip().lower() in ("1", "true", "yes") if asked else None
+    released = convert_released(path, layout, large_feature_map=large)
+    cfg = load_config(overrides=[*released.overrides, "model.pretrained=null", *overrides])
+    method = build_method(cfg, released.num_classes)
+    method.load_state_dict(released.state_dict, strict=True)
+    return LoadedModel(_ready(method, cfg, device), cfg, None, released.layout, released.note)
+
+
+def _ready(method: WSOLMethod, cfg: Config, device) -> WSOLMethod:
     method = method.to(device).eval()
     if cfg.train.channels_last:  # as in training, so the numbers match the run's own evaluation
         method = method.to(memory_format=torch.channels_last)
-    return method, cfg
+    return method
+
+
+def load_method(state_file: Path, overrides: list[str] | None = None, device: str | torch.device = "cpu") -> tuple[WSOLMethod, Config]:
+    loaded = load_model(str(state_file), overrides=overrides, device=device)
+    return loaded.method, loaded.cfg
 
 
 def _num_classes_from_weights(weights: dict[str, torch.Tensor]) -> int:
@@ -74,22 +120,31 @@ def _num_classes_from_weights(weights: dict[str, torch.Tensor]) -> int:
     return 0
 
 
+def threshold_index(value: float, interval: float) -> int:
+    """The index of threshold ``value`` in ``np.arange(0, 1, interval)`` (the nearest one)."""
+    import numpy as np
+
+    grid = np.arange(0, 1, interval)
+    return int(np.abs(grid - value).argmin())
+
+
 def evaluate_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: score this rank's share and report the all-reduced metrics."""
     import ray.train
     import ray.train.torch
 
-    from wsol_core.train.loop import loader_options
+    from wsol_core.train.loop import eval_loader_options
 
     context = ray.train.get_context()
     device = ray.train.torch.get_device()
-    method, cfg = load_method(Path(config["state_file"]), config["overrides"], device)
-    cfg = replace(cfg, eval=replace(cfg.eval, cam_curve_interval=config["interval"]))
+    loaded = load_model(config["source"], overrides=config["overrides"], device=device, layout=config["layout"])
+    method, cfg = loaded.method, replace(loaded.cfg, eval=replace(loaded.cfg.eval, cam_curve_interval=config["interval"]))
     loader = build_loader(
         config["split_dir"], split_kind="eval", rank=context.get_world_rank(), world_size=context.get_world_size(),
-        device=device, options=loader_options(cfg), batch_size=cfg.eval.batch_size,
+        device=device, options=eval_loader_options(cfg), batch_size=cfg.eval.batch_size,
     )
-    outcome = evaluate_split(method, loader, cfg.eval, split=config["split"])
+    with eval_autocast(cfg.eval.precision, device):
+        outcome = evaluate_split(method, loader, cfg.eval, split=config["split"], loc_threshold_index=config["loc_threshold_index"])
     if context.get_world_rank() != 0:
         ray.train.report(outcome.metrics)
         return
@@ -109,18 +164,50 @@ def evaluate_checkpoint(
     num_workers: int = 0,
     use_gpu: bool = False,
     tracking_uri: str = "",
+    layout: str = "auto",
+    loc_threshold: float | str = "auto",
 ) -> dict[str, float]:
-    """Protocol metrics of a checkpoint on ``split_dir``; ``num_workers`` > 0 runs on Ray Train."""
-    state_file = local_state_file(source, tracking_uri)
-    load_manifest(split_dir)  # a clear error for a wrong directory before anything starts
-    if num_workers <= 0:
-        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        method, cfg = load_method(state_file, overrides, device)
-        cfg = replace(cfg, eval=replace(cfg.eval, cam_curve_interval=interval))
-        from wsol_core.train.loop import loader_options
+    """Protocol metrics of a checkpoint on ``split_dir``; ``num_workers`` > 0 runs on Ray Train.
 
-        loader = build_loader(split_dir, split_kind="eval", device=device, options=loader_options(cfg), batch_size=cfg.eval.batch_size)
-        return evaluate_split(method, loader, cfg.eval, split=split).metrics
+    ``loc_threshold``: ``auto`` reads Loc on ``test`` at the checkpoint's val threshold, else at
+    the best threshold of a ``val`` split beside ``split_dir`` (scored first), else (no val
+    split) at this split's own best, with a warning; ``self`` always takes the split's own best
+    (how val chooses); a number in [0, 1) fixes it. The threshold used is in
+    ``<split>/loc_threshold``.
+    """
+    source = str(local_state_file(source, tracking_uri))  # download once; workers read the file
+    split_dir = Path(split_dir)
+    load_manifest(split_dir)  # a clear error for a wrong directory before anything starts
+    index: int | None = None
+    if loc_threshold == "auto" and split != "val":
+        stored = load_model(source, overrides=overrides, layout=layout).loc_threshold
+        if stored is not None:
+            index = threshold_index(stored, interval)
+        elif (split_dir.parent / "val" / "dataset.json").is_file():
+            print(f"[wsol] no val threshold stored with the model: scoring {split_dir.parent / 'val'} to choose it", flush=True)
+            chosen = _evaluate(source, split_dir.parent / "val", "val", interval, overrides, num_workers, use_gpu, layout, None)
+            if "val/loc_threshold" in chosen:
+                index = threshold_index(chosen["val/loc_threshold"], interval)
+        else:
+            print(f"[wsol] warning: no val threshold stored and no val split beside {split_dir}: Loc is read at {split}'s own best threshold", flush=True)
+    elif loc_threshold not in ("auto", "self"):
+        value = float(loc_threshold)
+        if not 0 <= value < 1:
+            raise ValueError(f"loc_threshold {value} must be in [0, 1)")
+        index = threshold_index(value, interval)
+    return _evaluate(source, split_dir, split, interval, overrides, num_workers, use_gpu, layout, index)
+
+
+def _evaluate(source, split_dir, split, interval, overrides, num_workers, use_gpu, layout, index) -> dict[str, float]:
+    if num_workers <= 0:
+        from wsol_core.train.loop import eval_loader_options
+
+        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        loaded = load_model(source, overrides=overrides, device=device, layout=layout)
+        cfg = replace(loaded.cfg, eval=replace(loaded.cfg.eval, cam_curve_interval=interval))
+        loader = build_loader(split_dir, split_kind="eval", device=device, options=eval_loader_options(cfg), batch_size=cfg.eval.batch_size)
+        with eval_autocast(cfg.eval.precision, device):
+            return evaluate_split(loaded.method, loader, cfg.eval, split=split, loc_threshold_index=index).metrics
 
     from wsol_core.train.ray_session import init_ray
 
@@ -130,7 +217,10 @@ def evaluate_checkpoint(
 
     trainer = TorchTrainer(
         evaluate_worker,
-        train_loop_config={"state_file": str(state_file), "split_dir": str(split_dir), "split": split, "interval": interval, "overrides": overrides or []},
+        train_loop_config={
+            "source": source, "split_dir": str(split_dir), "split": split, "interval": interval,
+            "overrides": overrides or [], "layout": layout, "loc_threshold_index": index,
+        },
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="wsol-eval-ray-")),
     )
