@@ -130,8 +130,50 @@ def test_two_workers_train_and_record_everything_in_mlflow(tmp_path):
     offline = json.loads(out.read_text())
     # Same weights, same thresholds (the protocol's 0.001 step in both): the same score, although
     # training evaluated on 2 DDP ranks with padding and this runs in one process.
-    for key in ("test/maxboxacc_v2", "test/boxacc_v2_iou70", "test/top1_loc"):
+    for key in ("test/maxboxacc_v2", "test/boxacc_v2_iou70", "test/maxboxacc_v1", "test/gt_known_loc", "test/top1_loc", "test/loc_threshold"):
         assert offline[key] == pytest.approx(metrics[key], abs=1e-6), key
+
+    # The published figures: v1 beside V2, Loc read on test at the threshold val chose.
+    assert 0.0 <= metrics["test/maxboxacc_v1"] <= 100.0 and "val/maxboxacc_v1_threshold" in metrics
+    assert metrics["test/loc_threshold"] == pytest.approx(metrics["val/loc_threshold"])
+    assert metrics["val/loc_threshold"] == pytest.approx(metrics["val/maxboxacc_v1_threshold"])
+    assert metrics["test/gt_known_loc"] <= metrics["test/maxboxacc_v1"] + 1e-9  # v1 is the best threshold's GT-known
+    assert metrics["test/top1_loc"] <= metrics["test/gt_known_loc"] + 1e-9
+    assert metrics["val/score"] == pytest.approx(metrics["val/maxboxacc_v2"])
+
+    # Localize pictures in a folder (JPEGs taken out of the test shards, one damaged file).
+    import tarfile
+
+    pictures = tmp_path / "pictures" / "nested"
+    pictures.mkdir(parents=True)
+    for shard in sorted((tmp_path / "data").rglob("test/*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".jpg"):
+                    (pictures / Path(member.name).name).write_bytes(tar.extractfile(member).read())
+    (pictures / "damaged.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (pictures / "notes.txt").write_text("not an image")
+    found = tmp_path / "found"
+    localize = [sys.executable, str(REPO / "jobs" / "localize.py"), "--checkpoint", f"runs:/{run.info.run_id}/model",
+                "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--images", str(tmp_path / "pictures"),
+                "--out", str(found), "--contact-sheet", "--save-maps", "--batch-size", "8"]
+    done = subprocess.run(localize, cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    good = sorted(p.name for p in pictures.glob("*.jpg") if p.name != "damaged.jpg")
+    rows = [json.loads(line) for line in (found / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(Path(r["image"]).name for r in rows) == good and len(good) == 24
+    summary = json.loads((found / "summary.json").read_text())
+    assert summary["images"] == 25 and summary["localized"] == 24 and len(summary["skipped"]) == 1
+    assert summary["skipped"][0]["image"] == "nested/damaged.jpg" and "damaged.jpg" in done.stdout
+    for row in rows:
+        assert row["threshold"] == pytest.approx(metrics["val/loc_threshold"])  # stored with the model
+        x0, y0, x1, y1 = row["box"]
+        assert 0 <= x0 <= x1 < row["width"] and 0 <= y0 <= y1 < row["height"]
+        assert 0 <= row["class_index"] < 10 and 0.0 < row["score"] <= 1.0
+        stem = row["image"].replace("/", "__").rsplit(".", 1)[0]
+        assert (found / "overlays" / f"{stem}.png").is_file() and (found / "maps" / f"{stem}.npy").is_file()
+    assert (found / "contact_sheet.png").is_file()
+    assert len((found / "predictions.csv").read_text().splitlines()) == 25
 
 
 def _descendants(pid: int):
