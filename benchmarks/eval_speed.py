@@ -13,7 +13,13 @@ CAM's resolution), with one GT box per blob in a random original image size. The
   more than ``--reference-limit`` maps (the 50,000-map mode for GPU machines).
 * ``fast``: :func:`wsol_core.metrics.best_iou_per_threshold` on the prepared uint8 maps;
 * ``reference``: :func:`wsol_core.metrics.reference.reference_best_iou`, one ``cv2.findContours``
-  per threshold as in the field's evaluator.
+  per threshold as in the field's evaluator;
+* ``v1``: the same two paths in largest-contour mode (MaxBoxAcc v1, the protocol's original
+  metric): ``fast_v1`` against the OpenCV ``reference_v1`` (``cv2.contourArea`` picks the contour);
+* ``pxap``: PxAP of the prepared float maps against masks painted from the GT boxes (an ignore
+  band of 255 along the top rows): :class:`~wsol_core.metrics.PxAPAccumulator` (one bucketize
+  and bincount per batch, on ``--device``) against the protocol's per-image ``np.histogram``
+  (:func:`~wsol_core.metrics.reference.reference_pxap`), each over all maps in turn.
 
 ``fast`` and ``reference`` see the same maps, once each, in one process; they are timed in
 interleaved chunks of ``--chunk`` maps so that both see the same background load on a shared
@@ -42,13 +48,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import machine_info, write_result  # noqa: E402
 from wsol_core.metrics import (  # noqa: E402
     MaxBoxAccumulator,
+    PxAPAccumulator,
     best_iou_per_threshold,
     default_thresholds,
+    prepare_float_maps,
     prepare_maps,
     rescale_boxes,
 )
 from wsol_core.metrics.boxes import _levels_batch  # noqa: E402  (compile statistics only)
-from wsol_core.metrics.reference import reference_best_iou  # noqa: E402
+from wsol_core.metrics.reference import reference_best_iou, reference_pxap  # noqa: E402
 
 GRID = 14
 Batch = tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]
@@ -102,7 +110,7 @@ def end_to_end(
 ) -> tuple[MaxBoxAccumulator, float, np.ndarray | None, list[np.ndarray]]:
     """Stream all maps through ``update_raw``; optionally keep the prepared maps and boxes."""
     acc = MaxBoxAccumulator(thresholds, device=device)
-    prepared, rescaled, elapsed = [], [], 0.0
+    prepared, rescaled, floats, elapsed = [], [], [], 0.0
     for maps, boxes, sizes in batches(args.num_maps, args.batch_size, args.seed, device):
         synchronize(device)
         start = time.perf_counter()
@@ -112,7 +120,9 @@ def end_to_end(
         if keep:
             # For the extraction-only comparison (bounded by --reference-limit), untimed.
             prepared.append(prepare_maps(maps).cpu().numpy())
+            floats.append(prepare_float_maps(maps).cpu().numpy())
             rescaled.extend(b.numpy() for b in rescale_boxes(boxes, sizes))
+    end_to_end.float_maps = np.concatenate(floats) if keep else None  # type: ignore[attr-defined]
     return acc, elapsed, (np.concatenate(prepared) if keep else None), rescaled
 
 
@@ -136,6 +146,53 @@ def interleaved(
     for clock in clocks.values():
         clock["images_per_s"] = len(maps) / clock["seconds"]
     return clocks, outputs
+
+
+def v1_comparison(maps: np.ndarray, boxes: list[np.ndarray], thresholds: np.ndarray, chunk: int, run_reference: bool) -> dict:
+    """MaxBoxAcc v1's extraction (largest contour) on both paths, interleaved like V2's."""
+    paths = {"fast_v1": lambda m, b, t: best_iou_per_threshold(m, b, t, largest_contour=True)}
+    if run_reference:
+        paths["reference_v1"] = lambda m, b, t: reference_best_iou(m, b, t, largest_contour=True)
+    clocks, outputs = interleaved(maps, boxes, thresholds, chunk, paths)
+    out: dict = {**clocks, "maxboxacc_v1": float((outputs["fast_v1"] >= 0.5).mean(0).max() * 100)}
+    if run_reference:
+        out["speedup"] = clocks["reference_v1"]["seconds"] / clocks["fast_v1"]["seconds"]
+        out["identical_iou"] = bool(np.array_equal(outputs["fast_v1"], outputs["reference_v1"]))
+    return out
+
+
+def box_masks(boxes: list[np.ndarray], size: int = 224) -> np.ndarray:
+    """PxAP masks from the GT boxes on the 224 grid: 1 inside any box, 0 outside, 255 (ignore)
+    on the top 8 rows outside the boxes."""
+    masks = np.zeros((len(boxes), size, size), np.uint8)
+    masks[:, :8] = 255
+    for i, image_boxes in enumerate(boxes):
+        for x0, y0, x1, y1 in np.asarray(image_boxes).reshape(-1, 4):
+            masks[i, max(y0, 0) : y1 + 1, max(x0, 0) : x1 + 1] = 1
+    return masks
+
+
+def pxap_comparison(
+    maps: np.ndarray, boxes: list[np.ndarray], thresholds: np.ndarray, batch_size: int, device: torch.device, run_reference: bool
+) -> dict:
+    masks = box_masks(boxes)
+    PxAPAccumulator(thresholds, device=device).update(torch.from_numpy(maps[:2]).to(device), torch.from_numpy(masks[:2]).to(device))  # JIT / cache load
+    wall, cpu = time.perf_counter(), time.process_time()
+    acc = PxAPAccumulator(thresholds, device=device)
+    for start in range(0, len(maps), batch_size):
+        acc.update(torch.from_numpy(maps[start : start + batch_size]).to(device), torch.from_numpy(masks[start : start + batch_size]).to(device))
+    value = acc.compute().pxap
+    synchronize(device)
+    fast = {"seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu}
+    fast["images_per_s"] = len(maps) / fast["seconds"]
+    out: dict = {"pxap": value, "fast": fast}
+    if run_reference:
+        wall, cpu = time.perf_counter(), time.process_time()
+        expected = reference_pxap(list(maps), list(masks), thresholds)
+        ref = {"seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu}
+        ref["images_per_s"] = len(maps) / ref["seconds"]
+        out.update(reference=ref, reference_pxap=expected, abs_diff=abs(value - expected), speedup=ref["seconds"] / fast["seconds"])
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -190,6 +247,9 @@ def main(argv: list[str] | None = None) -> dict:
         for row, delta in enumerate(acc.iou_deltas):
             expected = (outputs["fast"] >= delta / 100).sum(0)
             assert np.array_equal(acc.correct[row].cpu().numpy(), expected), "accumulator mismatch"
+    if compare:
+        payload["v1"] = v1_comparison(maps_u8, boxes_224, thresholds, args.chunk, run_reference)
+        payload["pxap"] = pxap_comparison(end_to_end.float_maps, boxes_224, thresholds, args.batch_size, device, run_reference)
     if run_reference:
         import cv2
 
@@ -214,8 +274,18 @@ def main(argv: list[str] | None = None) -> dict:
         )
     jit = "numba cache load" if jit_cache_hit else "JIT compile"
     print(f"{line}; {jit} {compile_s:.1f}s -> {path}")
-    if run_reference and not payload["identical_iou"]:
-        raise SystemExit("fast path and OpenCV reference disagree")
+    if compare:
+        v1, px = payload["v1"], payload["pxap"]
+        print(
+            f"  v1 (largest contour): MaxBoxAcc {v1['maxboxacc_v1']:.2f}, fast {v1['fast_v1']['images_per_s']:.0f} img/s"
+            + (f", OpenCV {v1['reference_v1']['images_per_s']:.1f} img/s, speedup {v1['speedup']:.0f}x, identical IoUs: {v1['identical_iou']}" if run_reference else "")
+        )
+        print(
+            f"  PxAP {px['pxap']:.3f}: accumulator {px['fast']['images_per_s']:.0f} img/s"
+            + (f", np.histogram reference {px['reference']['images_per_s']:.0f} img/s, speedup {px['speedup']:.1f}x, |diff| {px['abs_diff']:.2e}" if run_reference else "")
+        )
+    if run_reference and not (payload["identical_iou"] and payload["v1"]["identical_iou"] and payload["pxap"]["abs_diff"] < 1e-9):
+        raise SystemExit("fast path and reference disagree")
     return payload
 
 

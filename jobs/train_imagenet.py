@@ -44,8 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"[wsol] finished {outcome.run_name!r} ({'resumed' if outcome.resumed else 'new'} run)")
     for split in ("val", "test"):
-        if f"{split}/maxboxacc_v2" in metrics:
-            print(f"[wsol] {split} MaxBoxAccV2 = {metrics[f'{split}/maxboxacc_v2']:.2f}")
+        shown = [(label, metrics[f"{split}/{key}"]) for key, label in
+                 (("maxboxacc_v2", "MaxBoxAccV2"), ("maxboxacc_v1", "MaxBoxAcc v1"), ("gt_known_loc", "GT-known Loc"), ("top1_loc", "Top-1 Loc"), ("pxap", "PxAP"))
+                 if f"{split}/{key}" in metrics]
+        if shown:
+            print(f"[wsol] {split} " + ", ".join(f"{label} = {value:.2f}" for label, value in shown))
     print(f"[wsol] checkpoints: {outcome.checkpoint_path}")
     print(f"[wsol] MLflow run {outcome.mlflow_run_id} in experiment {outcome.experiment!r}; open the dashboard with:")
     print(f"    {outcome.dashboard_command()}")

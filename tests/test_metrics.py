@@ -515,3 +515,15 @@ def test_bad_thresholds_and_deltas():
         MaxBoxAccumulator(THR_01, iou_deltas=(30, 30))
     with pytest.raises(ValueError, match="below 1"):
         PxAPAccumulator([0.0, 1.0])
+
+
+@pytest.mark.parametrize("interval", [0.001, 0.01, 0.003])
+def test_pxap_bins_of_the_device_path_are_np_histograms(interval):
+    """The GPU path's bin rule (``floor(s / step)`` settled by one comparison each way) gives
+    np.histogram's bins, also for scores exactly on, or one ulp below, an edge."""
+    acc = PxAPAccumulator(np.arange(0, 1, interval))
+    edges = acc._edges
+    below = torch.nextafter(edges[:-2], torch.tensor(-1.0, dtype=torch.float64)).clamp(0)
+    scores = torch.cat([torch.rand(50_000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), edges[:-2], below, torch.tensor([0.0, 1.0])])
+    for x in (scores, scores.float().double()):
+        np.testing.assert_array_equal(acc._bins(x).numpy(), np.clip(np.searchsorted(edges.numpy(), x.numpy(), side="right") - 1, 0, acc.num_bins - 1))

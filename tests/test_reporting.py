@@ -155,6 +155,18 @@ def test_summary_falls_back_to_val_and_computes_the_mean():
     assert summary.split is None and summary.run["maxboxacc_v2"] == pytest.approx(60.0)
 
 
+def test_summary_shows_v1_and_pxap_and_reads_runs_logged_under_the_old_names():
+    summary = build_run_summary(CFG, {**METRICS, "test/maxboxacc_v1": 77.5}, "cub", synthetic=False)
+    header, rows, _ = reporting._summary_rows(summary)
+    assert "MaxBoxAcc (v1)" in header and "PxAP" in header
+    assert rows[0][header.index("MaxBoxAcc (v1)")] == "77.50" and rows[0][header.index("PxAP")] == "–"
+    legacy = {"test/maxboxacc_30": 97.0, "test/maxboxacc_50": 83.0, "test/maxboxacc_70": 45.0, "test/maxboxacc_v2": 75.0}
+    old = build_run_summary(CFG, legacy, "cub", synthetic=False)
+    assert old.run["boxacc_v2_iou30"] == 97.0 and old.run["boxacc_v2_iou70"] == 45.0 and old.run["maxboxacc_v1"] is None
+    masks_only = build_run_summary({**CFG, "model.backbone": "resnet50"}, {"test/pxap": 61.2, "val/pxap": 60.0}, "openimages", synthetic=False)
+    assert masks_only.split == "test" and masks_only.run["pxap"] == 61.2 and masks_only.run["maxboxacc_v2"] is None
+
+
 class _RecordingLogger:
     def __init__(self, enabled=True):
         self.enabled, self.run_id, self.calls = enabled, "r1", []

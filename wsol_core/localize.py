@@ -152,12 +152,18 @@ def overlay(image: Image.Image, score_map: np.ndarray, box: list[int], boxes: li
 
 
 def contact_sheet(pictures: list[Path], out: Path, columns: int = 6, thumb: int = 192) -> None:
-    rows = max(1, -(-len(pictures) // columns))
-    sheet = Image.new("RGB", (columns * thumb, rows * thumb), (32, 32, 32))
-    for i, path in enumerate(pictures):
+    """The overlays as thumbnails (at most ``thumb`` px a side) in a grid of ``columns``."""
+    thumbs = []
+    for path in pictures:
         with Image.open(path) as img:
             img.thumbnail((thumb, thumb))
-            sheet.paste(img, ((i % columns) * thumb, (i // columns) * thumb))
+            thumbs.append(img.copy())
+    cell_w, cell_h = max(t.width for t in thumbs), max(t.height for t in thumbs)
+    columns = min(columns, len(thumbs))
+    rows = -(-len(thumbs) // columns)
+    sheet = Image.new("RGB", (columns * cell_w, rows * cell_h), (32, 32, 32))
+    for i, img in enumerate(thumbs):
+        sheet.paste(img, ((i % columns) * cell_w, (i // columns) * cell_h))
     sheet.save(out)
 
 

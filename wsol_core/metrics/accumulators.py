@@ -11,7 +11,9 @@ CVPR 2020):
   largest contour only (``largest_contour=True``);
 * GT-known Loc is ``BoxAcc(t*, 50)`` at the chosen threshold ``t*`` with the GT class's map; Top-1 /
   Top-5 Loc also need the GT class among the top 1 / top 5 predicted classes; CorLoc is GT-known
-  Loc computed with class-agnostic maps.
+  Loc computed with class-agnostic maps. The published figures use one box per image, so the
+  training and evaluation jobs read them from the largest-contour (v1) accumulator, at the
+  threshold chosen on val (:func:`wsol_core.train.evaluate.evaluate_split`).
 
 Everything the metrics need is a sum over images, so the state is a small count tensor
 ``int64 [D + 2, T + 1]`` (``D`` IoU thresholds, ``T`` score-map thresholds) that does not grow with

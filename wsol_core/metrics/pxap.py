@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import torch
 
@@ -26,6 +27,33 @@ from wsol_core.metrics.preparation import prepare_float_maps
 from wsol_core.metrics.validation import check_float_maps, check_masks, check_thresholds
 
 __all__ = ["PxAPAccumulator", "PxAPResult", "pxap"]
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _pixel_histograms(scores, masks, edges, step, out):  # pragma: no cover - compiled
+    """Per image, the foreground (row 0) and background (row 1) histograms of its pixel scores.
+
+    The bin of ``s`` is np.histogram's: the last edge ``<= s``, the top bin closed. On an evenly
+    spaced grid (``step > 0``) it starts at ``floor(s / step)`` and moves at most a place to settle
+    the rounding; otherwise a binary search."""
+    last = edges.shape[0] - 2
+    n, h, w = scores.shape
+    for i in numba.prange(n):
+        for y in range(h):
+            for x in range(w):
+                label = masks[i, y, x]
+                if label > 1:
+                    continue
+                v = np.float64(scores[i, y, x])
+                if step > 0:
+                    b = min(max(int(v / step), 0), last)
+                    while b > 0 and v < edges[b]:
+                        b -= 1
+                    while b < last and v >= edges[b + 1]:
+                        b += 1
+                else:
+                    b = min(max(np.searchsorted(edges, v, side="right") - 1, 0), last)
+                out[i, 1 - label, b] += 1
 
 
 @dataclass(frozen=True)
@@ -64,6 +92,11 @@ class PxAPAccumulator:
             np.append(self.thresholds, [1.0, 2.0, 3.0]), dtype=torch.float64, device=self.device
         )
         self._state = torch.zeros((2, len(self.thresholds) + 2), dtype=torch.int64, device=self.device)
+        # The protocol's grid np.arange(0, 1, step) is evenly spaced: the bin is then floor(s / step)
+        # up to one place of rounding, which one comparison each way settles (2x faster than a
+        # binary search over 1,000 edges).
+        steps = np.diff(self.thresholds)
+        self._step = float(steps[0]) if len(steps) and self.thresholds[0] == 0 and np.allclose(steps, steps[0], rtol=0, atol=1e-12) else None
 
     @property
     def num_bins(self) -> int:
@@ -98,13 +131,32 @@ class PxAPAccumulator:
         scores = check_float_maps(torch.as_tensor(scores), "scores")
         masks = torch.as_tensor(masks)
         check_masks(masks, tuple(scores.shape))
-        scores = scores.to(self.device, torch.float64)
-        masks = masks.to(self.device)
-        # np.histogram's bin of x: the last edge <= x (searchsorted right, minus one).
-        bins = torch.bucketize(scores, self._edges, right=True) - 1
+        if scores.device.type == "cpu" or self.device.type == "cpu":
+            # One pass per pixel, parallel over images, in numba (torch's per-op temporaries were
+            # slower than the protocol's np.histogram on CPU).
+            if scores.dtype not in (torch.float32, torch.float64):
+                scores = scores.float()
+            per_image = np.zeros((len(scores), 2, self.num_bins), np.int64)
+            _pixel_histograms(
+                scores.cpu().contiguous().numpy(), masks.cpu().contiguous().numpy(), self._edges.cpu().numpy(), self._step or 0.0, per_image
+            )
+            self._state += torch.from_numpy(per_image.sum(0)).to(self.device)
+            return
+        scores, masks = scores.to(self.device, torch.float64), masks.to(self.device)
+        bins = self._bins(scores)
         for row, label in enumerate((1, 0)):
             selected = bins[masks == label]
             self._state[row] += torch.bincount(selected, minlength=self.num_bins)[: self.num_bins]
+
+    def _bins(self, scores: torch.Tensor) -> torch.Tensor:
+        """np.histogram's bin of each score: the last edge <= score (the top bin is closed)."""
+        if self._step is None:
+            return torch.bucketize(scores, self._edges, right=True) - 1
+        last = self.num_bins - 1
+        bins = torch.floor(scores / self._step).to(torch.int64).clamp_(0, last)
+        bins -= (scores < self._edges[bins]).to(torch.int64)
+        bins += (scores >= self._edges[(bins + 1).clamp_(max=last + 1)]).to(torch.int64) * (bins < last)
+        return bins.clamp_(0, last)
 
     def update_raw(self, maps: torch.Tensor | np.ndarray, masks: torch.Tensor | np.ndarray) -> None:
         """Count raw float maps of any size: resized to the masks' size and normalized first."""
