@@ -37,6 +37,7 @@ PLANS: dict[str, dict[str, tuple[str, list[str], str]]] = {
         "ablation": ("ablation.py", ["--variant", "fmcg-searched=@" + str(RESULTS / "search_synthetic_best_config.yaml")],
                      "ablation.json"),
         "inference_maps": ("inference_maps.py", [], "inference_maps_fmcg_val.json"),  # on the ablation's FMCG models
+        "localize_speed": ("localize_speed.py", [], "localize_speed.json"),
     },
     "cuda": {
         # The issues' GPU targets: 50,000 maps at 1000 thresholds; DALI mixed decode; training
@@ -51,6 +52,8 @@ PLANS: dict[str, dict[str, tuple[str, list[str], str]]] = {
              "--num-train", "4096", "--batch-size", "64", "--skip-torch-loader"],
             "train_throughput_cuda.json",
         ),
+        "localize_speed": ("localize_speed.py", ["--device", "cuda", "--backbones", "resnet50,vgg16", "--num-threads", "8",
+                                                 "--out", str(RESULTS / "localize_speed_cuda.json")], "localize_speed_cuda.json"),
         "train_scaling": ("train_scaling.py", ["--use-gpu", "--workers", "1", "--backbone", "resnet50", "--synthetic-size", "256",
                                                "--num-train", "4096", "--batch-size", "64", "--cpus-per-worker", "8"], "train_scaling_gpu.json"),
     },

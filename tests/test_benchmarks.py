@@ -111,3 +111,12 @@ def test_ablation_diagnostics_average_each_variants_logged_terms(tmp_path):
     assert diag["train/loss_caml"]["mean"] == pytest.approx(0.3) and diag["train/loss_caml"]["n"] == 2
     assert diag["test/mask_caml_bg_in_box"]["std"] == pytest.approx(0.01414, rel=1e-3)
     assert json.loads(result.read_text())["diagnostics"] == payload["diagnostics"]
+
+
+def test_localize_speed_runs_the_job_on_a_few_pictures(tmp_path):
+    """The localize benchmark's whole path on 6 pictures (its figures come from 1,000)."""
+    from benchmarks import localize_speed
+
+    payload = localize_speed.main(["--num-images", "6", "--backbones", "tiny", "--batch-size", "4", "--num-threads", "0", "--out", str(tmp_path / "l.json")])
+    assert [(r["backbone"], r["overlays"], r["images"]) for r in payload["runs"]] == [("tiny", True, 6), ("tiny", False, 6)]
+    assert all(r["command_images_per_s"] > 0 for r in payload["runs"]) and (tmp_path / "l.json").is_file()
