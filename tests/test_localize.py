@@ -38,7 +38,8 @@ def test_boxes_go_back_to_the_pictures_pixels():
     m[20:100, 10:90] = 255  # large
     m[120:170, 150:200] = 200  # small
     box, boxes = boxes_at(m, 0.5, 224, 224)
-    assert box == [10, 20, 89, 99] and sorted(boxes) == [[10, 20, 89, 99], [150, 120, 199, 169]]
+    # The protocol's boxes: cv2.boundingRect's (x, y, x + w, y + h), one past the blob's last pixel.
+    assert box == [10, 20, 90, 100] and sorted(boxes) == [[10, 20, 90, 100], [150, 120, 200, 170]]
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,7 @@ def shards(tmp_path_factory) -> Path:
 
 
 def checkpoint(directory: Path, threshold_index: int | None = 300) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
     cfg = load_config(overrides=["method.name=cam", "model.backbone=tiny", "model.pretrained=null"])
     method = build_method(cfg, 10)
     save_training_state(directory, TrainingState(epoch=1, model=method.state_dict(), optimizer={}, scheduler={}, config=to_dict(cfg),

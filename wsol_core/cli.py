@@ -27,6 +27,7 @@ _SHORTCUTS: dict[str, tuple[str, dict]] = {
     "--tracking-uri": ("run.tracking_uri", {"metavar": "URI", "help": "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"}),
     "--experiment": ("run.experiment", {"help": "MLflow experiment (default: the dataset name)"}),
     "--seed": ("train.seed", {"type": int}),
+    "--resume-from": ("run.resume_from", {"metavar": "CHECKPOINT_DIR", "help": "continue from this checkpoint of the run (default: the newest good one)"}),
 }
 
 
@@ -36,6 +37,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     for option, (_, kwargs) in _SHORTCUTS.items():
         parser.add_argument(option, default=None, **kwargs)
     parser.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker")
+    parser.add_argument("--no-resume", action="store_true", default=None, help="a fresh run under a new name, even if this name has checkpoints")
 
 
 def config_from_args(args: argparse.Namespace, base: dict | None = None) -> Config:
@@ -47,4 +49,6 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None) -> Conf
             overrides.append(f"{dotted}={value}")
     if args.use_gpu:
         overrides.append("run.use_gpu=true")
+    if getattr(args, "no_resume", None):
+        overrides.append("run.resume=never")
     return load_config(args.config, overrides + list(args.overrides), base=base)

@@ -230,6 +230,11 @@ class RunConfig:
     use_gpu: bool = False
     cpus_per_worker: float = spec(1.0, gt=0.0)
     max_failures: int = spec(2, ge=-1)
+    # Resuming a run with the same name and storage path: "auto" continues from the newest
+    # checkpoint that verifies (a damaged one is named and skipped); "never" starts a fresh run
+    # under a new name. resume_from: one checkpoint directory of this run to continue from.
+    resume: Literal["auto", "never"] = "auto"
+    resume_from: str = ""
 
 
 @dataclass

@@ -5,7 +5,9 @@ class-specific (or class-agnostic) map, and the boxes at the threshold chosen on
 image's own pixel coordinates. The boxes are the protocol's: the map is resized to 224x224
 (bicubic), min-max normalized and quantized (:func:`~wsol_core.metrics.prepare_maps`), and
 thresholded at ``int(t * max)``; ``box`` is the largest contour's box (the published GT-known /
-Top-1 Loc box), ``boxes`` every contour's. A box ``x0..x1`` (inclusive) on the 224 grid covers
+Top-1 Loc box), ``boxes`` every contour's, each as the evaluator scores it: ``cv2.boundingRect``'s
+``(x, y, x + w, y + h)`` clipped to the grid, so the far corner is one past the region's last
+pixel (the protocol's convention). A box ``x0..x1`` (inclusive) on the 224 grid covers
 original pixels ``floor(x0 * W / 224)`` to ``ceil((x1 + 1) * W / 224) - 1``.
 
 Images come from a folder (recursively; decoded with PIL in DataLoader workers, resized to

@@ -88,15 +88,24 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
         return found.experiment_id
 
 
-def start_or_resume_run(tracking_uri: str, experiment: str, run_key: str, run_name: str, tags: Mapping[str, str] | None = None) -> tuple[str, bool]:
-    """The id of the run with ``run_key`` in ``experiment`` (marked running again), or of a new one."""
+def find_run(tracking_uri: str, experiment: str, run_key: str):
+    """The newest MLflow run tagged with ``run_key`` in ``experiment``, or None (creates nothing
+    but the store and the experiment)."""
     ensure_store(tracking_uri)
     client = MlflowClient(tracking_uri)
     experiment_id = get_or_create_experiment(client, experiment)
     escaped = run_key.replace("'", "\\'")
     runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{escaped}'", max_results=1, order_by=["attributes.start_time DESC"])
-    if runs:
-        run_id = runs[0].info.run_id
+    return runs[0] if runs else None
+
+
+def start_or_resume_run(tracking_uri: str, experiment: str, run_key: str, run_name: str, tags: Mapping[str, str] | None = None) -> tuple[str, bool]:
+    """The id of the run with ``run_key`` in ``experiment`` (marked running again), or of a new one."""
+    found = find_run(tracking_uri, experiment, run_key)  # first: it prepares the store under its lock
+    client = MlflowClient(tracking_uri)
+    experiment_id = get_or_create_experiment(client, experiment)
+    if found is not None:
+        run_id = found.info.run_id
         client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         return run_id, True
     run = client.create_run(experiment_id, run_name=run_name, tags={RUN_KEY_TAG: run_key, **(tags or {})})

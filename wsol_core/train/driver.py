@@ -13,12 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlflow.tracking import MlflowClient
+
 from wsol_core.config import Config, ConfigError, dump_yaml, flatten, to_dict
 from wsol_core.data.manifest import load_manifest
 from wsol_core.data.resolve import resolve_data_root
-from wsol_core.tracking import RunLogger, git_commit, resolve_tracking_uri, start_or_resume_run
+from wsol_core.tracking import RunLogger, find_run, git_commit, resolve_tracking_uri, start_or_resume_run
 from wsol_core.train.loop import SCORE_KEY, train_loop_per_worker
 from wsol_core.train.ray_session import init_ray
+from wsol_core.train.resume import check_run_identity, plan_resume, run_checkpoints
 
 SPLITS = ("train", "val", "test")
 
@@ -67,6 +70,32 @@ def check_data(root: Path) -> dict[str, Any]:
     }
 
 
+def check_pretrained(cfg: Config) -> None:
+    """``model.pretrained`` names a readable file before Ray starts: a damaged or foreign
+    training checkpoint or weights file gets a one-line error naming it."""
+    source = cfg.model.pretrained
+    if not source or source == "torchvision":
+        return
+    from wsol_core.train.checkpoint import STATE_FILE, DamagedCheckpointError, verify_checkpoint
+
+    path = Path(source).expanduser()
+    try:
+        if path.is_dir() or path.name == STATE_FILE:
+            verify_checkpoint(path if path.is_dir() else path.parent)
+        elif not path.is_file():
+            raise ConfigError(f"model.pretrained = {source!r}: no such file or checkpoint directory")
+        else:
+            import torch
+
+            try:
+                torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ConfigError(f"model.pretrained = {source!r}: does not load with torch.load(weights_only=True): {reason}") from None
+    except DamagedCheckpointError as err:
+        raise ConfigError(f"model.pretrained: {err}") from None
+
+
 def run_training(cfg: Config, *, ray_address: str | None = None, registered_model_name: str = "") -> TrainingOutcome:
     """Train ``cfg`` on Ray Train and record it in MLflow; resumes a run with the same name."""
     data_root = resolve_data_root(cfg.data)
@@ -78,9 +107,24 @@ def run_training(cfg: Config, *, ray_address: str | None = None, registered_mode
     storage_path = cfg.run.storage_path or default_storage_path()
     if "://" not in storage_path:  # local or shared file system; s3:// and gs:// stay as given
         storage_path = str(Path(storage_path).expanduser().resolve())
+    check_pretrained(cfg)
     tracking_uri = resolve_tracking_uri(cfg.run.tracking_uri)
     experiment = cfg.run.experiment or data["dataset"]
+    local_storage = "://" not in storage_path
+    if cfg.run.resume == "never" and (find_run(tracking_uri, experiment, f"{storage_path}/{name}") or (local_storage and run_checkpoints(Path(storage_path) / name))):
+        name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        print(f"[wsol] --no-resume: a fresh run under the new name {name!r}", flush=True)
     run_key = f"{storage_path}/{name}"
+    # Which checkpoint to continue from, verified before anything starts (local / shared file
+    # systems; on object stores Ray's own choice stands).
+    resume = None
+    if local_storage and cfg.run.resume == "auto":
+        resume = plan_resume(Path(storage_path) / name, to_dict(cfg), cfg.run.resume_from)
+        existing = find_run(tracking_uri, experiment, run_key)
+        logged = len(MlflowClient(tracking_uri).get_metric_history(existing.info.run_id, "train/loss")) if existing else 0
+        check_run_identity(resume, existing.info.run_id if existing else None, logged, Path(storage_path) / name)
+        for line in resume.describe():
+            print(line, flush=True)
     run_id, resumed = start_or_resume_run(
         tracking_uri,
         experiment,
@@ -106,6 +150,9 @@ def run_training(cfg: Config, *, ray_address: str | None = None, registered_mode
             "tracking_uri": tracking_uri,
             "mlflow_run_id": run_id,
             "registered_model_name": registered_model_name,
+            "resume": None if resume is None else {
+                "checkpoint": str(resume.checkpoint.path) if resume.checkpoint else None, "present": resume.present,
+            },
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.run.num_workers,

@@ -226,13 +226,21 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
                 dist.broadcast(buffer, src=0)
 
 
-def _restore(model: WSOLMethod, optimizer, scheduler, device) -> TrainingState | None:
+def _restore(model: WSOLMethod, optimizer, scheduler, device, plan: dict | None) -> TrainingState | None:
+    """The training state to continue from: the checkpoint the driver verified (``plan``), or
+    one this fit wrote since (Ray hands it after a worker failure); None for a fresh start."""
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    from wsol_core.train.resume import pick_checkpoint
+
+    handed = ray.train.get_checkpoint()
+    directory = pick_checkpoint(handed.path if handed is not None else None, plan)
+    if directory is None:
         return None
-    with checkpoint.as_directory() as directory:
+    if handed is not None and directory == handed.path:
+        with handed.as_directory() as local:
+            state = load_training_state(local, map_location=device)
+    else:
         state = load_training_state(directory, map_location=device)
     model.load_state_dict(state.model)
     optimizer.load_state_dict(state.optimizer)
@@ -293,12 +301,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = build_optimizer(method, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
 
-    restored = _restore(method, optimizer, scheduler, device)
+    restored = _restore(method, optimizer, scheduler, device, loop_config.get("resume"))
     start_epoch = restored.epoch if restored else 0
     best_score = restored.best_score if restored else -1.0
     if rank == 0:
         if restored:
-            print(f"[wsol] resuming at epoch {start_epoch + 1} from the latest checkpoint", flush=True)
+            print(f"[wsol] resuming at epoch {start_epoch + 1} from a checkpoint of epoch {restored.epoch}", flush=True)
         logger.start_system_metrics()
 
     model: torch.nn.Module = ray.train.torch.prepare_model(method, move_to_device=False)

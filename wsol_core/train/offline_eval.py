@@ -27,7 +27,7 @@ from wsol_core.config import Config, load_config
 from wsol_core.data.loader import build_loader
 from wsol_core.data.manifest import load_manifest
 from wsol_core.methods import WSOLMethod, build_method
-from wsol_core.train.checkpoint import STATE_FILE, load_training_state
+from wsol_core.train.checkpoint import STATE_FILE, load_training_state, verify_checkpoint
 from wsol_core.train.evaluate import eval_autocast, evaluate_split
 
 
@@ -176,6 +176,8 @@ def evaluate_checkpoint(
     ``<split>/loc_threshold``.
     """
     source = str(local_state_file(source, tracking_uri))  # download once; workers read the file
+    if Path(source).name == STATE_FILE:
+        verify_checkpoint(Path(source).parent)  # a damaged file is named here, not deep in a worker
     split_dir = Path(split_dir)
     load_manifest(split_dir)  # a clear error for a wrong directory before anything starts
     index: int | None = None
