@@ -107,8 +107,9 @@ def synchronize(device: torch.device) -> None:
 
 def end_to_end(
     args: argparse.Namespace, thresholds: np.ndarray, device: torch.device, keep: bool
-) -> tuple[MaxBoxAccumulator, float, np.ndarray | None, list[np.ndarray]]:
-    """Stream all maps through ``update_raw``; optionally keep the prepared maps and boxes."""
+) -> tuple[MaxBoxAccumulator, float, np.ndarray | None, np.ndarray | None, list[np.ndarray]]:
+    """Stream all maps through ``update_raw``; optionally keep the prepared uint8 and float maps
+    and the boxes."""
     acc = MaxBoxAccumulator(thresholds, device=device)
     prepared, rescaled, floats, elapsed = [], [], [], 0.0
     for maps, boxes, sizes in batches(args.num_maps, args.batch_size, args.seed, device):
@@ -122,8 +123,9 @@ def end_to_end(
             prepared.append(prepare_maps(maps).cpu().numpy())
             floats.append(prepare_float_maps(maps).cpu().numpy())
             rescaled.extend(b.numpy() for b in rescale_boxes(boxes, sizes))
-    end_to_end.float_maps = np.concatenate(floats) if keep else None  # type: ignore[attr-defined]
-    return acc, elapsed, (np.concatenate(prepared) if keep else None), rescaled
+    if not keep:
+        return acc, elapsed, None, None, rescaled
+    return acc, elapsed, np.concatenate(prepared), np.concatenate(floats), rescaled
 
 
 def interleaved(
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     compile_s = time.perf_counter() - start
     jit_cache_hit = sum(_levels_batch.stats.cache_hits.values()) > 0
 
-    acc, elapsed, maps_u8, boxes_224 = end_to_end(args, thresholds, device, keep=compare)
+    acc, elapsed, maps_u8, maps_float, boxes_224 = end_to_end(args, thresholds, device, keep=compare)
     result = acc.compute()
     payload: dict = {
         "benchmark": "eval_speed",
@@ -249,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
             assert np.array_equal(acc.correct[row].cpu().numpy(), expected), "accumulator mismatch"
     if compare:
         payload["v1"] = v1_comparison(maps_u8, boxes_224, thresholds, args.chunk, run_reference)
-        payload["pxap"] = pxap_comparison(end_to_end.float_maps, boxes_224, thresholds, args.batch_size, device, run_reference)
+        payload["pxap"] = pxap_comparison(maps_float, boxes_224, thresholds, args.batch_size, device, run_reference)
     if run_reference:
         import cv2
 

@@ -143,12 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         elif shards:
             summary = localize_shards(
                 loaded.method, images, out, threshold=threshold, device=device, options=eval_loader_options(loaded.cfg),
-                batch_size=args.batch_size, overlays=not args.no_overlays, save_maps=args.save_maps, class_names=names,
+                batch_size=args.batch_size, overlays=not args.no_overlays, sheet=args.contact_sheet, save_maps=args.save_maps,
+                class_names=names,
             )
-            if args.contact_sheet and (out / "overlays").is_dir():
-                from wsol_core.localize import contact_sheet
-
-                contact_sheet(sorted((out / "overlays").iterdir()), out / "contact_sheet.png")
         else:
             summary = localize_folder(
                 loaded.method, images, out, threshold=threshold, device=device, batch_size=args.batch_size,

@@ -172,8 +172,8 @@ def contact_sheet(pictures: list[Path], out: Path, columns: int = 6, thumb: int 
 class OutputWriter:
     """predictions.jsonl / .csv, overlays/, maps/ and the summary, written as results arrive."""
 
-    def __init__(self, out: Path, *, overlays: bool, save_maps: bool, image_root: Path | None) -> None:
-        self.out, self.overlays, self.save_maps, self.image_root = out, overlays, save_maps, image_root
+    def __init__(self, out: Path, *, overlays: bool, save_maps: bool) -> None:
+        self.out, self.overlays, self.save_maps = out, overlays, save_maps
         out.mkdir(parents=True, exist_ok=True)
         self.jsonl = (out / "predictions.jsonl").open("w")
         self.csv_file = (out / "predictions.csv").open("w", newline="")
@@ -238,7 +238,7 @@ def localize_folder(
     total, batches = folder_batches(root, batch_size, num_threads)
     if total == 0:
         raise FileNotFoundError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-    writer = OutputWriter(out, overlays=overlays, save_maps=save_maps, image_root=root)
+    writer = OutputWriter(out, overlays=overlays, save_maps=save_maps)
     summary = Summary(threshold=threshold, device=str(device))
     start = time.perf_counter()
     bar = tqdm(total=total, unit="img", disable=not progress, desc="localize")
@@ -266,7 +266,7 @@ def localize_folder(
 
 def localize_shards(
     method, split_dir: Path, out: Path, *, threshold: float, device: torch.device, options, batch_size: int = 32,
-    rank: int = 0, world_size: int = 1, overlays: bool = True, save_maps: bool = False,
+    rank: int = 0, world_size: int = 1, overlays: bool = True, sheet: bool = False, save_maps: bool = False,
     class_names: list[str] | None = None, progress: bool = True,
 ) -> Summary:
     """Localize this rank's share of a shard split (the evaluation loader; corrupt samples are
@@ -277,7 +277,7 @@ def localize_shards(
     from wsol_core.viz import denormalize
 
     loader = build_loader(split_dir, split_kind="eval", rank=rank, world_size=world_size, device=device, options=options, batch_size=batch_size)
-    writer = OutputWriter(out, overlays=overlays, save_maps=save_maps, image_root=None)
+    writer = OutputWriter(out, overlays=overlays, save_maps=save_maps)
     summary = Summary(threshold=threshold, device=str(device))
     start = time.perf_counter()
     bar = tqdm(total=len(loader), unit="batch", disable=not progress, desc=f"localize rank {rank}")
@@ -303,7 +303,7 @@ def localize_shards(
         summary.skipped.append({"image": "...", "reason": f"{loader.skipped.total - len(loader.skipped.examples)} more: {loader.skipped.summary()}"})
     summary.seconds = time.perf_counter() - start
     summary.images_per_s = summary.localized / max(summary.seconds, 1e-9)
-    writer.close(summary, sheet=False)
+    writer.close(summary, sheet)
     return summary
 
 

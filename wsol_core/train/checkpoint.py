@@ -176,6 +176,7 @@ class CheckpointInfo:
     epoch: int
     mlflow_run_id: str
     config_fingerprint: str
+    loc_threshold: float | None = None
 
 
 def verify_checkpoint(directory: str | Path, *, config: dict[str, Any] | None = None, mlflow_run_id: str | None = None) -> CheckpointInfo:
@@ -213,7 +214,7 @@ def verify_checkpoint(directory: str | Path, *, config: dict[str, Any] | None = 
         raise DamagedCheckpointError(path, f"was written with another config ({shown}); pass --no-resume or a new --name")
     if mlflow_run_id is not None and state.mlflow_run_id and state.mlflow_run_id != mlflow_run_id:
         raise DamagedCheckpointError(path, f"belongs to MLflow run {state.mlflow_run_id}, not {mlflow_run_id}")
-    return CheckpointInfo(directory, state.epoch, state.mlflow_run_id, fingerprint)
+    return CheckpointInfo(directory, state.epoch, state.mlflow_run_id, fingerprint, state.loc_threshold)
 
 
 def load_model_weights(source: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

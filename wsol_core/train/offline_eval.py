@@ -108,11 +108,6 @@ def _ready(method: WSOLMethod, cfg: Config, device) -> WSOLMethod:
     return method
 
 
-def load_method(state_file: Path, overrides: list[str] | None = None, device: str | torch.device = "cpu") -> tuple[WSOLMethod, Config]:
-    loaded = load_model(str(state_file), overrides=overrides, device=device)
-    return loaded.method, loaded.cfg
-
-
 def _num_classes_from_weights(weights: dict[str, torch.Tensor]) -> int:
     for key in ("head.fc.weight", "probe.weight", "probe.fc.weight"):
         if key in weights:
@@ -176,13 +171,12 @@ def evaluate_checkpoint(
     ``<split>/loc_threshold``.
     """
     source = str(local_state_file(source, tracking_uri))  # download once; workers read the file
-    if Path(source).name == STATE_FILE:
-        verify_checkpoint(Path(source).parent)  # a damaged file is named here, not deep in a worker
+    # A damaged file is named here, not deep in a worker; a released checkpoint stores no threshold.
+    stored = verify_checkpoint(Path(source).parent).loc_threshold if Path(source).name == STATE_FILE else None
     split_dir = Path(split_dir)
     load_manifest(split_dir)  # a clear error for a wrong directory before anything starts
     index: int | None = None
     if loc_threshold == "auto" and split != "val":
-        stored = load_model(source, overrides=overrides, layout=layout).loc_threshold
         if stored is not None:
             index = threshold_index(stored, interval)
         elif (split_dir.parent / "val" / "dataset.json").is_file():
