@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
                 *args.overrides,
             ])
             root = resolve_data_root(cfg.data)
-            row = {"backbone": backbone, "method": method, "amp": cfg.train.amp, "channels_last": cfg.train.channels_last}
+            row = {"backbone": backbone, "method": method, "amp": cfg.train.amp, "channels_last": cfg.train.channels_last,
+                   "torch_loader_decode": cfg.data.decode}
             for mode in ("in_memory", "pipeline", *(() if args.skip_torch_loader else ("torch_loader",))):
                 start = time.perf_counter()
                 row[mode] = measure(cfg, root, device, mode)

@@ -134,6 +134,10 @@ class DataConfig:
     batch_size: int = spec(32, ge=1, doc="per worker")
     num_threads: int = spec(2, ge=1, doc="decode threads per worker")
     skip_corrupt: bool = False
+    # Where the torch loader decodes JPEGs: "workers" (PIL, the protocol's exact pixels) or
+    # "device" (batched nvJPEG on the GPU with GPU crops and resizes: GPU decoding where DALI is
+    # missing). DALI always decodes on the GPU when there is one.
+    decode: Literal["workers", "device"] = "workers"
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
 
     def resolved_sizes(self) -> tuple[int, int]:
@@ -149,6 +153,8 @@ class DataConfig:
             value = getattr(self, name)
             if 0 < value < 8:
                 raise ConfigError(f"{path}.{name} = {value} must be 0 (automatic) or at least 8")
+        if self.decode == "device" and self.loader == "dali":
+            raise ConfigError(f"{path}.decode = device applies to the torch loader; {path}.loader = dali decodes on the GPU itself")
         resize, crop = self.resolved_sizes()
         if crop > resize and not self.random_resized_crop:
             raise ConfigError(

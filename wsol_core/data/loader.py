@@ -79,6 +79,13 @@ class LoaderOptions:
             forking a process that holds DALI or CUDA threads is safe in practice. ``forkserver``
             / ``spawn`` avoid forking such a process at the cost of importing torch per worker.
         mean, std: normalization (ImageNet's by default), on the 0-1 scale.
+        decode: where the torch fallback decodes JPEGs. ``workers``: PIL in the worker
+            processes, the protocol's exact pixels. ``device``: the workers only read and draw
+            the crops; the main process decodes each batch with batched nvJPEG on the GPU
+            (``torchvision.io.decode_jpeg(..., device="cuda")``) and crops, resizes (antialiased
+            bilinear, within 1-2 grey levels of PIL's) and flips there: GPU decoding without
+            DALI. On a CPU device it runs the same code on the CPU. DALI ignores it (it decodes
+            on the GPU already).
     """
 
     backend: Backend = "auto"
@@ -101,6 +108,7 @@ class LoaderOptions:
     worker_start: Literal["fork", "forkserver", "spawn"] = "fork"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    decode: Literal["workers", "device"] = "workers"
 
     def validate(self) -> None:
         if self.backend not in ("auto", "dali", "torch"):
@@ -115,6 +123,8 @@ class LoaderOptions:
             raise ValueError("num_threads >= 0, prefetch >= 1, shuffle_buffer >= 1 and mask_size >= 1 are required")
         if self.verify not in ("none", "fast", "full"):
             raise ValueError(f"verify must be none, fast or full, not {self.verify!r}")
+        if self.decode not in ("workers", "device"):
+            raise ValueError(f"decode must be workers or device, not {self.decode!r}")
         lo, hi = self.rrc_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError("rrc_scale must satisfy 0 < lo <= hi <= 1")

@@ -69,9 +69,26 @@ class _Segment:
     keys: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class _Geometry:
+    """Where one training or evaluation image comes from, drawn in the worker from its seeded
+    generator, applied either there (PIL) or on the device after decoding (``decode="device"``):
+    cut ``pre_crop`` (top, left, h, w) out of the source (None: all of it), resize to ``resize``
+    (h, w), cut ``post_crop`` (top, left, h, w) out of that (None: all of it), then mirror."""
+
+    pre_crop: tuple[int, int, int, int] | None
+    resize: tuple[int, int]
+    post_crop: tuple[int, int, int, int] | None
+    flip: bool
+
+
 @dataclass
 class _Item:
-    """One sample out of a worker: a transformed image and its metadata, or an error."""
+    """One sample out of a worker: a transformed image and its metadata, or an error.
+
+    With ``decode="device"`` the image is not decoded in the worker: ``encoded`` holds the JPEG
+    bytes (or ``decoded`` the ``[3, H, W]`` pixels of a PNG, which nvJPEG does not read), and
+    ``geometry`` the transform the main process applies on the device."""
 
     image: torch.Tensor | None  # [H, W, 3] uint8
     meta: SampleMeta | None
@@ -79,6 +96,10 @@ class _Item:
     error: ShardError | None
     #: A structural error (unreadable tar): raised even with skip_corrupt.
     fatal: bool = False
+    encoded: torch.Tensor | None = None  # [N] uint8 JPEG bytes
+    decoded: torch.Tensor | None = None  # [3, H, W] uint8
+    geometry: _Geometry | None = None
+    shard: str = ""
 
 
 def _segments(split: VerifiedSplit, start: int, stop: int, cache: dict[str, list[IndexedSample]]) -> list[_Segment]:
@@ -180,7 +201,6 @@ class _ShardStream(IterableDataset):
 
     def _transform(self, sample: dict, rng: random.Random, kind: SplitKind) -> _Item:
         shard, key = sample["__shard__"], sample["__key__"]
-        opts = self.options
         manifest = self.split.manifest
         try:
             ext = next((e for e in ("jpg", "jpeg", "png") if e in sample), None)
@@ -193,32 +213,76 @@ class _ShardStream(IterableDataset):
             meta = parse_meta(sample.get("json"), sample.get("cls"), shard=shard, key=key,
                               labeled=manifest.labeled, num_classes=manifest.num_classes)
             try:
-                with Image.open(io.BytesIO(data)) as pil:
-                    pil.load()
-                    img = pil if pil.mode == "RGB" else pil.convert("RGB")
+                pil = Image.open(io.BytesIO(data))  # reads the header only
+                size = pil.size
             except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... on bad data
                 raise ShardError(shard, key, f"cannot decode image ({type(exc).__name__}: {exc})") from None
-            if img.size != (meta.width, meta.height):
-                raise ShardError(shard, key, f"image is {img.size[0]}x{img.size[1]} but its json says {meta.width}x{meta.height}")
-            c, r = opts.crop_size, opts.resize_size
-            if kind == "eval":
-                img = img.resize((c, c), Image.BILINEAR)
-            elif opts.random_resized_crop:
-                top, left, h, w = _rrc_params(meta.height, meta.width, opts.rrc_scale, opts.rrc_ratio, rng)
-                img = img.resize((c, c), Image.BILINEAR, box=(left, top, left + w, top + h))
-            else:
-                img = img.resize((r, r), Image.BILINEAR)
-                top, left = rng.randint(0, r - c), rng.randint(0, r - c)
-                img = img.crop((left, top, left + c, top + c))
-            if kind == "train" and opts.hflip and rng.random() < 0.5:
-                img = img.transpose(Image.FLIP_LEFT_RIGHT)
-            hwc = torch.from_numpy(np.array(img, dtype=np.uint8))  # [H, W, 3]
+            if size != (meta.width, meta.height):
+                raise ShardError(shard, key, f"image is {size[0]}x{size[1]} but its json says {meta.width}x{meta.height}")
+            geometry = self._geometry(meta.height, meta.width, rng, kind)
             mask = None
             if self.load_masks:
-                mask = protocol_mask(sample.get("mask.png"), sample.get("ignore.png"), size=opts.mask_size, shard=shard, key=key)
-            return _Item(hwc, meta, mask, None)
+                mask = protocol_mask(sample.get("mask.png"), sample.get("ignore.png"), size=self.options.mask_size, shard=shard, key=key)
+            if self.options.decode == "device" and pil.format == "JPEG":
+                return _Item(None, meta, mask, None, encoded=torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                             geometry=geometry, shard=shard)
+            try:
+                pil.load()
+                img = pil if pil.mode == "RGB" else pil.convert("RGB")
+            except Exception as exc:
+                raise ShardError(shard, key, f"cannot decode image ({type(exc).__name__}: {exc})") from None
+            if self.options.decode == "device":  # a PNG: decoded here, transformed on the device
+                chw = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+                return _Item(None, meta, mask, None, decoded=chw, geometry=geometry, shard=shard)
+            return _Item(_apply_pil(img, geometry), meta, mask, None)
         except ShardError as err:
             return _Item(None, None, None, err)
+
+    def _geometry(self, height: int, width: int, rng: random.Random, kind: SplitKind) -> _Geometry:
+        """The protocol's transforms as a :class:`_Geometry`, drawn from the worker's generator
+        (the same draws, in the same order, for both decode modes)."""
+        c, r = self.options.crop_size, self.options.resize_size
+        if kind == "eval":
+            return _Geometry(None, (c, c), None, False)
+        if self.options.random_resized_crop:
+            pre_crop: tuple[int, int, int, int] | None = _rrc_params(height, width, self.options.rrc_scale, self.options.rrc_ratio, rng)
+            resize, post_crop = (c, c), None
+        else:
+            pre_crop, resize = None, (r, r)
+            top, left = rng.randint(0, r - c), rng.randint(0, r - c)
+            post_crop = (top, left, c, c)
+        flip = self.options.hflip and rng.random() < 0.5
+        return _Geometry(pre_crop, resize, post_crop, flip)
+
+
+def _apply_pil(img: Image.Image, g: _Geometry) -> torch.Tensor:
+    """The geometry with PIL's bilinear resize: the protocol's reference transform, pixel for pixel."""
+    box = None
+    if g.pre_crop is not None:
+        top, left, h, w = g.pre_crop
+        box = (left, top, left + w, top + h)
+    img = img.resize((g.resize[1], g.resize[0]), Image.BILINEAR, box=box)
+    if g.post_crop is not None:
+        top, left, h, w = g.post_crop
+        img = img.crop((left, top, left + w, top + h))
+    if g.flip:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.array(img, dtype=np.uint8))  # [H, W, 3]
+
+
+def _apply_tensor(chw: torch.Tensor, g: _Geometry) -> torch.Tensor:
+    """The geometry on a decoded ``[3, H, W]`` uint8 image where it lies (the GPU): antialiased
+    bilinear resize, rounded back to 8 bits like PIL's. Returns ``[3, h, w]`` float32 in 0-255."""
+    if g.pre_crop is not None:
+        top, left, h, w = g.pre_crop
+        chw = chw[:, top : top + h, left : left + w]
+    x = torch.nn.functional.interpolate(chw[None].float(), size=g.resize, mode="bilinear", antialias=True, align_corners=False)[0]
+    if g.post_crop is not None:
+        top, left, h, w = g.post_crop
+        x = x[:, top : top + h, left : left + w]
+    if g.flip:
+        x = x.flip(-1)
+    return x.round_().clamp_(0, 255)
 
 
 def _rrc_params(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -241,6 +305,19 @@ def _rrc_params(height: int, width: int, scale: tuple[float, float], ratio: tupl
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Batched JPEG decoding to ``[3, H, W]`` uint8 RGB on ``device`` (nvJPEG on a GPU)."""
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders in favour of TorchCodec, which has no batched
+        # nvJPEG image decoding yet and is not a dependency; the GPU machines run torchvision 0.26.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
 
 def _identity(chunk: list[_Item]) -> list[_Item]:
@@ -308,6 +385,46 @@ class TorchLoader:
         x = ((x - self._mean) / self._std).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
         return x if self.options.channels_last else x.contiguous()
 
+    def _decode_on_device(self, items: list[_Item], padding: list[bool]) -> torch.Tensor:
+        """``decode="device"``: the batch's JPEGs decoded together by nvJPEG on the GPU
+        (``torchvision.io.decode_jpeg(list, device="cuda")``; on the CPU when the loader's device
+        is the CPU), then each cropped, resized and flipped where it lies, and normalized as one
+        tensor. A JPEG that does not decode is found by decoding the batch's one by one, and
+        named (or, with ``skip_corrupt``, counted and replaced by a flagged repeat of a good
+        sample of the batch, as in the worker path); ``padding`` is updated in place."""
+        jpegs = {id(it): it for it in items if it.encoded is not None}  # padding repeats one object
+        results: dict[int, torch.Tensor | str] = {}
+        try:
+            results = dict(zip(jpegs, _decode_jpegs([it.encoded for it in jpegs.values()], self.device)))
+        except RuntimeError:
+            for ident, it in jpegs.items():
+                try:
+                    results[ident] = _decode_jpegs([it.encoded], self.device)[0]
+                except RuntimeError as exc:
+                    results[ident] = str(exc).split(",")[-1].strip() or type(exc).__name__
+        decoded: dict[int, torch.Tensor] = {}
+        failed: list[int] = []
+        for i, it in enumerate(items):
+            result = results.get(id(it), it.decoded)
+            if isinstance(result, torch.Tensor):
+                decoded[i] = result.to(self.device, non_blocking=True)
+                continue
+            err = ShardError(it.shard, it.meta.key if it.meta else None, f"cannot decode image ({result})")
+            if not self.options.skip_corrupt:
+                raise err
+            if not padding[i]:
+                self.skipped.add(err)
+            failed.append(i)
+        if failed:
+            if not decoded:
+                raise ShardError(self.split.root, None, f"rank {self.rank}: no image of a batch could be decoded")
+            good = min(decoded)
+            for i in failed:
+                items[i], padding[i], decoded[i] = items[good], True, decoded[good]
+        out_images = torch.stack([_apply_tensor(decoded[i], it.geometry) for i, it in enumerate(items)])  # type: ignore[arg-type]
+        x = (out_images - self._mean[:, None, None]) / self._std[:, None, None]
+        return x.contiguous(memory_format=torch.channels_last) if self.options.channels_last else x
+
     def __iter__(self) -> Iterator[Batch]:
         try:
             yield from self._iterate()
@@ -358,7 +475,10 @@ class TorchLoader:
                     padding.append(True)
             batch_items, items = items[:bsz], items[bsz:]
             batch_pad, padding = padding[:bsz], padding[bsz:]
-            images = self._normalize(torch.stack([it.image for it in batch_items]))  # type: ignore[misc]
+            if self.options.decode == "device":
+                images = self._decode_on_device(batch_items, batch_pad)
+            else:
+                images = self._normalize(torch.stack([it.image for it in batch_items]))  # type: ignore[misc]
             masks = [it.mask for it in batch_items] if self.load_masks else None
             yield make_batch(images, [it.meta for it in batch_items], batch_pad, masks)  # type: ignore[misc]
             emitted += 1

@@ -17,7 +17,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,7 +29,6 @@ from wsol_core.data.loader import LoaderOptions, build_loader
 from wsol_core.data.manifest import load_manifest
 from wsol_core.methods import WSOLMethod, build_method
 from wsol_core.reporting import log_run_summary
-from wsol_core.tracking import RunLogger
 from wsol_core.train.checkpoint import (
     TrainingState,
     capture_rng_states,
@@ -39,6 +38,9 @@ from wsol_core.train.checkpoint import (
 )
 from wsol_core.train.evaluate import EvalOutcome, eval_autocast, evaluate_split
 from wsol_core.train.optim import build_optimizer, build_scheduler
+
+if TYPE_CHECKING:  # MLflow is needed by the worker entry point only: an epoch runs without it
+    from wsol_core.tracking import RunLogger
 
 SCORE_KEY = "val/score"  # checkpoints are ranked by this (Ray CheckpointConfig); see val_score()
 
@@ -56,7 +58,7 @@ def eval_loader_options(cfg: Config) -> LoaderOptions:
     """The evaluation splits' input options: ``eval.loader: exact`` reads them with the torch
     path, bit-identical to the protocol's transform; ``same`` keeps ``data.loader``."""
     options = loader_options(cfg)
-    return replace(options, backend="torch") if cfg.eval.loader == "exact" else options
+    return replace(options, backend="torch", decode="workers") if cfg.eval.loader == "exact" else options
 
 
 def loader_options(cfg: Config) -> LoaderOptions:
@@ -73,6 +75,7 @@ def loader_options(cfg: Config) -> LoaderOptions:
         seed=cfg.train.seed,
         num_threads=data.num_threads,
         skip_corrupt=data.skip_corrupt,
+        decode=data.decode,
     )
 
 
@@ -288,6 +291,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     seed_everything(cfg.train.seed, rank)
+    from wsol_core.tracking import RunLogger
+
     logger = RunLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"], enabled=rank == 0)
 
     # Model, optimizer, schedule.
