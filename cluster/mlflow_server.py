@@ -9,12 +9,14 @@ unless told otherwise, and an optional basic-auth mode (MLflow's ``basic-auth`` 
 
 Everything lives under --root (default ``$WSOL_MLFLOW_ROOT``, else ``./mlflow-server``):
 ``mlflow.db`` (runs), ``artifacts/`` (served to clients through the server), and in auth mode
-``basic_auth.db`` (users and permissions), ``basic_auth.ini`` and ``flask_secret_key`` (mode 0600).
+``basic_auth.db`` (users and password hashes), ``basic_auth.ini`` and ``flask_secret_key`` (mode 0600;
+the server refuses to start with a ``basic_auth.db`` that others can read).
 
 Auth mode: the admin password comes from ``$MLFLOW_ADMIN_PASSWORD`` or ``--admin-password-file``
 and never from a default: the server refuses to start without one, with MLflow's old shipped
 default (``password1234``) or another well-known one, with fewer than 12 characters (MLflow's
-rule), or when the auth database already holds the admin user with a different password
+rule), with one that is easy to guess however long (zxcvbn's score under 3: repeats such as
+``adminadminadmin``, dictionary words, keyboard walks, the user name), or when the auth database already holds the admin user with a different password
 (MLflow uses the configured password only to create the admin; change it afterwards with the
 update-password API and restart with the new one). The password is handed to MLflow through
 ``MLFLOW_AUTH_ADMIN_PASSWORD`` in the server's environment and never written to disk.
@@ -40,6 +42,9 @@ from pathlib import Path
 ADMIN_PASSWORD_ENV = "MLFLOW_ADMIN_PASSWORD"
 ROOT_ENV = "WSOL_MLFLOW_ROOT"
 MIN_PASSWORD_LENGTH = 12  # mlflow.utils.validation._validate_password
+# zxcvbn's score 3: "safely unguessable: moderate protection from offline slow-hash scenario"
+# (under 10^10 guesses scores 2 or less); the hashes in basic_auth.db are such a scenario.
+MIN_PASSWORD_SCORE = 3
 # Passwords that must never guard a server: MLflow's old shipped default and the usual suspects.
 WELL_KNOWN_PASSWORDS = frozenset(
     {
@@ -130,6 +135,16 @@ def check_password(password: str | None, username: str, source: str) -> str:
         raise ServerError(f"the admin password from {source} is a well-known default (or the username); choose another")
     if len(password) < MIN_PASSWORD_LENGTH:
         raise ServerError(f"the admin password from {source} has {len(password)} characters; MLflow requires at least {MIN_PASSWORD_LENGTH}")
+    # Length is not strength: "adminadminadmin" is 15 characters and a guess away. zxcvbn (Dropbox's
+    # estimator) finds repeats, sequences, dictionary words, l33t and the username in it.
+    from zxcvbn import zxcvbn
+
+    estimate = zxcvbn(password, user_inputs=[username, "mlflow", "wsol", "admin"])
+    if estimate["score"] < MIN_PASSWORD_SCORE:
+        why = estimate["feedback"]["warning"] or "built from words, names or patterns that are guessed first"
+        hint = " ".join(estimate["feedback"]["suggestions"]) or "Use a passphrase of several unrelated words or a generated secret."
+        raise ServerError(f"the admin password from {source} is easy to guess (about 10^{estimate['guesses_log10']:.0f} guesses: "
+                          f"{why.rstrip('.')}). {hint}")
     return password
 
 
@@ -191,6 +206,24 @@ def write_private(path: Path, text: str) -> None:
     os.chmod(path, 0o600)
 
 
+def private_auth_db(settings: ServerSettings) -> Path | None:
+    """The auth database holds every user's password hash: create it readable by the owner only
+    (SQLite keeps the mode, and gives its journal the same), and refuse one that others can read."""
+    path = _sqlite_path(settings.auth_db_uri)
+    if path is None:
+        return None  # a database server: its own access control applies
+    if path.exists():
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise ServerError(f"{path} holds the users' password hashes and is readable by others (mode {mode:04o}); "
+                              f"restrict it with: chmod 600 {path}")
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # an empty file is an empty SQLite database
+    os.chmod(path, 0o600)  # whatever the umask
+    return path
+
+
 def write_auth_config(settings: ServerSettings) -> Path:
     """MLflow's auth ini (``MLFLOW_AUTH_CONFIG_PATH``) without any password in it."""
     config = configparser.ConfigParser()
@@ -226,6 +259,12 @@ def flask_secret_key(settings: ServerSettings, environ: dict[str, str]) -> str:
     return key
 
 
+def default_workers() -> int:
+    """Server worker processes: MLflow's 4 where there are 8 cores or more, fewer below (with 4 on
+    a 2-core machine the workers kept dying and nothing was served)."""
+    return max(1, min(4, (os.cpu_count() or 1) // 2))
+
+
 def build_command(settings: ServerSettings) -> list[str]:
     command = [
         sys.executable,
@@ -242,8 +281,7 @@ def build_command(settings: ServerSettings) -> list[str]:
         "--port",
         str(settings.port),
     ]
-    if settings.workers:
-        command += ["--workers", str(settings.workers)]
+    command += ["--workers", str(settings.workers or default_workers())]
     if settings.allowed_hosts:
         command += ["--allowed-hosts", settings.allowed_hosts]
     if settings.auth:
@@ -304,6 +342,7 @@ def prepare(settings: ServerSettings, password_file: str | None, environ: dict[s
         except ImportError as err:
             raise ServerError("auth mode needs the Flask-WTF package: install mlflow[auth] (add it to pyproject.toml)") from err
         password, source = read_admin_password(password_file, environ, settings.admin_username)
+        private_auth_db(settings)  # before reading it: a database others can read is refused first
         state = check_existing_admin(settings, password)
         write_auth_config(settings)
         what = {"new": "creates", "matches": "uses existing", "rotates-legacy-default": "replaces the legacy default password of"}[state]
@@ -318,7 +357,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, argparse.
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--backend-store-uri", default="", metavar="URI", help="default: sqlite:///<root>/mlflow.db")
     parser.add_argument("--artifacts-destination", default="", metavar="DIR", help="default: <root>/artifacts")
-    parser.add_argument("--workers", type=int, default=None, help="server worker processes (MLflow's default: 4)")
+    parser.add_argument("--workers", type=int, default=None, help="server worker processes (default: half the cores, 1 to 4)")
     parser.add_argument("--allowed-hosts", default="", help="Host headers to accept when serving beyond loopback (MLflow's DNS-rebinding guard)")
     parser.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without --auth")
     parser.add_argument("--enable-jobs", action="store_true", help="start MLflow's GenAI job runner (off: WSOL does not use it)")

@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:  # SIGINT or SIGTERM: the driver closed the run and said how to resume
+        return getattr(stop, "exit_code", 130)
     metrics = outcome.metrics
     print()
     print(f"[wsol] finished {outcome.run_name!r} ({'resumed' if outcome.resumed else 'new'} run)")

@@ -14,6 +14,8 @@ import os
 import secrets
 import shutil
 import signal
+import stat
+import sqlite3
 import socket
 import subprocess
 import sys
@@ -438,6 +440,11 @@ def test_unauthenticated_and_wrong_credentials_are_refused(auth_server, auth_run
     assert requests.get(_api(auth_server, "runs/get"), params={"run_id": run_id}, auth=legacy, timeout=30).status_code == 401
     response = requests.get(_api(auth_server, "runs/get"), params={"run_id": run_id}, timeout=30)
     assert response.headers.get("WWW-Authenticate", "").lower().startswith("basic")
+    # The password hashes that MLflow wrote are for the owner's eyes only.
+    auth_db = auth_server.root / "basic_auth.db"
+    with sqlite3.connect(f"file:{auth_db}?mode=ro", uri=True) as db:
+        assert db.execute("SELECT count(*) FROM users WHERE username = 'admin'").fetchone() == (1,)
+    assert stat.S_IMODE(auth_db.stat().st_mode) == 0o600
 
 
 def test_admin_credentials_are_let_in(auth_server, auth_run):

@@ -86,6 +86,11 @@ def test_auth_mode_files_and_environment(server, tmp_path):
         ("changeme", "well-known default"),
         ("short-pw", "at least 12"),
         (" leading-space-password", "whitespace"),
+        ("adminadminadmin", "easy to guess .*Repeats"),  # long enough, and a guess away
+        ("Password2024!", "easy to guess"),
+        ("qwertyuiop123", "easy to guess"),
+        ("admin-admin-admin", "easy to guess"),
+        ("iloveyou1234", "easy to guess"),
     ],
 )
 def test_auth_refuses_missing_default_or_weak_passwords(server, tmp_path, password, message):
@@ -130,6 +135,7 @@ def _auth_db_with_admin(path: Path, password: str) -> None:
     with sqlite3.connect(path) as db:
         db.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, username TEXT UNIQUE, password_hash TEXT, is_admin BOOLEAN)")
         db.execute("INSERT INTO users (username, password_hash, is_admin) VALUES ('admin', ?, 1)", (generate_password_hash(password),))
+    path.chmod(0o600)  # as the server creates it
 
 
 def test_existing_admin_must_have_the_configured_password(server, tmp_path):
@@ -168,3 +174,65 @@ def test_the_script_refuses_to_start_auth_mode_without_a_real_password(tmp_path,
     assert done.returncode == 2, done.stdout + done.stderr
     assert "error:" in done.stderr and "mlflow server" not in done.stdout
     assert not (tmp_path / "basic_auth.db").exists()
+
+
+def test_the_auth_database_is_private(server, tmp_path):
+    settings, _ = _prepare(server, tmp_path, ["--auth"], {"MLFLOW_ADMIN_PASSWORD": GOOD})
+    auth_db = settings.root / "basic_auth.db"
+    assert auth_db.is_file() and stat.S_IMODE(auth_db.stat().st_mode) == 0o600  # created before MLflow opens it
+    auth_db.chmod(0o644)
+    with pytest.raises(server.ServerError, match=r"basic_auth.db holds the users' password hashes and is readable by others "
+                                                 r"\(mode 0644\); restrict it with: chmod 600 "):
+        _prepare(server, tmp_path, ["--auth"], {"MLFLOW_ADMIN_PASSWORD": GOOD})
+    assert stat.S_IMODE(auth_db.stat().st_mode) == 0o644  # refused, not silently changed
+    auth_db.chmod(0o600)
+    _prepare(server, tmp_path, ["--auth"], {"MLFLOW_ADMIN_PASSWORD": GOOD})
+
+
+@pytest.mark.integration
+def test_the_dashboard_command_the_job_prints_serves(tmp_path):
+    """The ``mlflow ui`` line printed at the end of every training run, run as printed."""
+    import shlex
+    import signal
+    import socket
+    import time
+
+    import requests
+    from mlflow.tracking import MlflowClient
+
+    from wsol_core.train.driver import TrainingOutcome
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("synthetic"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    outcome = TrainingOutcome("job", str(tmp_path), run.info.run_id, uri, "synthetic", False, {}, None)
+    command = outcome.dashboard_command(port)
+    assert command.startswith("uv run mlflow ui ") and "--workers 1" in command
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    process = subprocess.Popen(shlex.split(command), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        served = False
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                response = requests.get(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/get", params={"run_id": run.info.run_id},
+                                        timeout=5)
+                if response.status_code == 200:
+                    served = response.json()["run"]["info"]["run_id"] == run.info.run_id
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        assert served, process.stdout.read().decode(errors="replace")[-3000:] if process.poll() is not None else "not serving"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)

@@ -182,3 +182,29 @@ def test_shards_are_never_unpickled(tmp_path, backend):
     write_raw_split(tmp_path / "val", [members])
     _, batches = _run(tmp_path / "val", backend)
     assert [k for b in batches for k in b.keys] and not marker.exists()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_undecodable_training_sample_is_counted_once_per_epoch(tmp_path, backend):
+    """Only a decoder finds this JPEG broken. DALI's prefetching reads a batch or two past the
+    epoch's end; a bad sample met there once was counted twice in the epoch's skip report."""
+    good = jpeg_bytes(64, 48, seed=5)
+    at = good.index(b"\xff\xc4")
+    bogus_huffman = good[: at + 4] + b"\xff" * 16 + good[at + 20 :]
+    shards, members = [], []
+    for i in range(32):
+        members += sample_members(f"t{i:03d}", label=i % 3, seed=i, image=bogus_huffman if i == 5 else None)
+        if i % 8 == 7:
+            shards.append(members)
+            members = []
+    write_raw_split(tmp_path / "train", shards, split="train")
+    counts = {}
+    for epoch in (0, 1):
+        for rank in (0, 1):
+            loader = build_loader(tmp_path / "train", split_kind="train", rank=rank, world_size=2, batch_size=4, crop_size=32,
+                                  resize_size=40, skip_corrupt=True, backend=backend, num_threads=1)
+            loader.set_epoch(epoch)
+            assert sum(1 for _ in loader) == 4
+            counts[epoch, rank] = [key for _, key, _ in loader.skipped.examples]
+    for epoch in (0, 1):
+        assert counts[epoch, 0] + counts[epoch, 1] == ["t005"], counts  # read once per epoch, by one rank

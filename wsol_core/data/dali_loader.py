@@ -148,9 +148,13 @@ class _HostFeeder:
         sources: list[_Source] = []
         bad: set[int] = set()
         manifest = loader.split.manifest
+        # DALI's prefetching calls this source a batch or two past the epoch's last one; those
+        # batches are never yielded, so nothing in them counts (a bad sample there would be
+        # counted twice: again when the next epoch reads it).
+        read_ahead = self.batch_index >= plan.num_batches
         for j in range(n):
             pos = self.batch_index * plan.batch_size + j
-            padding[j] = plan.kind == "eval" and pos >= plan.slice_size
+            padding[j] = read_ahead or (plan.kind == "eval" and pos >= plan.slice_size)
             # The image member's source info names the tar, the offset and the key; a sample
             # without an image is named by its json or cls member instead.
             img_info = _parse_source_info(np.asarray(info_tls[0][j]))
@@ -404,6 +408,7 @@ class DaliLoader:
             raise RuntimeError(f"DALI failed on a batch that decodes on the host (keys {keys[:16]}...): {exc}") from exc
         if not self.options.skip_corrupt:
             raise culprits[0][2] from None
+        counted = sum(1 for fb, j, _ in culprits if not fb.padding[j])
         for fb, j, err in culprits:
             if not fb.padding[j]:
                 self.skipped.add(err)
@@ -418,7 +423,8 @@ class DaliLoader:
         feeder.pending.clear()
         feeder.replay = deque(pending)
         self.decode_rebuilds += 1
-        log.warning("rebuilding the DALI decode pipeline after skipping %d undecodable samples", len(culprits))
+        log.warning("rebuilding the DALI decode pipeline after %d undecodable samples (%d counted as skipped; the others are "
+                    "repeats or batches read ahead past the epoch)", len(culprits), counted)
         return self._decode_pipeline(plan, feeder, self.decode_rebuilds)
 
     # -- outputs -----------------------------------------------------------------------------------

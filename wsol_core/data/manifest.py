@@ -240,3 +240,43 @@ def verify_split(
         shards.append(VerifiedShard(tar, idx, info, start))
         start += info.num_samples
     return VerifiedSplit(root, manifest, shards, problems)
+
+
+def default_hash_cache() -> Path:
+    """``$XDG_CACHE_HOME/wsol/verified_shards.json`` (``~/.cache`` by default)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "wsol" / "verified_shards.json"
+
+
+def check_shard_hashes(split: VerifiedSplit, cache: Path | None = None) -> tuple[int, int]:
+    """Every tar's SHA-256 against the manifest, once per (path, size, mtime): a tar whose size and
+    modification time are unchanged since it last matched is not read again. The cache is a JSON
+    file of such matches (``default_hash_cache()``); a mismatch raises :class:`ShardError` and is
+    never cached. Returns ``(hashed, from_cache)``."""
+    cache = cache or default_hash_cache()
+    try:
+        known: dict = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    hashed = cached = 0
+    for shard in split.shards:
+        st = shard.tar.stat()
+        key = str(shard.tar.resolve())
+        stamp = [st.st_size, st.st_mtime_ns, shard.info.sha256]
+        if known.get(key) == stamp:
+            cached += 1
+            continue
+        digest = sha256_file(shard.tar)
+        if digest != shard.info.sha256:
+            known.pop(key, None)
+            raise ShardError(shard.tar, None, f"SHA-256 {digest[:16]}... differs from dataset.json ({shard.info.sha256[:16]}...)")
+        known[key] = stamp
+        hashed += 1
+    if hashed:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known))
+            tmp.replace(cache)  # atomic: concurrent runs never read half a file
+        except OSError:
+            pass  # a read-only home: hashed again next run, still correct
+    return hashed, cached

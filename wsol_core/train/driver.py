@@ -8,7 +8,11 @@ configuration or the data is checked here before Ray is started or any resource 
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,11 +20,14 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from wsol_core.config import Config, ConfigError, dump_yaml, flatten, to_dict
-from wsol_core.data.manifest import load_manifest
+from wsol_core.data.format import ShardError
+from wsol_core.data.loader import EpochPlan
+from wsol_core.data.manifest import check_shard_hashes, verify_split
 from wsol_core.data.resolve import resolve_data_root
 from wsol_core.tracking import RunLogger, find_run, git_commit, resolve_tracking_uri, start_or_resume_run
 from wsol_core.train.loop import SCORE_KEY, train_loop_per_worker
 from wsol_core.train.ray_session import init_ray
+from wsol_core.train.checkpoint import DamagedCheckpointError
 from wsol_core.train.resume import check_run_identity, plan_resume, run_checkpoints
 
 SPLITS = ("train", "val", "test")
@@ -37,8 +44,9 @@ class TrainingOutcome:
     metrics: dict[str, float]
     checkpoint_path: str | None
 
-    def dashboard_command(self) -> str:
-        return f"uv run mlflow ui --backend-store-uri {self.tracking_uri} --host 127.0.0.1 --port 5000"
+    def dashboard_command(self, port: int = 5000) -> str:
+        # One worker process: MLflow's default of 4 kept dying on a 2-core machine and never served.
+        return f"uv run mlflow ui --backend-store-uri {self.tracking_uri} --host 127.0.0.1 --port {port} --workers 1"
 
     def dashboard_url(self, experiment_id: str) -> str:
         return f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{self.mlflow_run_id}"
@@ -48,14 +56,30 @@ def default_storage_path() -> str:
     return str(Path(os.environ.get("WSOL_STORAGE_PATH", Path.home() / "wsol_runs")).resolve())
 
 
-def check_data(root: Path) -> dict[str, Any]:
-    """Every split's manifest is readable and consistent; returns what MLflow records of it."""
+def check_data(root: Path, cfg: Config | None = None, hash_cache: Path | None = None) -> dict[str, Any]:
+    """Everything about the data that would otherwise fail inside the workers, in seconds, before
+    Ray starts: every split's manifest, index files, tar sizes and counts (``verify_split``), every
+    tar's SHA-256 against the manifest (once per file version: cached by size and mtime), and,
+    given ``cfg``, that every rank gets a full training batch and an evaluation sample. Returns
+    what MLflow records of the data."""
     manifests = {}
+    hashed = cached = 0
     for split in SPLITS:
         split_dir = root / split
         if not (split_dir / "dataset.json").is_file():
             raise ConfigError(f"data.root = {str(root)!r}: no {split}/dataset.json (write shards with jobs/make_shards.py)")
-        manifests[split] = load_manifest(split_dir)
+        try:
+            verified = verify_split(split_dir, mode="fast", tolerate_sample_problems=bool(cfg and cfg.data.skip_corrupt))
+            h, c = check_shard_hashes(verified, hash_cache)
+        except (ShardError, ValueError, FileNotFoundError) as err:
+            raise ConfigError(f"data: {err} (check the shards with `python jobs/make_shards.py verify {split_dir}`)") from None
+        hashed, cached = hashed + h, cached + c
+        manifests[split] = verified.manifest
+    if hashed:
+        print(f"[wsol] data: SHA-256 of {hashed} shards checked against their manifests ({cached} unchanged since their last check)",
+              flush=True)
+    if cfg is not None:
+        check_batches(cfg, {split: m.num_samples for split, m in manifests.items()})
     train = manifests["train"]
     for split in ("val", "test"):
         if manifests[split].num_classes != train.num_classes:
@@ -68,6 +92,22 @@ def check_data(root: Path) -> dict[str, Any]:
         "tags": {f"data.{split}.sha256": ",".join(s.sha256[:16] for s in m.shards)[:4000] for split, m in manifests.items()},
         "counts": {split: m.num_samples for split, m in manifests.items()},
     }
+
+
+def check_batches(cfg: Config, counts: dict[str, int]) -> None:
+    """Every rank gets the same number of full training batches (at least one) and at least one
+    evaluation sample: the loaders' plan, checked here instead of in every worker."""
+    world = cfg.run.num_workers
+    train = EpochPlan(counts["train"], cfg.data.batch_size, 0, world, 0, "train")
+    if counts["train"] < world or train.num_batches == 0:
+        raise ConfigError(
+            f"data.batch_size = {cfg.data.batch_size} per worker on run.num_workers = {world}: the {counts['train']} training "
+            f"images give no full batch per worker (each gets {counts['train'] // max(world, 1)}; the remainder is dropped); "
+            f"lower data.batch_size or run.num_workers"
+        )
+    for split in ("val", "test"):
+        if counts[split] < world:
+            raise ConfigError(f"{split} has {counts[split]} images for run.num_workers = {world}: every worker needs one")
 
 
 def check_pretrained(cfg: Config) -> None:
@@ -96,10 +136,166 @@ def check_pretrained(cfg: Config) -> None:
         raise ConfigError(f"model.pretrained: {err}") from None
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM (what SLURM and ``kill`` send) stopped the driver."""
+
+    def __init__(self, signal_name: str, exit_code: int) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+        self.exit_code = exit_code
+
+
+def _raise_on_sigterm(signum, frame) -> None:
+    raise RunInterrupted("SIGTERM", 128 + signal.SIGTERM)
+
+
+@contextmanager
+def honest_run_status(logger: RunLogger, run_id: str, resume_hint: str):
+    """Close the MLflow run however the driver ends: FINISHED (the caller), KILLED on SIGINT or
+    SIGTERM, FAILED on any error (Ray's start included), and say how to resume. SIGTERM is
+    turned into :class:`RunInterrupted` while the run is open, so that it unwinds like Ctrl-C."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if in_main_thread else None
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        logger.finish("KILLED")
+        name = getattr(exc, "signal_name", "SIGINT")
+        print(f"[wsol] stopped by {name}: MLflow run {run_id} is marked KILLED; {resume_hint}", file=sys.stderr, flush=True)
+        raise
+    except BaseException as exc:
+        logger.finish("FAILED")
+        exc.add_note(f"[wsol] MLflow run {run_id} is marked FAILED; {resume_hint}")
+        raise
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _fit(cfg: Config, name: str, storage_path: str, data_root: Path, tracking_uri: str, run_id: str,
+         registered_model_name: str, resume, ray_address: str | None):
+    """Start (or join) Ray and run the ``TorchTrainer``."""
+    init_ray(ray_address)  # before any other ray import: it decides how workers start
+    if threading.current_thread() is threading.main_thread():
+        # Ray's core installs a SIGTERM handler in the driver that aborts the process (exit -6);
+        # take SIGTERM back so that it closes the run like Ctrl-C (honest_run_status).
+        signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": to_dict(cfg),
+            "data_root": str(data_root),
+            "tracking_uri": tracking_uri,
+            "mlflow_run_id": run_id,
+            "registered_model_name": registered_model_name,
+            "resume": None if resume is None else {
+                "checkpoint": str(resume.checkpoint.path) if resume.checkpoint else None, "present": resume.present,
+            },
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.run.num_workers,
+            use_gpu=cfg.run.use_gpu,
+            resources_per_worker={"CPU": cfg.run.cpus_per_worker, **({"GPU": 1} if cfg.run.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            # Retries are the driver's (_fit_with_retries): Ray's would repeat deterministic errors.
+            failure_config=FailureConfig(max_failures=0),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_best, checkpoint_score_attribute=SCORE_KEY, checkpoint_score_order="max"
+            ),
+        ),
+    )
+    return _fit_in_a_thread(trainer)
+
+
+#: Faults of the data, the configuration or a checkpoint: the same on every attempt.
+NOT_TRANSIENT = (ShardError, ConfigError, DamagedCheckpointError)
+
+
+def not_transient(error: BaseException) -> BaseException | None:
+    """The worker exception behind a failed fit that no retry can fix, if there is one. Ray
+    Train returns each worker's exception wrapped with its traceback (``UserExceptionWithTraceback``,
+    the original in ``_base_exc``); the traceback text is the fallback."""
+    for failure in (getattr(error, "worker_failures", None) or {}).values():
+        base = getattr(failure, "_base_exc", failure)
+        if isinstance(base, NOT_TRANSIENT):
+            return base
+        text = str(failure)
+        for kind in NOT_TRANSIENT:
+            if f"{kind.__module__}.{kind.__name__}: " in text or f"\n{kind.__name__}: " in text:
+                return RuntimeError(text.strip().splitlines()[-1])
+    return None
+
+
+def _fit_with_retries(cfg: Config, name: str, storage_path: str, data_root: Path, tracking_uri: str, run_id: str,
+                      registered_model_name: str, resume, ray_address: str | None):
+    """The fit, restarted from the newest checkpoint after a worker failure (a killed process, a
+    lost node) up to ``run.max_failures`` times (-1: always); never after a fault of the data, the
+    configuration or a checkpoint, which would only happen again (``NOT_TRANSIENT``)."""
+    failures = 0
+    while True:
+        try:
+            return _fit(cfg, name, storage_path, data_root, tracking_uri, run_id, registered_model_name, resume, ray_address)
+        except Exception as err:
+            from ray.train import TrainingFailedError  # imported only after init_ray (see _fit)
+
+            if not isinstance(err, TrainingFailedError):
+                raise
+            cause = not_transient(err)
+            if cause is not None:
+                err.add_note(f"[wsol] not retried: {type(cause).__name__} is a fault of the data or the configuration "
+                             f"({str(cause).splitlines()[0][:300]}); fix it and run again")
+                raise
+            failures += 1
+            if cfg.run.max_failures != -1 and failures > cfg.run.max_failures:
+                raise
+            print(f"[wsol] the workers failed ({str(err).strip().splitlines()[0][:200]}); restarting from the newest checkpoint "
+                  f"(retry {failures} of {'unlimited' if cfg.run.max_failures == -1 else cfg.run.max_failures})", flush=True)
+            if "://" not in storage_path:
+                resume = plan_resume(Path(storage_path) / name, to_dict(cfg), None)
+
+
+def _fit_in_a_thread(trainer):
+    """``trainer.fit()`` with the driver's main thread left to handle signals. Ray Train installs
+    its own SIGINT handler when ``fit`` runs in the main thread, and it ends the call with an
+    error that cannot be told from a crash; run elsewhere (as Tune runs it), Ctrl-C and SIGTERM
+    reach :func:`honest_run_status` as :class:`KeyboardInterrupt`, and the run is closed as
+    KILLED. The Ray Train controller and its workers belong to this driver and end with it."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the main thread as it is
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # short waits: a signal is handled between them
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def resume_hint(cfg: Config, name: str, storage_path: str) -> str:
+    """The one line that says how to continue this run."""
+    if cfg.run.name == name and cfg.run.resume != "never":
+        return "run the same command again to resume it from its newest checkpoint"
+    return (f"to resume it from its newest checkpoint, run the same command with --name {name}"
+            + (" (without --no-resume)" if cfg.run.resume == "never" else "")
+            + ("" if storage_path == default_storage_path() else f" --storage-path {storage_path}"))
+
+
 def run_training(cfg: Config, *, ray_address: str | None = None, registered_model_name: str = "") -> TrainingOutcome:
     """Train ``cfg`` on Ray Train and record it in MLflow; resumes a run with the same name."""
     data_root = resolve_data_root(cfg.data)
-    data = check_data(data_root)
+    data = check_data(data_root, cfg)
     if cfg.model.num_classes and cfg.model.num_classes != data["num_classes"]:
         raise ConfigError(f"model.num_classes = {cfg.model.num_classes} but the dataset has {data['num_classes']} classes")
 
@@ -136,46 +332,8 @@ def run_training(cfg: Config, *, ray_address: str | None = None, registered_mode
     logger.log_params({**flatten(cfg), "data.resolved_root": str(data_root), **{f"data.num_{k}": v for k, v in data["counts"].items()}})
     logger.log_text(dump_yaml(cfg), "config.yaml")
     print(f"[wsol] run {name!r}: MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {tracking_uri}", flush=True)
-
-    init_ray(ray_address)  # before any other ray import: it decides how workers start
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "config": to_dict(cfg),
-            "data_root": str(data_root),
-            "tracking_uri": tracking_uri,
-            "mlflow_run_id": run_id,
-            "registered_model_name": registered_model_name,
-            "resume": None if resume is None else {
-                "checkpoint": str(resume.checkpoint.path) if resume.checkpoint else None, "present": resume.present,
-            },
-        },
-        scaling_config=ScalingConfig(
-            num_workers=cfg.run.num_workers,
-            use_gpu=cfg.run.use_gpu,
-            resources_per_worker={"CPU": cfg.run.cpus_per_worker, **({"GPU": 1} if cfg.run.use_gpu else {})},
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=cfg.train.keep_best, checkpoint_score_attribute=SCORE_KEY, checkpoint_score_order="max"
-            ),
-        ),
-    )
-    try:
-        result = trainer.fit()
-    except KeyboardInterrupt:
-        logger.finish("KILLED")  # the same command resumes it
-        raise
-    except Exception:
-        logger.finish("FAILED")
-        raise
+    with honest_run_status(logger, run_id, resume_hint(cfg, name, storage_path)):
+        result = _fit_with_retries(cfg, name, storage_path, data_root, tracking_uri, run_id, registered_model_name, resume, ray_address)
     logger.finish("FINISHED")
     # Ray keeps the metrics of the last checkpoint; the run's final (test) figures are in MLflow.
     final_metrics = {**(result.metrics or {}), **logger.client.get_run(run_id).data.metrics}

@@ -139,7 +139,8 @@ def evaluate_split(
     # v1 and the Loc figures: one box per image (the largest contour), IoU 0.5.
     accumulator_v1 = MaxBoxAccumulator(thresholds, (LOC_IOU,), largest_contour=True, device=device)
     pxap = PxAPAccumulator(thresholds, device=device)
-    counts = torch.zeros(6, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, images, boxed, masked, labelled
+    counts = torch.zeros(7, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, images, boxed, masked, labelled, skipped
+    skipped_before = loader.skipped.total if hasattr(loader, "skipped") else 0
     vis: dict[str, list] = {"images": [], "maps": [], "gt": [], "titles": []}
     mask_stats = MaskStatistics()
     variants: dict[str, MaxBoxAccumulator] = {}
@@ -186,11 +187,12 @@ def evaluate_split(
             vis["gt"].extend(rescale_boxes([batch.gt_boxes_list()[i] for i in take.tolist()], batch.orig_sizes[take]) if boxed else [np.zeros((0, 4), np.int64)] * len(take))
             vis["titles"].extend(batch.keys[i] for i in take.tolist())
 
+    counts[6] = (loader.skipped.total if hasattr(loader, "skipped") else 0) - skipped_before
     _all_reduce(counts)
-    top1, top5, images, boxed_images, masked_images, labelled = counts.tolist()
+    top1, top5, images, boxed_images, masked_images, labelled, skipped = counts.tolist()
     if boxed_images not in (0, images):
         raise ValueError(f"{split}: {int(images - boxed_images)} of {int(images)} images have no GT box; a split is scored with boxes or with masks, not a mix")
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = {f"{split}/skipped_samples": skipped}  # bad samples left out (data.skip_corrupt)
     accuracy = accuracy_v1 = pxap_result = None
     if boxed_images:
         accumulator.load_state_tensor(_all_reduce(accumulator.state_tensor()))

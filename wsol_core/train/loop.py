@@ -154,6 +154,7 @@ def train_one_epoch(
     wait_seconds = 0.0
     total_steps = cfg.train.epochs * steps_per_epoch
     bar = _ProgressBar(show_progress, steps_per_epoch, epoch, cfg.train.epochs)
+    skipped_before = loader.skipped.total if hasattr(loader, "skipped") else 0
     epoch_start = tick = time.perf_counter()
     iterator = iter(loader)
     while True:
@@ -204,6 +205,11 @@ def train_one_epoch(
     # Every rank sees the same number of batches, so the global rate is world x the local one.
     metrics["train/images_per_s"] = images_seen * world / elapsed
     metrics["train/data_wait"] = wait_seconds / elapsed
+    # Bad samples left out this epoch (data.skip_corrupt), over every rank.
+    skipped = torch.tensor([float((loader.skipped.total if hasattr(loader, "skipped") else 0) - skipped_before)], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(skipped)
+    metrics["train/skipped_samples"] = float(skipped.item())
     return metrics
 
 
