@@ -41,6 +41,10 @@ def test_ctrl_c_marks_the_run_killed_and_says_how_to_resume(tmp_path):
     assert run.info.status == "KILLED"
     assert f"[wsol] stopped by SIGINT: MLflow run {run.info.run_id} is marked KILLED; run the same command again" in err
     assert "Traceback" not in err.split("[wsol] stopped by SIGINT")[-1]
+    # Not a terminal: plain progress lines, one per epoch's end, and no redrawn bars.
+    log = out + err
+    assert log.count("[wsol] epoch 1/6 done: 4 steps in ") == 1, log[-3000:]
+    assert "█" not in log and "100%|" not in log
 
 
 def test_sigterm_marks_the_run_killed_and_the_same_command_resumes_it(tmp_path):

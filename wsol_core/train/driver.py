@@ -191,6 +191,8 @@ def _fit(cfg: Config, name: str, storage_path: str, data_root: Path, tracking_ur
             "tracking_uri": tracking_uri,
             "mlflow_run_id": run_id,
             "registered_model_name": registered_model_name,
+            # A live bar on a terminal; plain periodic lines in logs (ray job logs, SLURM files, CI).
+            "progress": os.environ.get("WSOL_PROGRESS") or ("bar" if sys.stdout.isatty() else "lines"),
             "resume": None if resume is None else {
                 "checkpoint": str(resume.checkpoint.path) if resume.checkpoint else None, "present": resume.present,
             },

@@ -11,7 +11,9 @@ checkpoints; every rank takes part in the all-reduces of evaluation.
 from __future__ import annotations
 
 import math
+import os
 import random
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -135,6 +137,44 @@ class _ProgressBar:
             self.bar.close()
 
 
+class _ProgressLines:
+    """Plain progress lines for logs that are not a terminal (``ray job logs``, SLURM output files,
+    CI, ``> log``), where a redrawn bar becomes hundreds of lines: one line every ``every``
+    seconds, and one when the epoch ends."""
+
+    def __init__(self, enabled: bool, total: int, epoch: int, epochs: int, every: float = 30.0) -> None:
+        self.enabled, self.total, self.every = enabled, total, every
+        self.prefix = f"epoch {epoch + 1}/{epochs}"
+        self.steps = 0
+        self.start = self.last = time.perf_counter()
+        self.figures = ""
+
+    def update(self, images_per_s: float, data_wait: float, loss: float) -> None:
+        self.steps += 1
+        self.figures = f"{images_per_s:.0f} img/s | data wait {data_wait:.0%} | loss {loss:.3f}"
+        now = time.perf_counter()
+        if self.enabled and now - self.last >= self.every and self.steps < self.total:
+            self.last = now
+            self._say(f"[wsol] {self.prefix} step {self.steps}/{self.total} | {self.figures}")
+
+    def close(self) -> None:
+        if self.enabled:
+            self._say(f"[wsol] {self.prefix} done: {self.steps} steps in {time.perf_counter() - self.start:.0f} s | {self.figures}")
+
+    @staticmethod
+    def _say(line: str) -> None:
+        # To the process's own stdout: Ray Train's patched print() also tees to a wrapped
+        # sys.stdout (MLflow wraps it), and every line would reach the log twice.
+        print(line, file=sys.__stdout__, flush=True)
+
+
+def progress_display(show: bool | str, total: int, epoch: int, epochs: int):
+    """``"bar"`` (or True): a live bar for a terminal; ``"lines"``: plain periodic lines; False: none."""
+    if show == "lines":
+        return _ProgressLines(True, total, epoch, epochs, float(os.environ.get("WSOL_PROGRESS_EVERY", "30")))
+    return _ProgressBar(bool(show), total, epoch, epochs)
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     method: WSOLMethod,
@@ -145,7 +185,7 @@ def train_one_epoch(
     device: torch.device,
     epoch: int,
     steps_per_epoch: int,
-    show_progress: bool,
+    show_progress: bool | str,
 ) -> dict[str, float]:
     """One pass over the rank's shard; returns the epoch's mean losses, lr and throughput."""
     model.train()
@@ -153,7 +193,7 @@ def train_one_epoch(
     images_seen, steps = 0, 0
     wait_seconds = 0.0
     total_steps = cfg.train.epochs * steps_per_epoch
-    bar = _ProgressBar(show_progress, steps_per_epoch, epoch, cfg.train.epochs)
+    bar = progress_display(show_progress, steps_per_epoch, epoch, cfg.train.epochs)
     skipped_before = loader.skipped.total if hasattr(loader, "skipped") else 0
     epoch_start = tick = time.perf_counter()
     iterator = iter(loader)
@@ -331,7 +371,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     loc_threshold_index: int | None = restored.loc_threshold_index if restored else None
     for epoch in range(start_epoch, cfg.train.epochs):
         train_loader.set_epoch(epoch)
-        metrics = train_one_epoch(model, method, train_loader, optimizer, scheduler, cfg, device, epoch, steps_per_epoch, rank == 0)
+        progress = loop_config.get("progress", "bar") if rank == 0 else False
+        metrics = train_one_epoch(model, method, train_loader, optimizer, scheduler, cfg, device, epoch, steps_per_epoch, progress)
         method.after_epoch(epoch + 1)
         broadcast_buffers(method)
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
