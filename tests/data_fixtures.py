@@ -35,6 +35,14 @@ def jpeg_bytes(w: int = 64, h: int = 48, seed: int = 0, quality: int = 90, mode:
     return buf.getvalue()
 
 
+def bogus_huffman_jpeg(w: int = 64, h: int = 48, seed: int = 5) -> bytes:
+    """A JPEG whose header reads (size, markers, end) but whose Huffman table is garbage: only a
+    decoder finds it broken, not a header or size check."""
+    good = jpeg_bytes(w, h, seed=seed)
+    at = good.index(b"\xff\xc4")
+    return good[: at + 4] + b"\xff" * 16 + good[at + 20 :]
+
+
 def png_bytes(w: int = 64, h: int = 48, seed: int = 0) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(natural_array(w, h, seed)).save(buf, format="PNG")

@@ -7,27 +7,17 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import stat
 import subprocess
-import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
+from test_ray_job_submit import BIN, free_port, wait_for_head
+
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_no_token_is_written_in_the_configs():
@@ -53,7 +43,7 @@ def test_a_head_started_as_ray_cluster_yaml_starts_it_refuses_unauthenticated_jo
     env.update({k: v.replace("/mnt/shared", str(shared)) for k, v in container_env.items()})
     env["PATH"] = f"{BIN}:{env['PATH']}"
     env["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="raya", dir="/tmp")  # short: Ray's socket paths have a length limit
     # The config's commands as they are, but: no `ray stop` (it would stop every Ray on this
     # machine), free ports instead of 6379 / 8265, no autoscaler config (no `ray up` here), one
@@ -67,18 +57,7 @@ def test_a_head_started_as_ray_cluster_yaml_starts_it_refuses_unauthenticated_jo
     head = subprocess.Popen(["bash", "-c", "\n".join([*commands[:-1], start])], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        deadline = time.time() + 300
-        while True:
-            assert head.poll() is None, head.communicate()[0][-3000:]
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{dashboard}/api/version", timeout=2)
-                pytest.fail("the head's dashboard answered without a token")
-            except urllib.error.HTTPError as err:
-                assert err.code in (401, 403)
-                break  # up, and asking for the token
-            except OSError:
-                assert time.time() < deadline, "the Ray head did not come up"
-                time.sleep(2)
+        assert wait_for_head(head, dashboard) in (401, 403)  # up, and asking for the token
         token = shared / ".ray" / "auth_token"
         assert stat.S_IMODE(token.stat().st_mode) == 0o600 and stat.S_IMODE(token.parent.stat().st_mode) == 0o700
         assert len(token.read_text().strip()) == 64

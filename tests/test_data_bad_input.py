@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from data_fixtures import good_split, jpeg_bytes, sample_members, write_raw_split
+from data_fixtures import bogus_huffman_jpeg, good_split, jpeg_bytes, sample_members, write_raw_split
 from wsol_core.data.format import ShardError
 from wsol_core.data.loader import build_loader
 
@@ -188,9 +188,7 @@ def test_shards_are_never_unpickled(tmp_path, backend):
 def test_an_undecodable_training_sample_is_counted_once_per_epoch(tmp_path, backend):
     """Only a decoder finds this JPEG broken. DALI's prefetching reads a batch or two past the
     epoch's end; a bad sample met there once was counted twice in the epoch's skip report."""
-    good = jpeg_bytes(64, 48, seed=5)
-    at = good.index(b"\xff\xc4")
-    bogus_huffman = good[: at + 4] + b"\xff" * 16 + good[at + 20 :]
+    bogus_huffman = bogus_huffman_jpeg()
     shards, members = [], []
     for i in range(32):
         members += sample_members(f"t{i:03d}", label=i % 3, seed=i, image=bogus_huffman if i == 5 else None)

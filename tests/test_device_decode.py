@@ -9,23 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_fixtures import good_split, jpeg_bytes, png_bytes, sample_members, write_raw_split
+from test_data_loaders import synth  # noqa: F401  (the loader tests' synthetic split, a fixture)
+from data_fixtures import bogus_huffman_jpeg, good_split, jpeg_bytes, png_bytes, sample_members, write_raw_split
 from wsol_core.config import ConfigError, load_config
 from wsol_core.data.format import ShardError
 from wsol_core.data.loader import build_loader
-from wsol_core.data.synthetic import SyntheticConfig, write_synthetic
-from wsol_core.data.writer import WriterOptions
 from wsol_core.train.loop import eval_loader_options, loader_options
 
 N = 10
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synth")
-    write_synthetic(root, num_train=40, num_val=22, num_test=0, config=SyntheticConfig(size=64, num_classes=4),
-                    options=WriterOptions(shard_max_samples=9, shard_max_bytes=None, progress=False))
-    return root
 
 
 def _mixed_split(root: Path) -> Path:
@@ -120,16 +111,8 @@ def _bad_split(tmp_path: Path, image: bytes) -> Path:
     return tmp_path / "val"
 
 
-def _bogus_huffman_table() -> bytes:
-    """A JPEG whose header reads (size, markers, end) but whose Huffman table is garbage: only a
-    decoder finds it, and here that decoder runs in the main process on the device."""
-    good = jpeg_bytes(64, 48, seed=5)
-    at = good.index(b"\xff\xc4")
-    return good[: at + 4] + b"\xff" * 16 + good[at + 20 :]
-
-
 def test_an_undecodable_jpeg_is_named_or_counted(tmp_path):
-    split_dir = _bad_split(tmp_path, _bogus_huffman_table())
+    split_dir = _bad_split(tmp_path, bogus_huffman_jpeg())
     with pytest.raises(ShardError, match=r"val-000001\.tar, sample 's005': cannot decode image \(Bogus Huffman table"):
         list(build_loader(split_dir, split_kind="eval", batch_size=4, crop_size=32, backend="torch", num_threads=1, decode="device"))
     loader = build_loader(split_dir, split_kind="eval", batch_size=4, crop_size=32, backend="torch", num_threads=1,
@@ -173,7 +156,7 @@ def test_nvjpeg_on_the_gpu_matches_the_worker_path(tmp_path, synth):
     # nvJPEG's IDCT differs from libjpeg's by a grey level or two on top of the resize
     _compare(cpu, {k: (v[0].cpu(), *v[1:-1], None if v[-1] is None else v[-1].cpu()) for k, v in gpu.items()},
              mean_tol=0.04, max_tol=0.6)
-    bad = _bad_split(tmp_path / "bad", _bogus_huffman_table())
+    bad = _bad_split(tmp_path / "bad", bogus_huffman_jpeg())
     loader = build_loader(bad, split_kind="eval", batch_size=4, crop_size=32, backend="torch", num_threads=1,
                           decode="device", device="cuda", skip_corrupt=True)
     assert len(list(loader)) == 3 and loader.skipped.total == 1

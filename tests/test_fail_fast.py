@@ -14,18 +14,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from data_fixtures import jpeg_bytes, sample_members, write_raw_split
+from data_fixtures import bogus_huffman_jpeg, sample_members, write_raw_split
 from test_train_job import JOB, job_command, job_env
 from wsol_core.data.manifest import check_shard_hashes, verify_split
 
 pytestmark = pytest.mark.integration
-
-
-def _bogus_huffman_table() -> bytes:
-    """A JPEG that passes every header and size check; only decoding finds it broken."""
-    good = jpeg_bytes(64, 48, seed=5)
-    at = good.index(b"\xff\xc4")
-    return good[: at + 4] + b"\xff" * 16 + good[at + 20 :]
 
 
 def _data_root(root: Path, bad_train_key: str | None = None, n_train: int = 32) -> Path:
@@ -33,7 +26,7 @@ def _data_root(root: Path, bad_train_key: str | None = None, n_train: int = 32) 
         shards, members = [], []
         for i in range(n):
             key = f"{split}_{i:03d}"
-            image = _bogus_huffman_table() if key == bad_train_key else None
+            image = bogus_huffman_jpeg() if key == bad_train_key else None
             members += sample_members(key, label=i % 3, seed=i + (100 if split != "train" else 0), image=image)
             if i % 8 == 7 or i == n - 1:
                 shards.append(members)

@@ -28,6 +28,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_for_head(head: subprocess.Popen, dashboard: int, timeout: float = 300) -> int:
+    """Wait until the head's dashboard answers; its HTTP status without credentials (401 when the
+    head requires a token)."""
+    deadline = time.time() + timeout
+    while True:
+        assert head.poll() is None, head.communicate()[0][-3000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{dashboard}/api/version", timeout=2) as response:
+                return response.status
+        except urllib.error.HTTPError as err:
+            return err.code
+        except OSError:
+            assert time.time() < deadline, "the Ray head did not come up"
+            time.sleep(2)
+
+
 def test_job_submitted_to_a_ray_head_trains_and_records(tmp_path):
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
@@ -43,17 +59,7 @@ def test_job_submitted_to_a_ray_head_trains_and_records(tmp_path):
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     try:
-        deadline = time.time() + 300
-        while True:
-            assert head.poll() is None, head.communicate()[0][-3000:]
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{dashboard}/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:
-                break  # answering (401 without a token): the head is up
-            except OSError:
-                assert time.time() < deadline, "the Ray head did not come up"
-                time.sleep(2)
+        wait_for_head(head, dashboard)
         db = tmp_path / "mlflow.db"
         submit = [
             str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO), "--",

@@ -234,12 +234,17 @@ def verify_split(
                         raise err
                     problems.append(err)
         if mode == "full":
-            digest = sha256_file(tar)
-            if digest != info.sha256:
-                raise ShardError(tar, None, f"SHA-256 {digest[:16]}... differs from dataset.json ({info.sha256[:16]}...)")
+            check_hash(tar, info)
         shards.append(VerifiedShard(tar, idx, info, start))
         start += info.num_samples
     return VerifiedSplit(root, manifest, shards, problems)
+
+
+def check_hash(tar: Path, info: ShardInfo) -> None:
+    """The tar's SHA-256 is the one its manifest records, or :class:`ShardError`."""
+    digest = sha256_file(tar)
+    if digest != info.sha256:
+        raise ShardError(tar, None, f"SHA-256 {digest[:16]}... differs from dataset.json ({info.sha256[:16]}...)")
 
 
 def default_hash_cache() -> Path:
@@ -265,10 +270,7 @@ def check_shard_hashes(split: VerifiedSplit, cache: Path | None = None) -> tuple
         if known.get(key) == stamp:
             cached += 1
             continue
-        digest = sha256_file(shard.tar)
-        if digest != shard.info.sha256:
-            known.pop(key, None)
-            raise ShardError(shard.tar, None, f"SHA-256 {digest[:16]}... differs from dataset.json ({shard.info.sha256[:16]}...)")
+        check_hash(shard.tar, shard.info)  # a mismatch raises before anything is cached
         known[key] = stamp
         hashed += 1
     if hashed:
