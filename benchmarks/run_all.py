@@ -38,6 +38,8 @@ PLANS: dict[str, dict[str, tuple[str, list[str], str]]] = {
                      "ablation.json"),
         "inference_maps": ("inference_maps.py", [], "inference_maps_fmcg_val.json"),  # on the ablation's FMCG models
         "localize_speed": ("localize_speed.py", [], "localize_speed.json"),
+        "jpeg_check": ("jpeg_check.py", [], "jpeg_check.json"),
+        "ray_start_load": ("ray_start_load.py", [], "ray_start_load.json"),
     },
     "cuda": {
         # The issues' GPU targets: 50,000 maps at 1000 thresholds; DALI mixed decode; training

@@ -32,6 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wsol_core.config import ConfigError  # noqa: E402
+from wsol_core.train.ray_session import EXIT_RAY_START, RayStartError, init_ray  # noqa: E402
 
 
 def resolve_threshold(asked: str, stored: float | None, source: str) -> float:
@@ -122,12 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[wsol] {loaded.source} model {loaded.cfg.method.name}/{loaded.cfg.model.backbone} on {device}; threshold {threshold:.3f}"
               + (f"; {loaded.note}" if loaded.note else ""), flush=True)
         if shards and args.num_workers > 0:
+            init_ray()  # before any ray import: it decides how workers start
             from ray.train import RunConfig, ScalingConfig
             from ray.train.torch import TorchTrainer
 
-            from wsol_core.train.ray_session import init_ray
-
-            init_ray()
             out.mkdir(parents=True, exist_ok=True)
             TorchTrainer(
                 localize_worker,
@@ -155,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, ReleasedCheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RayStartError as err:  # a busy machine, said plainly: no internal traceback
+        print("\n".join([f"error: {err}", *getattr(err, "__notes__", [])]), file=sys.stderr)
+        return EXIT_RAY_START
     print(json.dumps({k: v for k, v in summary.__dict__.items() if k != "skipped"} | {"skipped": len(summary.skipped)}))
     print(f"[wsol] {summary.localized} of {summary.images} images localized into {out} ({len(summary.skipped)} skipped), {summary.images_per_s:.1f} img/s")
     return 0

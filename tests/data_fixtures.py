@@ -43,6 +43,17 @@ def bogus_huffman_jpeg(w: int = 64, h: int = 48, seed: int = 5) -> bytes:
     return good[: at + 4] + b"\xff" * 16 + good[at + 20 :]
 
 
+def flipped_scan_jpeg(w: int = 64, h: int = 48, seed: int = 5, mode: str = "RGB") -> bytes:
+    """A JPEG with a dozen bytes flipped in the middle of its scan: every marker and the header
+    intact, so PIL, OpenCV, torchvision and DALI's CPU decoder all decode it into a smeared
+    picture, with at most libjpeg's "Corrupt JPEG data" warning on stderr."""
+    good = bytearray(jpeg_bytes(w, h, seed=seed, mode=mode))
+    middle = (good.rfind(b"\xff\xda") + len(good)) // 2
+    for i in range(middle, middle + 12):
+        good[i] ^= 0x5A
+    return bytes(good)
+
+
 def png_bytes(w: int = 64, h: int = 48, seed: int = 0) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(natural_array(w, h, seed)).save(buf, format="PNG")

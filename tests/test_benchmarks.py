@@ -120,3 +120,13 @@ def test_localize_speed_runs_the_job_on_a_few_pictures(tmp_path):
     payload = localize_speed.main(["--num-images", "6", "--backbones", "tiny", "--batch-size", "4", "--num-threads", "0", "--out", str(tmp_path / "l.json")])
     assert [(r["backbone"], r["overlays"], r["images"]) for r in payload["runs"]] == [("tiny", True, 6), ("tiny", False, 6)]
     assert all(r["command_images_per_s"] > 0 for r in payload["runs"]) and (tmp_path / "l.json").is_file()
+
+
+def test_jpeg_check_times_every_path(tmp_path):
+    from benchmarks import jpeg_check
+
+    result = jpeg_check.main(["--repeat", "8", "--out", str(tmp_path / "jpeg_check.json")])
+    for key in ("pil_decode_ms", "strict_decode_ms", "structure_check_ms", "strict_check_ms"):
+        assert result[key] > 0, key
+    assert result["strict_check_ms"] > result["structure_check_ms"]  # the strict pass decodes: it cannot be free
+    assert (tmp_path / "jpeg_check.json").is_file()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from data_fixtures import bogus_huffman_jpeg, good_split, jpeg_bytes, sample_members, write_raw_split
+from data_fixtures import bogus_huffman_jpeg, flipped_scan_jpeg, good_split, jpeg_bytes, sample_members, write_raw_split
 from wsol_core.data.format import ShardError
 from wsol_core.data.loader import build_loader
 
@@ -52,9 +52,10 @@ def _header_zeroed() -> bytes:
 
 RUNTIME_CASES = {
     # name: (bad sample overrides, expected reason)
-    "corrupt_jpeg": (dict(image=_header_zeroed()), r"cannot decode image"),
+    "corrupt_jpeg": (dict(image=_header_zeroed()), r"cannot decode image|JPEG data fails a strict decode"),
+    "flipped_scan": (dict(image=flipped_scan_jpeg()), r"JPEG data fails a strict decode \(Corrupt JPEG data"),
     "truncated_jpeg": (dict(image=jpeg_bytes(64, 48, seed=5)[:700]), r"truncated JPEG"),
-    "random_bytes": (dict(image=b"\xff\xd8" + bytes(range(256)) * 3), r"truncated or corrupt JPEG|cannot decode"),
+    "random_bytes": (dict(image=b"\xff\xd8" + bytes(range(256)) * 3), r"truncated or corrupt JPEG|cannot decode|strict decode"),
     "box_outside": (dict(meta={"boxes": [[2, 3, 70, 40]]}), r"box \[2, 3, 70, 40\] outside the 64x48 image"),
     "box_inverted": (dict(meta={"boxes": [[30, 3, 10, 40]]}), r"inverted box \[30, 3, 10, 40\]"),
     "wrong_size": (dict(meta={"width": 65, "boxes": []}), r"image is 64x48 but its json says 65x48"),
@@ -73,7 +74,7 @@ def test_bad_sample_raises_naming_shard_and_key(tmp_path, backend, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["corrupt_jpeg", "truncated_jpeg", "box_outside", "wrong_size"])
+@pytest.mark.parametrize("case", ["corrupt_jpeg", "flipped_scan", "truncated_jpeg", "box_outside", "wrong_size"])
 def test_skip_corrupt_counts_and_keeps_batches_equal(tmp_path, backend, case):
     bad, _ = RUNTIME_CASES[case]
     loader, batches = _run(_split(tmp_path, **bad), backend, skip_corrupt=True)
@@ -199,10 +200,66 @@ def test_an_undecodable_training_sample_is_counted_once_per_epoch(tmp_path, back
     counts = {}
     for epoch in (0, 1):
         for rank in (0, 1):
+            # jpeg_check=structure: the decoder itself must find the sample bad (DALI's rebuild path).
             loader = build_loader(tmp_path / "train", split_kind="train", rank=rank, world_size=2, batch_size=4, crop_size=32,
-                                  resize_size=40, skip_corrupt=True, backend=backend, num_threads=1)
+                                  resize_size=40, skip_corrupt=True, backend=backend, num_threads=1, jpeg_check="structure")
             loader.set_epoch(epoch)
             assert sum(1 for _ in loader) == 4
             counts[epoch, rank] = [key for _, key, _ in loader.skipped.examples]
     for epoch in (0, 1):
         assert counts[epoch, 0] + counts[epoch, 1] == ["t005"], counts  # read once per epoch, by one rank
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_flipped_scan_is_silent_wrong_data_without_the_strict_check(tmp_path, backend):
+    """Why ``jpeg_check=strict`` exists: with markers checked only, both decoders hand the smeared
+    picture on as a good sample."""
+    loader, batches = _run(_split(tmp_path, image=flipped_scan_jpeg()), backend, skip_corrupt=True, jpeg_check="structure")
+    real = [k for b in batches for k, p in zip(b.keys, b.is_padding.tolist()) if not p]
+    assert "s005" in real and loader.skipped.total == 0
+
+
+def test_the_strict_decode_gives_pils_pixels():
+    """The torch workers take their pixels from the strict decode: they must be PIL's, for every
+    chroma subsampling, grey and CMYK (the last converted by PIL itself)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from data_fixtures import natural_array
+    from wsol_core.data.format import decode_jpeg_strict
+
+    for mode in ("RGB", "L", "CMYK"):
+        for subsampling in (0, 1, 2):
+            for w, h in ((333, 517), (64, 48)):
+                buf = io.BytesIO()
+                Image.fromarray(natural_array(w, h, 3)).convert(mode).save(buf, format="JPEG", quality=90, subsampling=subsampling)
+                data = buf.getvalue()
+                strict = decode_jpeg_strict(data)
+                pil = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+                if mode == "CMYK":
+                    assert strict is None
+                else:
+                    assert strict is not None and np.array_equal(strict, pil), (mode, subsampling, w, h)
+
+
+def test_strict_and_structure_checks_give_the_same_batches(tmp_path):
+    split_dir = tmp_path / "val"
+    good_split(split_dir)
+    images = {}
+    for check in ("strict", "structure"):
+        _, batches = _run(split_dir, "torch", jpeg_check=check)
+        images[check] = [b.images for b in batches]
+    assert all(a.equal(b) for a, b in zip(images["strict"], images["structure"], strict=True))
+
+
+def test_the_check_is_chosen_in_the_config():
+    from wsol_core.config import ConfigError, load_config
+    from wsol_core.train.loop import eval_loader_options, loader_options
+
+    assert loader_options(load_config()).jpeg_check == "strict"
+    cfg = load_config(overrides=["data.jpeg_check=structure"])
+    assert loader_options(cfg).jpeg_check == "structure" and eval_loader_options(cfg).jpeg_check == "structure"
+    with pytest.raises(ConfigError, match="data.jpeg_check"):
+        load_config(overrides=["data.jpeg_check=maybe"])

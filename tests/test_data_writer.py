@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_fixtures import all_members, jpeg_bytes, png_bytes, tar_members, write_files
+from data_fixtures import all_members, flipped_scan_jpeg, jpeg_bytes, png_bytes, tar_members, write_files
 from wsol_core.data.format import (
     assign_keys,
     encoded_image_problem,
@@ -210,6 +210,21 @@ def test_bad_sources_name_the_image_or_are_skipped_and_counted(tmp_path):
     wrong_size = [SourceRecord("ok.jpg", 0, (), str(src / "ok.jpg"), expected_size=(41, 30))]
     with pytest.raises(SourceError, match="ok.jpg.*40x30.*41x30"):
         _write(tmp_path / "out5", wrong_size)
+
+
+def test_a_source_jpeg_with_a_flipped_scan_is_named_or_skipped(tmp_path):
+    """PIL decodes it without a word; the strict decode names it, for kept and converted JPEGs."""
+    src = tmp_path / "src"
+    write_files(src, [("ok.jpg", jpeg_bytes(64, 48, seed=1)), ("smeared.jpg", flipped_scan_jpeg()),
+                      ("smeared_grey.jpg", flipped_scan_jpeg(mode="L"))])
+    Image.open(src / "smeared.jpg").load()  # the reason for the check: no error from PIL
+    for bad in ("smeared.jpg", "smeared_grey.jpg"):
+        records = [SourceRecord("ok.jpg", 0, (), str(src / "ok.jpg")), SourceRecord(bad, 0, (), str(src / bad))]
+        with pytest.raises(SourceError, match=rf"{bad}': JPEG data fails a strict decode \(Corrupt JPEG data"):
+            _write(tmp_path / f"out_{bad}", records)
+        res = _write(tmp_path / f"skip_{bad}", records,
+                     opts=WriterOptions(shard_max_samples=3, shard_max_bytes=None, progress=False, skip_corrupt=True))
+        assert res.manifest.num_samples == 1 and [s["id"] for s in res.manifest.skipped] == [bad]
 
 
 def test_keys_are_tar_safe_and_unique():

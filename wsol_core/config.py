@@ -138,6 +138,11 @@ class DataConfig:
     # "device" (batched nvJPEG on the GPU with GPU crops and resizes: GPU decoding where DALI is
     # missing). DALI always decodes on the GPU when there is one.
     decode: Literal["workers", "device"] = "workers"
+    # How each JPEG is checked before it counts: "strict" decodes its entropy data with
+    # libjpeg-turbo in strict mode (a corrupt scan is a bad sample: named, or skipped and counted);
+    # "structure" checks only its markers, as before (for DALI on a GPU host reading shards that
+    # were checked when written: the strict pass costs about one CPU decode per image).
+    jpeg_check: Literal["strict", "structure"] = "strict"
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
 
     def resolved_sizes(self) -> tuple[int, int]:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -394,33 +393,12 @@ def train_in_trial(cfg: Config, setup: dict[str, Any], *, run_name: str, tags: d
             callbacks=[TuneReportCallback()],
         ),
     )
-    _pin_ray_address_for_train()
     try:
         trainer.fit()
     except Exception:
         logger.finish("FAILED")
         raise
     logger.finish("FINISHED")
-
-
-def _pin_ray_address_for_train() -> None:
-    """Let the Train run's helper actors find THIS Ray instance.
-
-    When ASHA stops a trial, Tune ends the trial's actor and its Train controller dies with it;
-    Train's detached ``PlacementGroupCleaner`` then frees the run's placement group, but it looks
-    the controller up through the state API, which, with no ``RAY_ADDRESS``, refuses to choose
-    when several local Ray instances run on the machine (shared dev boxes, parallel CI jobs) --
-    the workers' CPUs then stay reserved and later trials never start. Train propagates a fixed
-    list of variables from the trial to its controller (and the cleaner inherits the
-    controller's environment); ``RAY_ADDRESS`` is added to that list here.
-    """
-    import ray
-    from ray.train.v2._internal import constants
-
-    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
-    propagate = getattr(constants, "ENV_VARS_TO_PROPAGATE", None)
-    if isinstance(propagate, set):
-        propagate.add("RAY_ADDRESS")
 
 
 # ---------------------------------------------------------------------------------------------

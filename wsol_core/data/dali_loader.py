@@ -171,7 +171,7 @@ class _HostFeeder:
             try:
                 if img_info is None or img.size == 0:
                     raise ShardError(tar, key, "missing image (jpg/png) member")
-                problem = encoded_image_problem(img.tobytes(), img_info[3])
+                problem = encoded_image_problem(img.tobytes(), img_info[3], entropy=loader.options.jpeg_check == "strict")
                 if problem:
                     raise ShardError(tar, key, problem)
                 metas[j] = parse_meta(

@@ -253,7 +253,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def encoded_image_problem(data: bytes | memoryview | np.ndarray, ext: str) -> str | None:
+def encoded_image_problem(data: bytes | memoryview | np.ndarray, ext: str, *, entropy: bool = False) -> str | None:
     """A cheap structural check of encoded image bytes; the reason they are bad, or None.
 
     Catches what a decoder may not: a JPEG cut short inside its last scan can be decoded
@@ -261,6 +261,11 @@ def encoded_image_problem(data: bytes | memoryview | np.ndarray, ext: str) -> st
     byte is always followed by 0x00 or a restart marker, so the end-of-image marker can only be the
     real one: a complete JPEG has an EOI after its last start-of-scan. (An EXIF thumbnail's own
     SOS/EOI come before the main image's, so they do not fool the check.)
+
+    With ``entropy``, a JPEG's entropy-coded data is decoded too (:func:`jpeg_entropy_problem`):
+    bytes flipped inside a scan leave every marker in place, and PIL, OpenCV, torchvision and
+    DALI's CPU decoder all decode such a file "successfully" into a smeared picture, printing
+    libjpeg's warning on stderr at most.
     """
     buf = bytes(data) if not isinstance(data, bytes) else data
     if len(buf) == 0:
@@ -276,7 +281,7 @@ def encoded_image_problem(data: bytes | memoryview | np.ndarray, ext: str) -> st
             return "truncated or corrupt JPEG (no scan)"
         if eoi < sos:
             return "truncated JPEG (no end-of-image marker after the last scan)"
-        return None
+        return jpeg_entropy_problem(buf) if entropy else None
     if ext == "png":
         if buf[:8] != b"\x89PNG\r\n\x1a\n":
             return "not a PNG (bad signature)"
@@ -284,6 +289,46 @@ def encoded_image_problem(data: bytes | memoryview | np.ndarray, ext: str) -> st
             return "truncated PNG (no IEND chunk at the end)"
         return None
     return f"unsupported image extension {ext!r}"
+
+
+#: JPEG colour spaces that libjpeg-turbo's RGB output does not convert the way PIL does (PIL
+#: inverts Adobe CMYK itself): checked strictly, but their pixels still come from PIL.
+_PIL_COLOUR_SPACES = ("CMYK", "YCCK")
+
+
+def decode_jpeg_strict(data: bytes) -> np.ndarray | None:
+    """Decode a JPEG to ``H x W x 3`` RGB with libjpeg-turbo in strict mode (simplejpeg), which
+    raises ``ValueError`` on what plain libjpeg only warns about ("Corrupt JPEG data: ...",
+    "Premature end of data segment"). The pixels equal PIL's (``Image.open(...).convert("RGB")``:
+    the same accurate integer IDCT and fancy upsampling; checked by the tests). ``None`` where PIL
+    must decode: a CMYK / YCCK JPEG (checked the same way, converted by PIL), or a header
+    TurboJPEG does not take (sampling factors it cannot name, as in PIL's own CMYK files, or a
+    garbage Huffman table): PIL's decode, which raises on the latter, is then the check."""
+    import simplejpeg
+
+    try:
+        colour = simplejpeg.decode_jpeg_header(data)[2]
+    except ValueError:
+        return None
+    if colour in _PIL_COLOUR_SPACES:
+        simplejpeg.decode_jpeg(data, colorspace="CMYK", strict=True)
+        return None
+    return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+
+
+def jpeg_entropy_problem(data: bytes) -> str | None:
+    """Why a JPEG's entropy-coded data is bad (a strict decode fails), or None. Costs about one
+    decode (BENCHMARKS.md, "Corrupt JPEG data")."""
+    try:
+        decode_jpeg_strict(data)
+    except Exception as exc:  # simplejpeg raises ValueError with libjpeg's message
+        return strict_decode_failure(exc)
+    return None
+
+
+def strict_decode_failure(exc: BaseException) -> str:
+    """The bad-sample reason for a failed :func:`decode_jpeg_strict`."""
+    return f"JPEG data fails a strict decode ({str(exc).strip() or type(exc).__name__})"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,9 +47,12 @@ from wsol_core.data.format import (
     IndexedSample,
     SampleMeta,
     ShardError,
+    decode_jpeg_strict,
     encoded_image_problem,
+    jpeg_entropy_problem,
     parse_meta,
     protocol_mask,
+    strict_decode_failure,
 )
 from wsol_core.data.loader import EpochPlan, LoaderOptions, SkipReport, SplitKind, make_batch, resolve_load_masks
 from wsol_core.data.manifest import VerifiedSplit
@@ -223,12 +226,25 @@ class _ShardStream(IterableDataset):
             mask = None
             if self.load_masks:
                 mask = protocol_mask(sample.get("mask.png"), sample.get("ignore.png"), size=self.options.mask_size, shard=shard, key=key)
+            strict = pil.format == "JPEG" and self.options.jpeg_check == "strict"
             if self.options.decode == "device" and pil.format == "JPEG":
+                problem = jpeg_entropy_problem(data) if strict else None
+                if problem:
+                    raise ShardError(shard, key, problem)
                 return _Item(None, meta, mask, None, encoded=torch.frombuffer(bytearray(data), dtype=torch.uint8),
                              geometry=geometry, shard=shard)
             try:
-                pil.load()
-                img = pil if pil.mode == "RGB" else pil.convert("RGB")
+                # A strict decode's pixels are PIL's own (format.decode_jpeg_strict), so checking
+                # the entropy data costs nothing here; None: a CMYK JPEG, converted by PIL.
+                rgb = decode_jpeg_strict(data) if strict else None
+            except Exception as exc:
+                raise ShardError(shard, key, strict_decode_failure(exc)) from None
+            try:
+                if rgb is not None:
+                    img = Image.fromarray(rgb)
+                else:
+                    pil.load()
+                    img = pil if pil.mode == "RGB" else pil.convert("RGB")
             except Exception as exc:
                 raise ShardError(shard, key, f"cannot decode image ({type(exc).__name__}: {exc})") from None
             if self.options.decode == "device":  # a PNG: decoded here, transformed on the device

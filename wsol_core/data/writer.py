@@ -203,11 +203,13 @@ class FileMaterializer:
             raise SourceError(record.image_id, f"corrupt or truncated image {record.path}: {exc}") from None
         declared = Path(record.path).suffix.lower()
         conversion = "kept"
+        # With decoding checked, a JPEG's entropy data is decoded strictly as well: a corrupt scan
+        # decodes "fine" in PIL, and a converted (CMYK, grey) image would carry its smear along.
+        problem = encoded_image_problem(data, "jpg", entropy=self.verify_decode) if fmt == "JPEG" else None
+        if problem:
+            raise SourceError(record.image_id, f"{problem} ({record.path})")
         if fmt == "JPEG" and mode == "RGB":
             image, ext = data, "jpg"
-            problem = encoded_image_problem(data, "jpg")
-            if problem:
-                raise SourceError(record.image_id, f"{problem} ({record.path})")
         elif fmt == "PNG" and mode == "RGB" and declared == ".png":
             image, ext = data, "png"
         else:

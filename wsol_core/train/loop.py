@@ -78,6 +78,7 @@ def loader_options(cfg: Config) -> LoaderOptions:
         num_threads=data.num_threads,
         skip_corrupt=data.skip_corrupt,
         decode=data.decode,
+        jpeg_check=data.jpeg_check,
     )
 
 
