@@ -7,6 +7,7 @@ real MLflow (SQLite), as a user runs it.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -234,3 +235,16 @@ def test_a_kill_during_the_save_leaves_a_run_that_resumes_cleanly(tmp_path):
     assert "is damaged" not in out and "resuming at epoch 2 from a checkpoint of epoch 1" in out
     client, found = runs(tmp_path)
     assert len(found) == 1 and found[0].info.status == "FINISHED"
+
+
+def test_a_checkpoint_from_before_a_new_config_field_still_resumes(tmp_path):
+    """Fields added to the config since a checkpoint was written take their defaults when the
+    two configs are compared; a changed value is still refused, and named."""
+    old = copy.deepcopy(CONFIG)
+    del old["data"]["jpeg_check"]  # the config as written before data.jpeg_check existed
+    directory = checkpoint(tmp_path, 1, config=old)
+    assert verify_checkpoint(directory, config=CONFIG, mlflow_run_id="run-1").epoch == 1
+    strict_off = copy.deepcopy(CONFIG)
+    strict_off["data"]["jpeg_check"] = "structure"
+    with pytest.raises(DamagedCheckpointError, match=r"another config \(data.jpeg_check: 'strict' -> 'structure'\)"):
+        verify_checkpoint(directory, config=strict_off, mlflow_run_id="run-1")

@@ -47,8 +47,14 @@ _RESUMABLE_CHANGES = ("run.", "train.epochs")
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    from wsol_core.config import flatten_dict
+    from wsol_core.config import ConfigError, flatten_dict, load_config, to_dict
 
+    try:
+        # Read through today's schema: a field added since the checkpoint was written (e.g.
+        # data.jpeg_check) takes the default it would have had, so an upgrade does not orphan runs.
+        config = to_dict(load_config(base=config))
+    except (ConfigError, TypeError, ValueError):
+        pass  # a field since removed or renamed: compared as written, so the difference is named
     return {k: v for k, v in flatten_dict(config).items() if not k.startswith(_RESUMABLE_CHANGES)}
 
 
