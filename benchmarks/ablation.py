@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import RESULTS_DIR, machine_info, write_result  # noqa: E402
 from wsol_core.cli import add_config_options, config_from_args  # noqa: E402
 from wsol_core.config import ConfigError  # noqa: E402
-from wsol_core.train.ray_session import EXIT_RAY_START, RayStartError  # noqa: E402
+from wsol_core.train.ray_session import RayStartError, report_start_failure  # noqa: E402
 from wsol_core.sweep import ABLATION_VARIANTS, REPORT_COLUMNS, SweepSettings, run_sweep  # noqa: E402
 
 # The sweep's base over the training job's defaults (the synthetic benchmark at 128 px, the tiny
@@ -189,8 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except RayStartError as err:  # a busy machine, said plainly: no internal traceback
-        print("\n".join([f"error: {err}", *getattr(err, "__notes__", [])]), file=sys.stderr)
-        return EXIT_RAY_START
+        return report_start_failure(err)
     except KeyboardInterrupt as err:
         print(f"\n[wsol] {err or 'interrupted; the same command resumes the sweep'}", file=sys.stderr)
         return 130

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wsol_core.config import ConfigError  # noqa: E402
-from wsol_core.train.ray_session import EXIT_RAY_START, RayStartError  # noqa: E402
+from wsol_core.train.ray_session import RayStartError, report_start_failure  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except RayStartError as err:  # a busy machine, said plainly: no internal traceback
-        print("\n".join([f"error: {err}", *getattr(err, "__notes__", [])]), file=sys.stderr)
-        return EXIT_RAY_START
+        return report_start_failure(err)
     width = max(len(k) for k in metrics)
     for key in sorted(metrics):
         print(f"{key:<{width}}  {metrics[key]:8.3f}")

@@ -32,7 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wsol_core.config import ConfigError  # noqa: E402
-from wsol_core.train.ray_session import EXIT_RAY_START, RayStartError, init_ray  # noqa: E402
+from wsol_core.train.ray_session import RayStartError, init_ray, report_start_failure  # noqa: E402
 
 
 def resolve_threshold(asked: str, stored: float | None, source: str) -> float:
@@ -155,8 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except RayStartError as err:  # a busy machine, said plainly: no internal traceback
-        print("\n".join([f"error: {err}", *getattr(err, "__notes__", [])]), file=sys.stderr)
-        return EXIT_RAY_START
+        return report_start_failure(err)
     print(json.dumps({k: v for k, v in summary.__dict__.items() if k != "skipped"} | {"skipped": len(summary.skipped)}))
     print(f"[wsol] {summary.localized} of {summary.images} images localized into {out} ({len(summary.skipped)} skipped), {summary.images_per_s:.1f} img/s")
     return 0

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
 
     from wsol_core.train.driver import run_training
-    from wsol_core.train.ray_session import EXIT_RAY_START, RayStartError
+    from wsol_core.train.ray_session import RayStartError, report_start_failure
 
     try:
         outcome = run_training(cfg, ray_address=args.ray_address, registered_model_name=args.register_model)
@@ -42,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except RayStartError as err:  # a busy machine, said plainly: no internal traceback
-        print("\n".join([f"error: {err}", *getattr(err, "__notes__", [])]), file=sys.stderr)
-        return EXIT_RAY_START
+        return report_start_failure(err)
     except KeyboardInterrupt as stop:  # SIGINT or SIGTERM: the driver closed the run and said how to resume
         return getattr(stop, "exit_code", 130)
     metrics = outcome.metrics

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -102,27 +103,31 @@ class RayletFreezer:
                 pass
 
 
-def start_job(tmp_path: Path, attempts: int) -> subprocess.Popen:
+@contextmanager
+def starved_job(tmp_path: Path, attempts: int):
+    """The job started beside CPU burners with its first raylet frozen; ``(job, freezer, burners)``.
+    Burners, watcher and any raylet left frozen are stopped on the way out."""
     env = job_env() | {"WSOL_RAY_START_ATTEMPTS": str(attempts), "WSOL_RAY_START_REPORT_S": "5"}
-    return subprocess.Popen(job_command(tmp_path, "--method", "cam", epochs=1), cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    burners = CpuBurners()
+    try:
+        job = subprocess.Popen(job_command(tmp_path, "--method", "cam", epochs=1), cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        freezer = RayletFreezer(job, how_many=1)
+        try:
+            yield job, freezer, burners
+        finally:
+            freezer.stop()
+    finally:
+        burners.stop()
 
 
 def test_a_starved_ray_start_says_so_and_is_tried_again(tmp_path):
     """The first start meets CPU burners and a raylet that never gets to run; the second start
     (burners gone: Ray's workers run niced and would crawl beside them) comes up and trains."""
-    burners = CpuBurners()
-    try:
-        job = start_job(tmp_path, attempts=2)
-        freezer = RayletFreezer(job, how_many=1)
-        try:
-            freezer.wait_for_raylets(2, timeout=600)
-            burners.stop()
-            out, err = job.communicate(timeout=900)
-        finally:
-            freezer.stop()
-    finally:
+    with starved_job(tmp_path, attempts=2) as (job, freezer, burners):
+        freezer.wait_for_raylets(2, timeout=600)
         burners.stop()
+        out, err = job.communicate(timeout=900)
     assert job.returncode == 0, out[-3000:] + err[-3000:]
     assert not psutil.pid_exists(freezer.frozen[0]), "the failed attempt's raylet was not stopped"
     assert STILL_STARTING.search(err), err[-3000:]
@@ -133,16 +138,8 @@ def test_a_starved_ray_start_says_so_and_is_tried_again(tmp_path):
 
 
 def test_a_ray_start_that_never_comes_up_fails_with_what_to_do(tmp_path):
-    burners = CpuBurners()
-    try:
-        job = start_job(tmp_path, attempts=1)
-        freezer = RayletFreezer(job, how_many=1)
-        try:
-            out, err = job.communicate(timeout=600)
-        finally:
-            freezer.stop()
-    finally:
-        burners.stop()
+    with starved_job(tmp_path, attempts=1) as (job, freezer, _):
+        out, err = job.communicate(timeout=600)
     assert job.returncode == 75, out[-3000:] + err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     message = err.strip().splitlines()

@@ -46,6 +46,14 @@ class RayStartError(RuntimeError):
     """A private local Ray instance could not be started; the message says why and what to do."""
 
 
+def report_start_failure(err: RayStartError) -> int:
+    """What every entry point does with a :class:`RayStartError`: print it with its notes (the
+    MLflow run's FAILED line and the resume hint, where there is a run), no internal traceback,
+    and return :data:`EXIT_RAY_START` as the exit status."""
+    print("\n".join([f"error: {err}", *getattr(err, "__notes__", [])]), file=sys.stderr)
+    return EXIT_RAY_START
+
+
 def machine_load() -> str:
     """``"load 9.7 on 2 cores"``, with ``"the machine is busy"`` in front when it is."""
     load = os.getloadavg()[0]
