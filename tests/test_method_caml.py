@@ -15,20 +15,15 @@ from wsol_core.methods import build_method, method_class
 from wsol_core.methods.caml import (
     CAML,
     ECA,
-    Flip,
-    Rotation,
-    Scale,
-    Translation,
-    apply_ops,
     background_mask,
     caml_loss,
     eca_kernel_size,
-    invert_ops,
     l2_distance,
     ptap,
     ptap_k,
     triplet_hinge,
 )
+from wsol_core.methods.pretext import Flip, Rotation, Scale, Translation, apply_ops, invert_ops
 from wsol_core.models import TinyCNN
 
 T5 = "method.pretext.transforms=[rotation,scale,translation,hflip,vflip]"

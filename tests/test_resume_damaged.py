@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from wsol_core.config import ConfigError, load_config, to_dict
-from wsol_core.train.checkpoint import (
+from wsol_core.config import ConfigError, load_config, read_through_schema, to_dict
+from wsol_core.checkpoint import (
     MANIFEST_FILE,
     STATE_FILE,
     DamagedCheckpointError,
@@ -171,7 +171,7 @@ def runs(tmp_path: Path):
 
 
 def by_epoch(run_dir: Path) -> dict[int, Path]:
-    from wsol_core.train.checkpoint import load_training_state
+    from wsol_core.checkpoint import load_training_state
 
     return {load_training_state(d).epoch: d for d in run_dir.glob("checkpoint_*") if (d / STATE_FILE).is_file()}
 
@@ -243,8 +243,11 @@ def test_a_checkpoint_from_before_a_new_config_field_still_resumes(tmp_path):
     old = copy.deepcopy(CONFIG)
     del old["data"]["jpeg_check"]  # the config as written before data.jpeg_check existed
     directory = checkpoint(tmp_path, 1, config=old)
-    assert verify_checkpoint(directory, config=CONFIG, mlflow_run_id="run-1").epoch == 1
+    assert plan_resume(tmp_path, CONFIG).checkpoint.epoch == 1  # the driver's path
+    assert verify_checkpoint(directory, config=CONFIG, read_config=read_through_schema).epoch == 1
+    with pytest.raises(DamagedCheckpointError, match=r"another config \(data.jpeg_check: None -> 'strict'\)"):
+        verify_checkpoint(directory, config=CONFIG)  # without the schema: the field looks changed
     strict_off = copy.deepcopy(CONFIG)
     strict_off["data"]["jpeg_check"] = "structure"
     with pytest.raises(DamagedCheckpointError, match=r"another config \(data.jpeg_check: 'strict' -> 'structure'\)"):
-        verify_checkpoint(directory, config=strict_off, mlflow_run_id="run-1")
+        verify_checkpoint(directory, config=strict_off, mlflow_run_id="run-1", read_config=read_through_schema)

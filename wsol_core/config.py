@@ -27,38 +27,9 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the field, the value and the rule."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Field specs
-# ---------------------------------------------------------------------------------------------
-
-
-def spec(
-    default: Any = dataclasses.MISSING,
-    *,
-    default_factory: Any = dataclasses.MISSING,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float | None = None,
-    lt: float | None = None,
-    odd: bool = False,
-    doc: str = "",
-) -> Any:
-    """A dataclass field with its allowed range.
-
-    ``ge``/``gt``/``le``/``lt`` bound numbers (and every element of a tuple of numbers); ``odd``
-    requires an odd integer (kernel sizes that must keep the map centred). Choices are expressed
-    with ``Literal`` in the annotation instead.
-    """
-    metadata = {"ge": ge, "gt": gt, "le": le, "lt": lt, "odd": odd, "doc": doc}
-    if default_factory is not dataclasses.MISSING:
-        return field(default_factory=default_factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
-
+# The leaf the methods build their configs from (no import of them here at module level, so
+# no circle): re-exported, as every caller knows them from this module.
+from wsol_core.config_fields import ConfigError, MethodConfig, flatten_dict, spec  # noqa: F401
 
 def _describe_range(meta: dict) -> str:
     low = f"[{meta['ge']}" if meta.get("ge") is not None else (f"({meta['gt']}" if meta.get("gt") is not None else "(-inf")
@@ -248,13 +219,6 @@ class RunConfig:
     resume_from: str = ""
 
 
-@dataclass
-class MethodConfig:
-    """Base of every method's config; ``name`` selects the method class."""
-
-    name: str = "cam"
-
-
 DEFAULT_METHOD = "fmcg"
 
 
@@ -389,16 +353,6 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def flatten_dict(data: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(flatten_dict(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _deep_merge(base: dict, update: dict) -> dict:
     merged = dict(base)
     for key, value in update.items():
@@ -476,6 +430,16 @@ def load_config(
     cfg = _from_dict(Config, merged, "")
     validate(cfg)
     return cfg
+
+
+def read_through_schema(config: dict) -> dict:
+    """A config as written by an earlier version, read by today's schema: fields added since take
+    their defaults. Returned unchanged when it no longer parses (a field since removed or renamed),
+    so that a comparison names the difference."""
+    try:
+        return to_dict(load_config(base=config))
+    except (ConfigError, TypeError, ValueError):
+        return config
 
 
 def validate(cfg: Any, path: str = "") -> None:

@@ -201,7 +201,7 @@ def score_best_checkpoints(outcome: SweepOutcome, sweep_dir: Path, data_root: Pa
     """
     from mlflow.tracking import MlflowClient
 
-    from wsol_core.train.checkpoint import load_training_state
+    from wsol_core.checkpoint import load_training_state
     from wsol_core.train.loop import SCORE_KEY
     from wsol_core.train.offline_eval import evaluate_checkpoint
 

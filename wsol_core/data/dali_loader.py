@@ -3,7 +3,7 @@
 Two DALI pipelines per epoch, joined on the host:
 
 1. a *reader* pipeline (CPU): ``fn.readers.webdataset`` with the index files, sharded by rank
-   (``shard_id`` = the rank's slice of :class:`~wsol_core.data.loader.EpochPlan`,
+   (``shard_id`` = the rank's slice of :class:`~wsol_core.data.contract.EpochPlan`,
    ``num_shards`` = world size, ``stick_to_shard``, ``pad_last_batch``), shuffled with a seeded
    buffer in training. It outputs the encoded image, ``json``, ``cls`` (and masks) members as
    bytes, and each member's ``source_info`` (tar path, offset, member name: the key).
@@ -44,7 +44,7 @@ from wsol_core.data.format import (
     read_member_bytes,
     split_member_name,
 )
-from wsol_core.data.loader import EpochPlan, LoaderOptions, SkipReport, SplitKind, make_batch, resolve_load_masks
+from wsol_core.data.contract import EpochPlan, LoaderOptions, SkipReport, SplitKind, make_batch, resolve_load_masks
 from wsol_core.data.manifest import VerifiedSplit
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """The torch fallback: the ``webdataset`` library's tar reading, PIL decoding, torch DataLoader workers.
 
-Same :class:`~wsol_core.data.batch.Batch`, same :class:`~wsol_core.data.loader.EpochPlan` (which
+Same :class:`~wsol_core.data.batch.Batch`, same :class:`~wsol_core.data.contract.EpochPlan` (which
 slice each rank reads, how many batches it yields, padding and dropping), same checks and skip
 policy as the DALI loader; only the machinery differs:
 
@@ -54,7 +54,7 @@ from wsol_core.data.format import (
     protocol_mask,
     strict_decode_failure,
 )
-from wsol_core.data.loader import EpochPlan, LoaderOptions, SkipReport, SplitKind, make_batch, resolve_load_masks
+from wsol_core.data.contract import EpochPlan, LoaderOptions, SkipReport, SplitKind, make_batch, resolve_load_masks
 from wsol_core.data.manifest import VerifiedSplit
 
 log = logging.getLogger(__name__)

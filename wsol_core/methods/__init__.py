@@ -7,11 +7,15 @@ optional dependency is missing, cannot break the others.
 from __future__ import annotations
 
 from importlib import import_module
+from typing import TYPE_CHECKING
 
 import torch
 
-from wsol_core.config import Config, ConfigError, MethodConfig
+from wsol_core.config_fields import ConfigError, MethodConfig
 from wsol_core.methods.base import Inference, WSOLMethod, select_classes
+
+if TYPE_CHECKING:  # the config module imports this package to parse the method section
+    from wsol_core.config import Config
 
 # name -> (module, method class, config class)
 _REGISTRY = {

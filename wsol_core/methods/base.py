@@ -40,7 +40,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from wsol_core.config import MethodConfig
+from wsol_core.config_fields import MethodConfig
 from wsol_core.data.batch import Batch
 from wsol_core.models.base import Backbone
 

@@ -94,7 +94,6 @@ Ablation switches: ``alpha = 0`` (no rank weighting, Fig. 8), ``head_init`` (Tab
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -103,9 +102,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from wsol_core.config import ConfigError, MethodConfig, spec
+from wsol_core.config_fields import ConfigError, MethodConfig, spec
 from wsol_core.data.batch import Batch
 from wsol_core.methods.base import Inference, WSOLMethod
+from wsol_core.methods.components import no_autocast
 from wsol_core.models.base import Backbone
 from wsol_core.models.head import CAMHead
 
@@ -154,10 +154,6 @@ class C2AMConfig(MethodConfig):
 # ---------------------------------------------------------------------------------------------
 
 
-def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """Float32 for the parts where bf16 would hurt (pooling sums, cosines, logs)."""
-    return torch.autocast(device_type=device.type, enabled=False)
-
 
 def fg_bg_representations(
     maps: torch.Tensor, features: torch.Tensor, pool_norm: str = "hw"
@@ -175,7 +171,7 @@ def fg_bg_representations(
         ``(v_f, v_b)``, each ``[B, C]`` float32.
     """
     b, c, h, w = features.shape
-    with _no_autocast(features.device):
+    with no_autocast(features.device):
         p = maps.reshape(b, h * w).float()
         weights = torch.stack([p, 1.0 - p], dim=1)  # [B, 2, HW]
         # NHWC view: free for channels_last features, one copy otherwise.
@@ -192,7 +188,7 @@ def fg_bg_representations(
 
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
     """Eqs. 3-4: ``s_ij = sim(a_i, b_j)``, ``[n, n]`` float32, clamped to [eps, 1 - eps]."""
-    with _no_autocast(a.device):
+    with no_autocast(a.device):
         a = F.normalize(a.float(), dim=1, eps=1e-12)
         b = F.normalize(b.float(), dim=1, eps=1e-12)
         return (a @ b.T).clamp(eps, 1.0 - eps)
@@ -200,7 +196,7 @@ def cosine_matrix(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
 
 def negative_loss(s_neg: torch.Tensor) -> torch.Tensor:
     """Eq. 2: ``-1/n^2 sum_i sum_j log(1 - s_ij^neg)`` over all fg-bg pairs, i = j included."""
-    with _no_autocast(s_neg.device):
+    with no_autocast(s_neg.device):
         return -torch.log1p(-s_neg.float()).mean()
 
 
@@ -230,7 +226,7 @@ def rank_weights(sim: torch.Tensor, alpha: float, scope: str = "row") -> torch.T
 def positive_loss(sim: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Eqs. 7-8: ``-1/(n(n-1)) sum_{i != j} w_ij log(s_ij)`` (0 for a batch of one)."""
     n = sim.shape[0]
-    with _no_autocast(sim.device):
+    with no_autocast(sim.device):
         off = ~torch.eye(n, dtype=torch.bool, device=sim.device)
         terms = torch.where(off, weights.float() * torch.log(sim.float()), torch.zeros((), device=sim.device))
         return -terms.sum() / max(n * (n - 1), 1)
@@ -421,7 +417,7 @@ class C2AM(WSOLMethod):
 
 def probe_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The project's probe: mean cross-entropy over samples with ``label >= 0`` (0 if none)."""
-    with _no_autocast(logits.device):
+    with no_autocast(logits.device):
         known = labels >= 0
         per_sample = F.cross_entropy(logits.float(), labels.clamp_min(0), reduction="none")
         return torch.where(known, per_sample, torch.zeros_like(per_sample)).sum() / known.sum().clamp_min(1)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from wsol_core.config import MethodConfig
+from wsol_core.config_fields import MethodConfig
 from wsol_core.data.batch import Batch
 from wsol_core.methods.base import Inference, WSOLMethod, select_classes
 from wsol_core.models.base import Backbone

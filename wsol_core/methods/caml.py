@@ -129,8 +129,8 @@ Efficiency
 The original images and every transformed view are concatenated along the batch and go through
 the backbone in ONE pass. PTAP's top-k mean takes whichever of the two selections is smaller:
 the mean of the top ``k`` is ``(sum_all - sum_bottom(C - k)) / k``, and ``torch.topk`` with a
-small ``k`` is much cheaper than with a large one or a full sort (measured on CPU, 32x1024x14x14:
-topk(717) 220 ms, sort 260 ms, complement topk(307) 80 ms, same values). Every view adds the
+small ``k`` is much cheaper than with a large one or a full sort (BENCHMARKS.md, "CAML's step
+cost"). Every view adds the
 whole batch again to the backbone's work (x and T(x) both need maps): ``views_per_step = 1`` draws
 ONE of several listed transforms per step (separate mode), and ``pretext.view_fraction < 1``
 transforms only the first ``ceil(view_fraction * B)`` images of the batch (an efficiency knob,
@@ -138,13 +138,9 @@ not the paper's). With ``views_per_step``, heads of transforms not drawn this st
 through a zero-weighted term, so DDP sees every parameter used. Under ``torch.compile`` each
 drawn transform subset is its own graph (at most a handful).
 
-Measured forward + backward step against the CAM baseline (CPU, 1 thread, tiny backbone, 112 px,
-batch 16, min of 9 interleaved runs): default (rotation, one view) 2.52x; ``view_fraction = 0.5``
-1.81x; five transforms "separate" 8.73x, with ``views_per_step = 1`` 2.60x, "compose" 2.56x;
-``views_per_step = 1`` + ``view_fraction = 0.5`` 1.77x. A profile shows the default CAML step at
-batch 16 costs the same as a CAM step at batch 32 (849 vs 866 ms): CAML's own operations (ECA,
-top-k, transforms, eq. 3-4) are ~4% of the step; the rest is the backbone on twice the images,
-which the method needs (the maps of x and of T(x)), so 1.6x is out of reach at full views.
+What each knob costs against a CAM step is measured in BENCHMARKS.md ("CAML's step cost"): the
+method's own operations are a few per cent of the step; the rest is the backbone on twice the
+images, which the method needs (the maps of x and of T(x)).
 
 The project's addition: the probe classifier
 --------------------------------------------
@@ -158,7 +154,6 @@ unlabeled). It never influences the backbone, ECA, heads or maps; ``inference`` 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -167,9 +162,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsol_core.config import ConfigError, MethodConfig, spec
+from wsol_core.config_fields import ConfigError, MethodConfig, spec
 from wsol_core.data.batch import Batch
 from wsol_core.methods.base import Inference, WSOLMethod
+from wsol_core.methods.components import no_autocast
+from wsol_core.methods.pretext import apply_ops, build_transforms, invert_ops
 from wsol_core.models.base import Backbone, init_new_layers
 from wsol_core.models.head import CAMHead
 
@@ -255,7 +252,7 @@ class PretextConfig:
 
 
 @dataclass
-class ContrastConfig:
+class ContrastiveMapConfig:
     """The contrastive attention map loss (eq. 3-4)."""
 
     weight: float = spec(1.0, ge=0.0, doc="eq. 5 weight of L_caml (0 = -L_caml ablation)")
@@ -276,7 +273,7 @@ class CAMLConfig(MethodConfig):
     name: str = "caml"
     ptap: PTAPConfig = field(default_factory=PTAPConfig)
     pretext: PretextConfig = field(default_factory=PretextConfig)
-    caml: ContrastConfig = field(default_factory=ContrastConfig)
+    caml: ContrastiveMapConfig = field(default_factory=ContrastiveMapConfig)
     cls_weight: float = spec(1.0, ge=0.0, doc="eq. 5 weight of L_cls (0 = -L_cls ablation, no heads)")
     # The project's addition (not the paper's): a linear probe on detached features.
     probe_classifier: bool = True
@@ -292,9 +289,6 @@ class CAMLConfig(MethodConfig):
 # PTAP (eq. 1-2)
 # ---------------------------------------------------------------------------------------------
 
-
-def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def eca_kernel_size(channels: int, gamma: float = 2.0, b: float = 1.0) -> int:
@@ -403,7 +397,7 @@ def l2_distance(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = 
     ``weight`` (broadcastable, e.g. ``[N, 1, h, w]``) multiplies the squared differences
     (``pretext.mask_undefined``). The sum of squares is clamped at 1e-12 before the root, so
     identical inputs give d = 1e-6 and a zero (finite) gradient instead of NaN."""
-    with _no_autocast(x.device):
+    with no_autocast(x.device):
         sq = (x.float() - y.float()).square()
         if weight is not None:
             sq = sq * weight.float()
@@ -453,149 +447,6 @@ def caml_loss(
     first = triplet_hinge(a_trans2ori, a_ori, n_ori, margin, pairs)
     second = triplet_hinge(a_ori2trans, a_trans, n_trans, margin, pairs)
     return (first + second).mean()
-
-
-# ---------------------------------------------------------------------------------------------
-# Pretext transforms (per-image labels; exact for rotation/flips, bilinear for scale/translation)
-# ---------------------------------------------------------------------------------------------
-
-
-def _where(condition: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.where(condition.view(-1, *([1] * (a.dim() - 1))), a, b)
-
-
-def _affine(x: torch.Tensor, theta: torch.Tensor, padding: str) -> torch.Tensor:
-    """``grid_sample`` with per-sample 2x3 ``theta`` (output -> input normalized coordinates)."""
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
-
-
-class PretextTransform:
-    """A discrete family of image transforms indexed by per-image labels (label 0 is the identity
-    for rotation, flips and translation; for scale the class whose factor is 1.0)."""
-
-    name: str = ""
-    num_classes: int = 0
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor, padding: str | None = None) -> torch.Tensor:
-        raise NotImplementedError
-
-    def inverse(self, x: torch.Tensor, labels: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
-        raise NotImplementedError
-
-
-class Rotation(PretextTransform):
-    """Rotation by ``label`` quarter turns (``torch.rot90`` over (h, w)); exact; square inputs."""
-
-    name = "rotation"
-    num_classes = 4
-
-    def forward(self, x, labels, padding=None):
-        if x.shape[-1] != x.shape[-2]:
-            raise ValueError(f"the rotation pretext task needs square inputs, got {tuple(x.shape[-2:])}")
-        out = x
-        for quarter in (1, 2, 3):
-            out = _where(labels == quarter, torch.rot90(x, quarter, dims=(-2, -1)), out)
-        return out
-
-    def inverse(self, x, labels, padding="zeros"):
-        return self.forward(x, (4 - labels) % 4)
-
-
-class Flip(PretextTransform):
-    """Horizontal (``dim=-1``) or vertical (``dim=-2``) flip for label 1; exact, self-inverse."""
-
-    num_classes = 2
-
-    def __init__(self, name: str, dim: int) -> None:
-        self.name = name
-        self.dim = dim
-
-    def forward(self, x, labels, padding=None):
-        return _where(labels == 1, x.flip(self.dim), x)
-
-    def inverse(self, x, labels, padding="zeros"):
-        return self.forward(x, labels)
-
-
-class Scale(PretextTransform):
-    """Magnify the content about the centre by ``factors[label]``; reflection fill (Sec. 4.2)."""
-
-    name = "scale"
-
-    def __init__(self, factors: tuple[float, ...]) -> None:
-        self.factors = tuple(float(f) for f in factors)
-        self.num_classes = len(self.factors)
-
-    def _theta(self, labels: torch.Tensor, power: float) -> torch.Tensor:
-        table = torch.tensor(self.factors, dtype=torch.float32, device=labels.device)
-        s = table[labels] ** power  # sampling scale: output coordinate u reads input u * s
-        theta = torch.zeros(labels.shape[0], 2, 3, dtype=torch.float32, device=labels.device)
-        theta[:, 0, 0] = s
-        theta[:, 1, 1] = s
-        return theta
-
-    def _identity(self, labels: torch.Tensor) -> torch.Tensor:
-        table = torch.tensor([f == 1.0 for f in self.factors], device=labels.device)
-        return table[labels]
-
-    def forward(self, x, labels, padding=None):
-        out = _affine(x, self._theta(labels, -1.0), padding or "reflection")
-        return _where(self._identity(labels), x, out)
-
-    def inverse(self, x, labels, padding="zeros"):
-        return _where(self._identity(labels), x, _affine(x, self._theta(labels, 1.0), padding))
-
-
-class Translation(PretextTransform):
-    """Shift the content by ``shift`` of the side: identity, right, left, down, up; zero fill."""
-
-    name = "translation"
-    num_classes = 5
-
-    def __init__(self, shift: float) -> None:
-        self.shift = float(shift)
-
-    def _theta(self, labels: torch.Tensor, sign: float) -> torch.Tensor:
-        s = self.shift
-        table = torch.tensor([[0, 0], [s, 0], [-s, 0], [0, s], [0, -s]], dtype=torch.float32, device=labels.device)
-        offset = table[labels] * (2.0 * sign)  # normalized coordinates span 2 per side
-        theta = torch.zeros(labels.shape[0], 2, 3, dtype=torch.float32, device=labels.device)
-        theta[:, 0, 0] = 1.0
-        theta[:, 1, 1] = 1.0
-        theta[:, :, 2] = -offset  # output u reads input u - offset: content moves by +offset
-        return theta
-
-    def forward(self, x, labels, padding=None):
-        return _where(labels == 0, x, _affine(x, self._theta(labels, 1.0), padding or "zeros"))
-
-    def inverse(self, x, labels, padding="zeros"):
-        return _where(labels == 0, x, _affine(x, self._theta(labels, -1.0), padding))
-
-
-def build_transforms(cfg: PretextConfig) -> dict[str, PretextTransform]:
-    every = {
-        "rotation": Rotation(),
-        "scale": Scale(cfg.scale.factors),
-        "translation": Translation(cfg.translation.shift),
-        "hflip": Flip("hflip", -1),
-        "vflip": Flip("vflip", -2),
-    }
-    return {name: every[name] for name in cfg.transforms}
-
-
-def apply_ops(x: torch.Tensor, ops: list[tuple[PretextTransform, torch.Tensor]], padding: str | None = None) -> torch.Tensor:
-    """``T``: the ops in order (``padding`` None = each transform's own fill)."""
-    for transform, labels in ops:
-        x = transform.forward(x, labels, padding)
-    return x
-
-
-def invert_ops(x: torch.Tensor, ops: list[tuple[PretextTransform, torch.Tensor]]) -> torch.Tensor:
-    """``T^-1``: the inverses in reverse order, zero fill."""
-    for transform, labels in reversed(ops):
-        x = transform.inverse(x, labels, "zeros")
-    return x
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsol_core.config import ConfigError, spec
+from wsol_core.config_fields import ConfigError, spec
 from wsol_core.data.batch import Batch
 from wsol_core.methods.base import Inference, WSOLMethod, select_classes
 from wsol_core.models.base import Backbone, init_new_layers

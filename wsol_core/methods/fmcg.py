@@ -85,7 +85,7 @@ from typing import Literal
 
 import torch
 
-from wsol_core.config import MethodConfig, spec
+from wsol_core.config_fields import MethodConfig, spec
 from wsol_core.data.batch import Batch
 from wsol_core.methods.components import (
     ContrastConfig,

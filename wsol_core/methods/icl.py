@@ -89,7 +89,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from wsol_core.config import ConfigError, MethodConfig, spec
+from wsol_core.config_fields import ConfigError, MethodConfig, spec
 from wsol_core.data.batch import Batch
 from wsol_core.methods.components import (
     ContrastConfig,

@@ -81,7 +81,7 @@ def _torchvision_state_dict(backbone: Backbone) -> dict[str, torch.Tensor]:
 
 def _training_checkpoint(source: str | Path) -> Path | None:
     """``source``'s ``state.pt`` when it is one of this project's training checkpoints."""
-    from wsol_core.train.checkpoint import STATE_FILE
+    from wsol_core.checkpoint import STATE_FILE
 
     path = Path(source)
     if path.is_dir() and (path / STATE_FILE).is_file():
@@ -91,7 +91,7 @@ def _training_checkpoint(source: str | Path) -> Path | None:
 
 def load_backbone_from_checkpoint(backbone: Backbone, state_file: Path) -> LoadReport:
     """The ``backbone.*`` weights of a training checkpoint, which must fit ``backbone`` exactly."""
-    from wsol_core.train.checkpoint import load_model_weights
+    from wsol_core.checkpoint import load_model_weights
 
     model, config = load_model_weights(state_file)
     trained = config.get("model", {}).get("backbone", "?")

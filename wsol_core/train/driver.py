@@ -27,7 +27,7 @@ from wsol_core.data.resolve import resolve_data_root
 from wsol_core.tracking import RunLogger, find_run, git_commit, resolve_tracking_uri, start_or_resume_run
 from wsol_core.train.loop import SCORE_KEY, train_loop_per_worker
 from wsol_core.train.ray_session import init_ray
-from wsol_core.train.checkpoint import DamagedCheckpointError
+from wsol_core.checkpoint import DamagedCheckpointError
 from wsol_core.train.resume import check_run_identity, plan_resume, run_checkpoints
 
 SPLITS = ("train", "val", "test")
@@ -116,7 +116,7 @@ def check_pretrained(cfg: Config) -> None:
     source = cfg.model.pretrained
     if not source or source == "torchvision":
         return
-    from wsol_core.train.checkpoint import STATE_FILE, DamagedCheckpointError, verify_checkpoint
+    from wsol_core.checkpoint import STATE_FILE, DamagedCheckpointError, verify_checkpoint
 
     path = Path(source).expanduser()
     try:

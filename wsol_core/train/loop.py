@@ -31,7 +31,7 @@ from wsol_core.data.loader import LoaderOptions, build_loader
 from wsol_core.data.manifest import load_manifest
 from wsol_core.methods import WSOLMethod, build_method
 from wsol_core.reporting import log_run_summary
-from wsol_core.train.checkpoint import (
+from wsol_core.checkpoint import (
     TrainingState,
     capture_rng_states,
     load_training_state,

@@ -3,7 +3,7 @@
 Ray Train hands the workers the latest checkpoint it registered for the run. If that file was
 damaged (a node lost mid-write, a disk filled up), every worker would die loading it and Ray
 would retry the same file until ``run.max_failures`` is spent. So the driver verifies the run's
-checkpoints first (:func:`~wsol_core.train.checkpoint.verify_checkpoint`: manifest size and
+checkpoints first (:func:`~wsol_core.checkpoint.verify_checkpoint`: manifest size and
 SHA-256, a weights-only load, the config fingerprint and the MLflow run id), names each damaged
 one, and tells the workers which checkpoint to load: the newest good one, or the one given with
 ``--resume-from``. When checkpoints exist and none is good, it stops with exit status 2 before
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsol_core.config import ConfigError
-from wsol_core.train.checkpoint import CheckpointInfo, DamagedCheckpointError, verify_checkpoint
+from wsol_core.config import ConfigError, read_through_schema
+from wsol_core.checkpoint import CheckpointInfo, DamagedCheckpointError, verify_checkpoint
 
 
 @dataclass
@@ -56,13 +56,13 @@ def plan_resume(run_dir: Path, config: dict[str, Any], resume_from: str = "") ->
     if resume_from:
         chosen = Path(resume_from).expanduser().resolve()
         try:
-            return ResumePlan(verify_checkpoint(chosen, config=config), present=present)
+            return ResumePlan(verify_checkpoint(chosen, config=config, read_config=read_through_schema), present=present)
         except (DamagedCheckpointError, FileNotFoundError) as err:
             raise ConfigError(f"run.resume_from: {err}") from None
     damaged: list[tuple[str, str]] = []
     for directory in candidates:
         try:
-            return ResumePlan(verify_checkpoint(directory, config=config), damaged, present)
+            return ResumePlan(verify_checkpoint(directory, config=config, read_config=read_through_schema), damaged, present)
         except (DamagedCheckpointError, FileNotFoundError) as err:
             damaged.append((str(directory), getattr(err, "reason", str(err))))
     if damaged:

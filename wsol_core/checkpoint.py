@@ -23,7 +23,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -47,14 +47,8 @@ _RESUMABLE_CHANGES = ("run.", "train.epochs")
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    from wsol_core.config import ConfigError, flatten_dict, load_config, to_dict
+    from wsol_core.config_fields import flatten_dict
 
-    try:
-        # Read through today's schema: a field added since the checkpoint was written (e.g.
-        # data.jpeg_check) takes the default it would have had, so an upgrade does not orphan runs.
-        config = to_dict(load_config(base=config))
-    except (ConfigError, TypeError, ValueError):
-        pass  # a field since removed or renamed: compared as written, so the difference is named
     return {k: v for k, v in flatten_dict(config).items() if not k.startswith(_RESUMABLE_CHANGES)}
 
 
@@ -185,12 +179,16 @@ class CheckpointInfo:
     loc_threshold: float | None = None
 
 
-def verify_checkpoint(directory: str | Path, *, config: dict[str, Any] | None = None, mlflow_run_id: str | None = None) -> CheckpointInfo:
+def verify_checkpoint(directory: str | Path, *, config: dict[str, Any] | None = None, mlflow_run_id: str | None = None,
+                      read_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> CheckpointInfo:
     """Check one checkpoint directory before resuming from it.
 
     The manifest's size and SHA-256 must match ``state.pt`` (a checkpoint written before
     manifests existed is checked by loading alone), the archive must load weights-only, and, when
     given, the config (fingerprint, ``run`` section aside) and the MLflow run id must match.
+    ``read_config`` reads both configs through today's schema first (the training layer passes
+    :func:`wsol_core.config.read_through_schema`: a field added since the checkpoint was written
+    takes its default, so an upgrade does not orphan a run); this module knows no schema.
 
     Raises:
         DamagedCheckpointError: naming the file and what is wrong.
@@ -212,9 +210,11 @@ def verify_checkpoint(directory: str | Path, *, config: dict[str, Any] | None = 
         if file_sha256(path) != manifest.get("sha256"):
             raise DamagedCheckpointError(path, "SHA-256 differs from its manifest (corrupted)")
     state = load_training_state(directory)
-    fingerprint = config_fingerprint(state.config)
-    if config is not None and fingerprint != config_fingerprint(config):
-        theirs, ours = _comparable(state.config), _comparable(config)
+    read = read_config or (lambda written: written)
+    stored = read(state.config)
+    fingerprint = config_fingerprint(stored)
+    if config is not None and fingerprint != config_fingerprint(read(config)):
+        theirs, ours = _comparable(stored), _comparable(read(config))
         differing = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         shown = ", ".join(f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in differing[:5])
         raise DamagedCheckpointError(path, f"was written with another config ({shown}); pass --no-resume or a new --name")
