@@ -154,16 +154,16 @@ def default_run_name(job_id: str, executor: str = "slurm") -> str:
 
 
 def interface_ip(name: str) -> str:
-    """The IPv4 address of network interface ``name`` on this node (Linux)."""
-    import fcntl
-    import struct
+    """The IPv4 address of network interface ``name`` on this node."""
+    import psutil
 
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))  # SIOCGIFADDR
-    except OSError as err:
-        raise LaunchError(f"network interface {name!r} has no IPv4 address on {socket.gethostname()}: {err}") from None
-    return socket.inet_ntoa(packed[20:24])
+    addresses = psutil.net_if_addrs().get(name)
+    ipv4 = [a.address for a in addresses or () if a.family == socket.AF_INET]
+    if not ipv4:
+        why = "no such interface" if addresses is None else "no IPv4 address"
+        raise LaunchError(f"network interface {name!r} has {why} on {socket.gethostname()} "
+                          f"(interfaces: {sorted(psutil.net_if_addrs())})")
+    return ipv4[0]
 
 
 def node_ip(role: NodeRole, interface: str = "") -> str:
@@ -244,19 +244,16 @@ class EntryPoint:
 
 # ------------------------------------------------------------------------------ process groups
 def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of process group ``pgid``, from /proc."""
+    """Live (non-zombie) processes of process group ``pgid``."""
+    import psutil
+
     members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for proc in psutil.process_iter(["status"]):
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                members.append(proc.pid)
+        except (ProcessLookupError, psutil.Error):  # ended while we looked
             continue
-        fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) "
-        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry))
     return members
 
 
