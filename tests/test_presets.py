@@ -112,3 +112,23 @@ def test_poly_schedule_matches_the_released_poly_optimizer():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ValueError, match="epochs"):
         build_scheduler(opt, poly, steps_per_epoch)
+
+
+def test_the_wheel_ships_the_presets_and_the_search_spaces(tmp_path):
+    """The library reads both from its own package directory, so an installed wheel must carry them."""
+    import shutil
+    import subprocess
+    import zipfile
+    from pathlib import Path
+
+    uv = shutil.which("uv")
+    assert uv, "uv builds the wheel (the README's setup installs it)"
+    root = Path(__file__).resolve().parents[1]
+    # sdist first, then the wheel from it (as pip does): the source tree gets no build/ folder
+    subprocess.run([uv, "build", "--out-dir", str(tmp_path), str(root)], check=True, capture_output=True, timeout=300)
+    wheel = next(tmp_path.glob("wsol-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for folder in ("presets", "spaces"):
+        shipped = {n for n in names if n.startswith(f"wsol_core/{folder}/") and n.endswith(".yaml")}
+        expected = {f"wsol_core/{folder}/{p.name}" for p in (root / "wsol_core" / folder).glob("*.yaml")}
+        assert expected and shipped == expected, (folder, expected - shipped)

@@ -6,8 +6,8 @@
 
 Searches theta_drop, S, tau_fg / tau_bg, alpha and margin -- those the method has -- with TPE
 (Optuna) behind a concurrency limit and ASHA early stopping on val MaxBoxAccV2. Default spaces are
-in tune/spaces/<method>.yaml; --space FILE and --param NAME=VALUE|LOW:HIGH|V1,V2,... override them
-(a single value pins a parameter). Config layers: tune/spaces/base.yaml <- --config <- options.
+in wsol_core/spaces/<method>.yaml; --space FILE and --param NAME=VALUE|LOW:HIGH|V1,V2,... override them
+(a single value pins a parameter). Config layers: wsol_core/spaces/base.yaml <- --config <- options.
 
 One MLflow parent run per search, one nested child run per trial. The best config is written to
 <storage>/<name>/best_config.yaml, which `python jobs/train_imagenet.py --config FILE` takes as is.

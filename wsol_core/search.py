@@ -55,7 +55,7 @@ PARAMETERS: dict[str, dict[str, str]] = {
     "alpha": {"c2am": "method.alpha"},
 }
 KINDS = ("uniform", "loguniform", "choice", "fixed")
-SPACES_DIR = Path(__file__).resolve().parents[1] / "tune" / "spaces"
+SPACES_DIR = Path(__file__).resolve().parent / "spaces"  # package data, like the presets
 
 
 def method_parameters(method: str) -> dict[str, str]:
@@ -191,7 +191,7 @@ def default_space_file(method: str) -> Path:
 
 
 def load_space(method: str, files: list[str | Path] = (), params: list[str] = ()) -> SearchSpace:
-    """The method's default space (``tune/spaces/<method>.yaml``) <- ``files`` <- ``params``
+    """The method's default space (``wsol_core/spaces/<method>.yaml``) <- ``files`` <- ``params``
     (``NAME=SPEC``); validated against the method's config fields."""
     allowed = method_parameters(method)
     if not allowed:
@@ -691,7 +691,7 @@ def _fmt(value: Any) -> str:
 
 
 def embedded_base() -> dict:
-    """The search's lowest config layer (``tune/spaces/base.yaml``): small synthetic data, the
+    """The search's lowest config layer (``wsol_core/spaces/base.yaml``): small synthetic data, the
     tiny backbone, FMCG, one worker per trial, a few epochs."""
     path = SPACES_DIR / "base.yaml"
     return copy.deepcopy(yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
