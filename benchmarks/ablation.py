@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import RESULTS_DIR, machine_info, write_result  # noqa: E402
 from wsol_core.cli import add_config_options, config_from_args  # noqa: E402
 from wsol_core.config import ConfigError  # noqa: E402
-from wsol_core.train.ray_session import RayStartError, report_start_failure  # noqa: E402
 from wsol_core.sweep import ABLATION_VARIANTS, REPORT_COLUMNS, SweepSettings, run_sweep  # noqa: E402
+from wsol_core.train.ray_session import RayStartError, report_start_failure  # noqa: E402
 
 # The sweep's base over the training job's defaults (the synthetic benchmark at 128 px, the tiny
 # backbone trained from scratch):

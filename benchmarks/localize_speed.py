@@ -30,9 +30,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import machine_info, write_result  # noqa: E402
+from wsol_core.checkpoint import TrainingState, save_training_state  # noqa: E402
 from wsol_core.config import load_config  # noqa: E402
 from wsol_core.methods import build_method  # noqa: E402
-from wsol_core.checkpoint import TrainingState, save_training_state  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

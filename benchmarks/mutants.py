@@ -17,7 +17,6 @@ Writes ``benchmarks/results/mutants.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil

@@ -76,7 +76,7 @@ def main() -> None:
 
     results = {name: time_method(name, args, device) for name in dict.fromkeys(["cam", *args.methods])}
     baseline = results["cam"]["median_s"]
-    for name, result in results.items():
+    for result in results.values():
         result["ratio_to_cam"] = result["median_s"] / baseline
     payload = {
         "benchmark": "step_cost",

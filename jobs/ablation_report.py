@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     table.add_argument("--split", default="test", choices=["test", "val"], help="which split's metrics (default: test)")
     table.add_argument("--columns", default=",".join(ABLATION_COLUMNS), help="metric names without split prefix (default: %(default)s)")
     table.add_argument("--group-by", action="append", default=[], metavar="PARAM", help="group only by these params (fnmatch patterns; repeatable or comma-separated)")
-    table.add_argument("--ignore-param", action="append", default=[], metavar="PARAM", help=f"params that do not split groups, added to the defaults {', '.join(DEFAULT_GROUP_IGNORE)}")
+    table.add_argument("--ignore-param", action="append", default=[], metavar="PARAM",
+                       help=f"params that do not split groups, added to the defaults {', '.join(DEFAULT_GROUP_IGNORE)}")
     table.add_argument("--switches", default="", help="switch names to show, in order, e.g. srd,cg,pnl (default: every method.<x>.enabled found)")
     table.add_argument("--label", default="", metavar="TEMPLATE", help="row label from params, e.g. '{method.name} theta={method.srd.theta_drop}'")
     table.add_argument("--title", default="", help="table title (default: from the runs)")

@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--interval {args.interval} must be in (0, 1)")
 
     from wsol_core.data.resolve import resolve_data_root
-    from wsol_core.tracking import RunLogger, resolve_tracking_uri
     from wsol_core.models.released import ReleasedCheckpointError
+    from wsol_core.tracking import RunLogger, resolve_tracking_uri
     from wsol_core.train.offline_eval import evaluate_checkpoint, load_model
 
     try:

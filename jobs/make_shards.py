@@ -74,7 +74,7 @@ def _split_roots(items: list[str]) -> dict[str, str]:
 
 
 def _report(results: dict) -> None:
-    for split, res in results.items():
+    for res in results.values():
         m = res.manifest
         converted = {k: v for k, v in m.conversions.items() if k != "kept"}
         print(

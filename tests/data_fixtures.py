@@ -5,13 +5,13 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from PIL import Image
 
-from wsol_core.data.format import index_name_for, index_text, build_index, sha256_file, tar_member
+from wsol_core.data.format import build_index, index_name_for, index_text, sha256_file, tar_member
 from wsol_core.data.manifest import Manifest, ShardInfo, save_manifest
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_ray_job_submit import BIN, free_port, wait_for_head
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,9 +14,9 @@ import os
 import secrets
 import shutil
 import signal
-import stat
-import sqlite3
 import socket
+import sqlite3
+import stat
 import subprocess
 import sys
 import time

@@ -7,8 +7,8 @@ import pickle
 from pathlib import Path
 
 import pytest
-
 from data_fixtures import bogus_huffman_jpeg, flipped_scan_jpeg, good_split, jpeg_bytes, sample_members, write_raw_split
+
 from wsol_core.data.format import ShardError
 from wsol_core.data.loader import build_loader
 
@@ -225,9 +225,9 @@ def test_the_strict_decode_gives_pils_pixels():
     import io
 
     import numpy as np
+    from data_fixtures import natural_array
     from PIL import Image
 
-    from data_fixtures import natural_array
     from wsol_core.data.format import decode_jpeg_strict
 
     for mode in ("RGB", "L", "CMYK"):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data_fixtures import all_members, jpeg_bytes, mask_png, png_bytes, write_files
 from PIL import Image
 
-from data_fixtures import all_members, jpeg_bytes, mask_png, png_bytes, write_files
 from wsol_core.data.converters import convert_cub, convert_imagenet, convert_wsolmeta
 from wsol_core.data.format import key_from_id, protocol_mask, resize_nearest
 from wsol_core.data.manifest import load_manifest, verify_split

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_fixtures import good_split
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data_fixtures import good_split
 from wsol_core.data.batch import Batch
 from wsol_core.data.loader import EpochPlan, LoaderOptions, build_loader
 from wsol_core.data.synthetic import SyntheticConfig, write_synthetic

@@ -7,9 +7,9 @@ import json
 
 import numpy as np
 import pytest
+from data_fixtures import all_members
 from PIL import Image
 
-from data_fixtures import all_members
 from wsol_core.data.format import protocol_mask
 from wsol_core.data.manifest import load_manifest, verify_split
 from wsol_core.data.synthetic import SyntheticConfig, SyntheticWSOL, write_synthetic
@@ -168,5 +168,8 @@ def test_body_texture_changes_only_the_bodies():
         assert changed[body].mean() > 0.4  # the checker covers the body
         # The checker is a strong local texture: neighbouring body pixels differ far more.
         rows, cols = np.nonzero(body[:, :-1] & body[:, 1:])
-        step = lambda img: np.abs(img[rows, cols].astype(int) - img[rows, cols + 1].astype(int)).mean()
+
+        def step(img, rows=rows, cols=cols):
+            return np.abs(img[rows, cols].astype(int) - img[rows, cols + 1].astype(int)).mean()
+
         assert step(b.image) > 2 * step(a.image)

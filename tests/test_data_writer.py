@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data_fixtures import all_members, flipped_scan_jpeg, jpeg_bytes, png_bytes, tar_members, write_files
 from PIL import Image
 
-from data_fixtures import all_members, flipped_scan_jpeg, jpeg_bytes, png_bytes, tar_members, write_files
 from wsol_core.data.format import (
     assign_keys,
     encoded_image_problem,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from test_data_loaders import synth  # noqa: F401  (the loader tests' synthetic split, a fixture)
 from data_fixtures import bogus_huffman_jpeg, good_split, jpeg_bytes, png_bytes, sample_members, write_raw_split
+from test_data_loaders import synth  # noqa: F401  (the loader tests' synthetic split, a fixture)
+
 from wsol_core.config import ConfigError, load_config
 from wsol_core.data.format import ShardError
 from wsol_core.data.loader import build_loader

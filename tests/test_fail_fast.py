@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
-
 from data_fixtures import bogus_huffman_jpeg, sample_members, write_raw_split
+from mlflow.tracking import MlflowClient
 from test_train_job import JOB, job_command, job_env
+
 from wsol_core.data.manifest import check_shard_hashes, verify_split
 
 pytestmark = pytest.mark.integration

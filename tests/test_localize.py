@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from wsol_core.checkpoint import TrainingState, save_training_state
 from wsol_core.config import load_config, to_dict
 from wsol_core.localize import boxes_at, to_original
 from wsol_core.methods import build_method
-from wsol_core.checkpoint import TrainingState, save_training_state
 
 REPO = Path(__file__).resolve().parents[1]
 

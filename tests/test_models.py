@@ -130,9 +130,9 @@ def test_pickled_objects_are_refused(tmp_path):
 
 
 def test_backbone_from_a_training_checkpoint(tmp_path):
+    from wsol_core.checkpoint import TrainingState, save_training_state
     from wsol_core.config import load_config, to_dict
     from wsol_core.methods import build_method
-    from wsol_core.checkpoint import TrainingState, save_training_state
 
     torch.manual_seed(0)
     cfg = load_config(overrides=["method.name=cam", "model.backbone=tiny"])

@@ -20,7 +20,6 @@ from pathlib import Path
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
-
 from test_train_job import job_command, job_env, only_run
 
 pytestmark = pytest.mark.integration

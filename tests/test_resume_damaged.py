@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from wsol_core.config import ConfigError, load_config, read_through_schema, to_dict
 from wsol_core.checkpoint import (
     MANIFEST_FILE,
     STATE_FILE,
@@ -28,6 +27,7 @@ from wsol_core.checkpoint import (
     save_training_state,
     verify_checkpoint,
 )
+from wsol_core.config import ConfigError, load_config, read_through_schema, to_dict
 from wsol_core.train.resume import pick_checkpoint, plan_resume
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,6 @@ import signal
 import subprocess
 
 import pytest
-
 from test_train_job import _wait_for_checkpoint, job_command, job_env, only_run
 
 pytestmark = pytest.mark.integration

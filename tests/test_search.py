@@ -40,7 +40,10 @@ def _base(method: str = "fmcg"):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method, names", [("fmcg", {"theta_drop", "S", "tau_fg", "tau_bg", "margin"}), ("icl", {"theta_drop", "S", "tau_fg", "tau_bg", "margin"}), ("caml", {"margin"}), ("c2am", {"alpha"})])
+@pytest.mark.parametrize("method, names", [
+    ("fmcg", {"theta_drop", "S", "tau_fg", "tau_bg", "margin"}), ("icl", {"theta_drop", "S", "tau_fg", "tau_bg", "margin"}),
+    ("caml", {"margin"}), ("c2am", {"alpha"}),
+])
 def test_default_spaces_are_valid(method, names):
     space = load_space(method)
     assert set(space.searched) == names
@@ -163,7 +166,8 @@ def test_search_end_to_end_nested_runs_and_best_config(tmp_path):
     assert cfg.method.srd.kernel_size == int(best_child.data.params["search.S"])
     # Trials select on val only: no trial ever scored the test split.
     assert not any(key.startswith("test/") for child in children for key in child.data.metrics)
-    help_out = subprocess.run([sys.executable, str(ROOT / "jobs" / "train_imagenet.py"), "--config", str(best_path), "--epochs", "0"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    help_out = subprocess.run([sys.executable, str(ROOT / "jobs" / "train_imagenet.py"), "--config", str(best_path), "--epochs", "0"],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert "train.epochs = 0" in help_out.stderr  # parsed the file, then rejected only the override
     assert read_yaml(best_path)["method"]["name"] == "fmcg"
 

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from wsol_core.cli import add_config_options, config_from_args  # noqa: E402
 from wsol_core.config import ConfigError  # noqa: E402
-from wsol_core.train.ray_session import RayStartError, report_start_failure  # noqa: E402
 from wsol_core.search import METRIC, SearchSettings, elapsed, embedded_base, load_space, run_search  # noqa: E402
+from wsol_core.train.ray_session import RayStartError, report_start_failure  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@ import yaml
 # no circle): re-exported, as every caller knows them from this module.
 from wsol_core.config_fields import ConfigError, MethodConfig, flatten_dict, spec  # noqa: F401
 
+
 def _describe_range(meta: dict) -> str:
     low = f"[{meta['ge']}" if meta.get("ge") is not None else (f"({meta['gt']}" if meta.get("gt") is not None else "(-inf")
     high = f"{meta['le']}]" if meta.get("le") is not None else (f"{meta['lt']})" if meta.get("lt") is not None else "inf)")

@@ -383,7 +383,8 @@ def merge_anchors(anchors: Sequence[Anchor]) -> list[dict[str, Any]]:
     merged: dict[tuple, dict[str, Any]] = {}
     for anchor in anchors:
         key = (anchor.display, anchor.backbone, anchor.dataset)
-        row = merged.setdefault(key, {"display": anchor.display, "method": anchor.method, "backbone": anchor.backbone, "dataset": anchor.dataset, "sources": [], **{k: None for k in LOC_KEYS}})
+        row = merged.setdefault(key, {"display": anchor.display, "method": anchor.method, "backbone": anchor.backbone,
+                                      "dataset": anchor.dataset, "sources": [], **{k: None for k in LOC_KEYS}})
         row["sources"].append(anchor.source)
         for field_name in LOC_KEYS:
             if row[field_name] is None:

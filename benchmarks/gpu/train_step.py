@@ -125,7 +125,7 @@ def measure(name: str, backbone: str, batch_size: int, mode: str, args, device: 
         result["sync_examples"] = sorted(set(s.splitlines()[0][:160] for s in syncs))[:5]
     else:
         result["host_syncs_per_step"] = None  # counted by CUDA's sync debug mode only
-    del model, method, optimizer, batch
+    method = model = optimizer = batch = None  # release the device memory before the next configuration
     if cuda:
         torch.cuda.empty_cache()
     return result

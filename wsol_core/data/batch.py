@@ -42,7 +42,7 @@ class Batch:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def to(self, device: torch.device | str, non_blocking: bool = True) -> "Batch":
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
         moved = {}
         for f in fields(self):
             value = getattr(self, f.name)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import logging
 import os
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from wsol_core.data.writer import FileMaterializer, SourceRecord, WriteResult, WriterOptions, write_split
 

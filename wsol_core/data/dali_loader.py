@@ -28,13 +28,14 @@ from __future__ import annotations
 import io
 import logging
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
 
 from wsol_core.data.batch import Batch
+from wsol_core.data.contract import EpochPlan, LoaderOptions, SkipReport, SplitKind, make_batch, resolve_load_masks
 from wsol_core.data.format import (
     SampleMeta,
     ShardError,
@@ -44,7 +45,6 @@ from wsol_core.data.format import (
     read_member_bytes,
     split_member_name,
 )
-from wsol_core.data.contract import EpochPlan, LoaderOptions, SkipReport, SplitKind, make_batch, resolve_load_masks
 from wsol_core.data.manifest import VerifiedSplit
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def _parse_source_info(raw: np.ndarray) -> tuple[str, int, str, str] | None:
 class _HostFeeder:
     """The decode pipeline's ``external_source``: pulls reader batches, checks them on the host."""
 
-    def __init__(self, loader: "DaliLoader", plan: EpochPlan, reader) -> None:
+    def __init__(self, loader: DaliLoader, plan: EpochPlan, reader) -> None:
         self.loader = loader
         self.plan = plan
         self.reader = reader

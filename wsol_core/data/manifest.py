@@ -74,7 +74,7 @@ class Manifest:
         return json.dumps(doc, indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_dict(cls, doc: dict, where: str) -> "Manifest":
+    def from_dict(cls, doc: dict, where: str) -> Manifest:
         try:
             shards = [ShardInfo(**s) for s in doc["shards"]]
             known = {f for f in cls.__dataclass_fields__}

@@ -52,9 +52,9 @@ import colorsys
 import io
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

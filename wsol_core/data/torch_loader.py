@@ -32,17 +32,18 @@ import logging
 import math
 import multiprocessing
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from wsol_core.data.batch import Batch
+from wsol_core.data.contract import EpochPlan, LoaderOptions, SkipReport, SplitKind, make_batch, resolve_load_masks
 from wsol_core.data.format import (
     IndexedSample,
     SampleMeta,
@@ -54,7 +55,6 @@ from wsol_core.data.format import (
     protocol_mask,
     strict_decode_failure,
 )
-from wsol_core.data.contract import EpochPlan, LoaderOptions, SkipReport, SplitKind, make_batch, resolve_load_masks
 from wsol_core.data.manifest import VerifiedSplit
 
 log = logging.getLogger(__name__)

@@ -136,7 +136,7 @@ def _neighbour_group_tables() -> tuple[np.ndarray, np.ndarray]:
         ):
             label = {d: d for d in nodes if present[d]}
 
-            def root(d: int) -> int:
+            def root(d: int, label: dict[int, int] = label) -> int:
                 while label[d] != d:
                     d = label[d]
                 return d

@@ -15,6 +15,7 @@ from torchvision.models import vgg16
 
 from wsol_core.models.base import Backbone
 
+
 class VGG16(Backbone):
     default_drop_stage = "block4"  # after conv4_3 (FMCG Table 2's best location)
     head_stages = ("conv6",)

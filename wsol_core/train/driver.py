@@ -19,6 +19,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
+from wsol_core.checkpoint import DamagedCheckpointError
 from wsol_core.config import Config, ConfigError, dump_yaml, flatten, to_dict
 from wsol_core.data.format import ShardError
 from wsol_core.data.loader import EpochPlan
@@ -27,7 +28,6 @@ from wsol_core.data.resolve import resolve_data_root
 from wsol_core.tracking import RunLogger, find_run, git_commit, resolve_tracking_uri, start_or_resume_run
 from wsol_core.train.loop import SCORE_KEY, train_loop_per_worker
 from wsol_core.train.ray_session import init_ray
-from wsol_core.checkpoint import DamagedCheckpointError
 from wsol_core.train.resume import check_run_identity, plan_resume, run_checkpoints
 
 SPLITS = ("train", "val", "test")

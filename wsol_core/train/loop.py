@@ -25,12 +25,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from wsol_core.config import Config, flatten, load_config
-from wsol_core.data.batch import Batch
-from wsol_core.data.loader import LoaderOptions, build_loader
-from wsol_core.data.manifest import load_manifest
-from wsol_core.methods import WSOLMethod, build_method
-from wsol_core.reporting import log_run_summary
 from wsol_core.checkpoint import (
     TrainingState,
     capture_rng_states,
@@ -38,6 +32,12 @@ from wsol_core.checkpoint import (
     restore_rng_states,
     save_training_state,
 )
+from wsol_core.config import Config, flatten, load_config
+from wsol_core.data.batch import Batch
+from wsol_core.data.loader import LoaderOptions, build_loader
+from wsol_core.data.manifest import load_manifest
+from wsol_core.methods import WSOLMethod, build_method
+from wsol_core.reporting import log_run_summary
 from wsol_core.train.evaluate import EvalOutcome, eval_autocast, evaluate_split
 from wsol_core.train.optim import build_optimizer, build_scheduler
 

@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
+from wsol_core.checkpoint import STATE_FILE, load_training_state, verify_checkpoint
 from wsol_core.config import Config, load_config
 from wsol_core.data.loader import build_loader
 from wsol_core.data.manifest import load_manifest
 from wsol_core.methods import WSOLMethod, build_method
-from wsol_core.checkpoint import STATE_FILE, load_training_state, verify_checkpoint
 from wsol_core.train.evaluate import eval_autocast, evaluate_split
 
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsol_core.config import ConfigError, read_through_schema
 from wsol_core.checkpoint import CheckpointInfo, DamagedCheckpointError, verify_checkpoint
+from wsol_core.config import ConfigError, read_through_schema
 
 
 @dataclass
