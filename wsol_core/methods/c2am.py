@@ -251,6 +251,7 @@ class C2AM(WSOLMethod):
     """Class-agnostic activation map learned by cross-image fg/bg contrast (no labels)."""
 
     config_class = C2AMConfig
+    cfg: C2AMConfig  # what config_class guarantees (checked in WSOLMethod.__init__)
     uses_labels = False
 
     def __init__(self, backbone: Backbone, num_classes: int, cfg: C2AMConfig) -> None:

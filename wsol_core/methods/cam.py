@@ -27,6 +27,7 @@ class CAMConfig(MethodConfig):
 
 class CAM(WSOLMethod):
     config_class = CAMConfig
+    cfg: CAMConfig  # what config_class guarantees (checked in WSOLMethod.__init__)
 
     def __init__(self, backbone: Backbone, num_classes: int, cfg: CAMConfig) -> None:
         super().__init__(backbone, num_classes, cfg)

@@ -456,6 +456,7 @@ def caml_loss(
 
 class CAML(WSOLMethod):
     config_class = CAMLConfig
+    cfg: CAMLConfig  # what config_class guarantees (checked in WSOLMethod.__init__)
     uses_labels = False
 
     def __init__(self, backbone: Backbone, num_classes: int, cfg: CAMLConfig) -> None:
