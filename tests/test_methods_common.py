@@ -93,3 +93,33 @@ def test_bf16_autocast_and_channels_last(name):
     total = sum(t.float() for t in terms.values())
     assert torch.isfinite(total)
     total.backward()
+
+
+def test_each_methods_declared_knobs_name_real_fields():
+    """TUNABLE, SWITCHES and ABLATED are what the search, the sweep and the reports read: each
+    must name a field that exists (renaming a field without them fails here)."""
+    from wsol_core.config import flatten, load_config, to_dict
+    from wsol_core.methods import method_configs
+
+    for name, config_class in method_configs().items():
+        fields = flatten(to_dict(load_config(overrides=[f"method.name={name}"])))
+        for short, dotted in config_class.TUNABLE.items():
+            assert f"method.{dotted}" in fields, (name, short, dotted)
+        for part in config_class.SWITCHES:
+            assert fields.get(f"method.{part}.enabled") is True, (name, part)
+        assert set(config_class.ABLATED) <= set(config_class.SWITCHES), name
+
+
+def test_the_outer_layers_read_the_declared_knobs():
+    from wsol_core.reporting import method_switches, switch_name
+    from wsol_core.search import PARAMETERS
+    from wsol_core.sweep import ABLATION_VARIANTS
+
+    assert PARAMETERS["theta_drop"] == {"fmcg": "method.srd.theta_drop", "icl": "method.drop.theta_drop"}
+    assert PARAMETERS["margin"] == {"fmcg": "method.cg.margin", "icl": "method.cal.margin", "caml": "method.caml.margin"}
+    assert PARAMETERS["alpha"] == {"c2am": "method.alpha"}
+    assert list(ABLATION_VARIANTS) == ["cam", "fmcg", "fmcg-no-srd", "fmcg-no-cg", "fmcg-no-pnl", "icl", "caml", "c2am"]
+    assert ABLATION_VARIANTS["fmcg-no-cg"] == ["method.name=fmcg", "method.cg.enabled=false"]
+    assert switch_name("bg_drop") == "BG-drop" and switch_name("new_part") == "NEW-PART"
+    params = {"method.pnl.enabled": "True", "method.srd.enabled": "False", "method.cg.enabled": "True"}
+    assert list(method_switches(params)) == ["srd", "cg", "pnl"]  # the paper's column order

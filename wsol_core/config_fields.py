@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 
 class ConfigError(ValueError):
@@ -47,7 +47,22 @@ def spec(
 
 @dataclass
 class MethodConfig:
-    """Base of every method's config; ``name`` selects the method class."""
+    """Base of every method's config; ``name`` selects the method class.
+
+    Each method's config also declares what the outer layers name (the search, the ablation
+    sweep, the reports), so that renaming one of its fields touches its own file only:
+
+    * ``TUNABLE``: the search's short name -> the dotted field inside the method section
+      (``"theta_drop": "srd.theta_drop"``), for ``tune/search_srd.py --param`` and the spaces;
+    * ``SWITCHES``: the parts an ablation turns off (``method.<part>.enabled``) -> their label
+      in tables, in the paper's column order;
+    * ``ABLATED``: the switches the paper's own ablation table removes one at a time (one sweep
+      variant ``<method>-no-<part>`` each).
+    """
+
+    TUNABLE: ClassVar[dict[str, str]] = {}
+    SWITCHES: ClassVar[dict[str, str]] = {}
+    ABLATED: ClassVar[tuple[str, ...]] = ()
 
     name: str = "cam"
 

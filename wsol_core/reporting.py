@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import fnmatch
+import functools
 import html
 import io
 import json
@@ -209,7 +210,12 @@ LOC_KEYS = ("maxboxacc_v2", "boxacc_v2_iou30", "boxacc_v2_iou50", "boxacc_v2_iou
 # (and their GT-known / Top-k Loc came from every contour, not the published single box).
 LEGACY_NAMES = {f"boxacc_v2_iou{d}": f"maxboxacc_{d}" for d in (30, 50, 70)}
 _SWITCH_RE = re.compile(r"^method\.([A-Za-z0-9_]+)\.enabled$")
-_SWITCH_NAMES = {"srd": "SRD", "cg": "CG", "pnl": "PNL", "nl": "NL", "bg_drop": "BG-drop", "cal": "CAL", "fcl": "FCL"}
+@functools.cache
+def _switch_labels() -> dict[str, str]:
+    """``{part: label}`` in the papers' column order, as each method's config declares it."""
+    from wsol_core.methods import switch_labels
+
+    return switch_labels()
 
 
 def truthy(value: Any) -> bool:
@@ -220,14 +226,12 @@ def truthy(value: Any) -> bool:
 
 
 def switch_name(key: str) -> str:
-    return _SWITCH_NAMES.get(key, key.upper().replace("_", "-"))
-
-
-_SWITCH_ORDER = ("srd", "cg", "pnl", "bg_drop", "nl", "cal", "fcl")  # the papers' column order
+    return _switch_labels().get(key, key.upper().replace("_", "-"))
 
 
 def _switch_rank(key: str) -> tuple[int, str]:
-    return (_SWITCH_ORDER.index(key) if key in _SWITCH_ORDER else len(_SWITCH_ORDER), key)
+    order = list(_switch_labels())
+    return (order.index(key) if key in order else len(order), key)
 
 
 def method_switches(params: Mapping[str, Any]) -> dict[str, bool]:

@@ -40,20 +40,14 @@ from typing import Any
 import yaml
 
 from wsol_core.config import Config, ConfigError, dump_yaml, flatten, load_config, to_dict
+from wsol_core.methods import tunable_parameters
 
 METRIC = "val/score"  # the training loop's SCORE_KEY: val MaxBoxAccV2 (val PxAP on mask-only data)
 MODE = "max"
 TIME_ATTR = "epoch"
 
-# short name -> method name -> dotted config field
-PARAMETERS: dict[str, dict[str, str]] = {
-    "theta_drop": {"fmcg": "method.srd.theta_drop", "icl": "method.drop.theta_drop"},
-    "S": {"fmcg": "method.srd.kernel_size", "icl": "method.drop.kernel_size"},
-    "tau_fg": {"fmcg": "method.cg.tau_fg", "icl": "method.cal.tau_fg"},
-    "tau_bg": {"fmcg": "method.cg.tau_bg", "icl": "method.cal.tau_bg"},
-    "margin": {"fmcg": "method.cg.margin", "icl": "method.cal.margin", "caml": "method.caml.margin"},
-    "alpha": {"c2am": "method.alpha"},
-}
+# short name -> method name -> dotted config field: declared by each method's config (TUNABLE)
+PARAMETERS: dict[str, dict[str, str]] = tunable_parameters()
 KINDS = ("uniform", "loguniform", "choice", "fixed")
 SPACES_DIR = Path(__file__).resolve().parent / "spaces"  # package data, like the presets
 

@@ -43,6 +43,35 @@ def method_config_class(name: str) -> type[MethodConfig]:
     return _lookup(name, 2)
 
 
+def method_configs() -> dict[str, type[MethodConfig]]:
+    """Every method's config class, in the registry's order (CAM, FMCG, ICL, CAML, C2AM)."""
+    return {name: method_config_class(name) for name in METHOD_NAMES}
+
+
+def tunable_parameters() -> dict[str, dict[str, str]]:
+    """The search's short names: ``{short: {method: "method.<field>"}}``, from each config's ``TUNABLE``."""
+    table: dict[str, dict[str, str]] = {}
+    for name, config in method_configs().items():
+        for short, dotted in config.TUNABLE.items():
+            table.setdefault(short, {})[name] = f"method.{dotted}"
+    return table
+
+
+def switch_labels() -> dict[str, str]:
+    """``{part: label}`` of every method's ablation switches, in the papers' column order."""
+    return {part: label for config in method_configs().values() for part, label in config.SWITCHES.items()}
+
+
+def ablation_variants() -> dict[str, list[str]]:
+    """Each method as it is, then (where its paper has an ablation table) without each part."""
+    variants: dict[str, list[str]] = {}
+    for name, config in method_configs().items():
+        variants[name] = [f"method.name={name}"]
+        for part in config.ABLATED:
+            variants[f"{name}-no-{part.replace('_', '-')}"] = [f"method.name={name}", f"method.{part}.enabled=false"]
+    return variants
+
+
 def build_method(cfg: Config, num_classes: int) -> WSOLMethod:
     """Backbone (with pretrained weights when configured) + method, from a validated config."""
     from wsol_core.models import build_backbone

@@ -95,7 +95,7 @@ Ablation switches: ``alpha = 0`` (no rank weighting, Fig. 8), ``head_init`` (Tab
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -113,6 +113,8 @@ from wsol_core.models.head import CAMHead
 @dataclass
 class C2AMConfig(MethodConfig):
     """C2AM's settings. See the module docstring for how each ambiguous choice was made."""
+
+    TUNABLE: ClassVar[dict[str, str]] = {"alpha": "alpha"}
 
     name: str = "c2am"
     # Eq. 5: w = exp(-alpha * rank); 0 gives every positive pair weight 1.

@@ -156,7 +156,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -269,6 +269,8 @@ class ContrastiveMapConfig:
 @dataclass
 class CAMLConfig(MethodConfig):
     """CAML's settings; the module docstring explains every ambiguous choice."""
+
+    TUNABLE: ClassVar[dict[str, str]] = {"margin": "caml.margin"}
 
     name: str = "caml"
     ptap: PTAPConfig = field(default_factory=PTAPConfig)

@@ -81,7 +81,7 @@ the final (PNL-enhanced) feature map (Zhou et al.).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -140,6 +140,11 @@ class FMCGWeights:
 
 @dataclass
 class FMCGConfig(MethodConfig):
+    TUNABLE: ClassVar[dict[str, str]] = {"theta_drop": "srd.theta_drop", "S": "srd.kernel_size", "tau_fg": "cg.tau_fg",
+                                         "tau_bg": "cg.tau_bg", "margin": "cg.margin"}
+    SWITCHES: ClassVar[dict[str, str]] = {"srd": "SRD", "cg": "CG", "pnl": "PNL"}
+    ABLATED: ClassVar[tuple[str, ...]] = ("srd", "cg", "pnl")  # Table 1 (Sec. 4.2)
+
     name: str = "fmcg"
     srd: SRDConfig = field(default_factory=SRDConfig)
     cg: CGConfig = field(default_factory=CGConfig)

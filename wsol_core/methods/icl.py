@@ -84,7 +84,7 @@ non-local blocks) for the GT / predicted class (``inference_map = "original"``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -174,6 +174,10 @@ class ICLWeights:
 
 @dataclass
 class ICLConfig(MethodConfig):
+    TUNABLE: ClassVar[dict[str, str]] = {"theta_drop": "drop.theta_drop", "S": "drop.kernel_size", "tau_fg": "cal.tau_fg",
+                                         "tau_bg": "cal.tau_bg", "margin": "cal.margin"}
+    SWITCHES: ClassVar[dict[str, str]] = {"bg_drop": "BG-drop", "nl": "NL", "cal": "CAL", "fcl": "FCL"}
+
     name: str = "icl"
     drop: ICLDropConfig = field(default_factory=ICLDropConfig)
     bg_drop: BackgroundDropConfig = field(default_factory=BackgroundDropConfig)
