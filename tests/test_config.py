@@ -79,3 +79,29 @@ def test_switching_method_drops_the_previous_methods_fields(tmp_path):
     path.write_text("method: {name: cam}\n")
     cfg = load_config([path], ["method.name=cam"])
     assert type(cfg.method).__name__ == "CAMConfig"
+
+
+def test_every_loader_option_is_reachable_from_the_config():
+    """One concept, one config: each LoaderOptions field comes from data.<same name> or from the
+    documented place, and a --set of it arrives in the options."""
+    from dataclasses import fields
+
+    from wsol_core.config import DataConfig
+    from wsol_core.data.loader import LoaderOptions
+    from wsol_core.train.loop import LOADER_OPTIONS_FROM_ELSEWHERE, loader_options
+
+    options = {f.name for f in fields(LoaderOptions)}
+    assert options - {f.name for f in fields(DataConfig)} == set(LOADER_OPTIONS_FROM_ELSEWHERE)
+    cfg = load_config(overrides=[
+        "data.hflip=false", "data.rrc_scale=[0.2,0.9]", "data.rrc_ratio=[0.5,2.0]", "data.shuffle_buffer=64", "data.prefetch=3",
+        "data.verify=full", "data.mask_size=112", "data.worker_start=spawn", "data.jpeg_check=structure", "data.num_threads=3",
+        "train.seed=7",
+    ])
+    got = loader_options(cfg)
+    assert (got.hflip, got.rrc_scale, got.rrc_ratio, got.shuffle_buffer, got.prefetch, got.verify, got.mask_size, got.worker_start) == (
+        False, (0.2, 0.9), (0.5, 2.0), 64, 3, "full", 112, "spawn")
+    assert (got.jpeg_check, got.num_threads, got.seed) == ("structure", 3, 7)
+    with pytest.raises(ConfigError, match=r"data\.rrc_scale"):
+        load_config(overrides=["data.rrc_scale=[0.0,1.0]"])
+    with pytest.raises(ConfigError, match=r"data\.verify"):
+        load_config(overrides=["data.verify=sometimes"])

@@ -115,6 +115,15 @@ class DataConfig:
     # "structure" checks only its markers, as before (for DALI on a GPU host reading shards that
     # were checked when written: the strict pass costs about one CPU decode per image).
     jpeg_check: Literal["strict", "structure"] = "strict"
+    # The rest of the input pipeline's options (LoaderOptions documents each), same names:
+    hflip: bool = True
+    rrc_scale: tuple[float, float] = spec((0.08, 1.0), gt=0.0, le=1.0, doc="random-resized crop: area fraction range")
+    rrc_ratio: tuple[float, float] = spec((3 / 4, 4 / 3), gt=0.0, doc="random-resized crop: aspect-ratio range")
+    shuffle_buffer: int = spec(1024, ge=1, doc="training shuffle buffer, samples per worker")
+    prefetch: int = spec(2, ge=1, doc="batches prepared ahead")
+    verify: Literal["none", "fast", "full"] = "fast"
+    mask_size: int = spec(224, ge=1, doc="PxAP masks are resized to mask_size x mask_size")
+    worker_start: Literal["fork", "forkserver", "spawn"] = "fork"
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
 
     def resolved_sizes(self) -> tuple[int, int]:

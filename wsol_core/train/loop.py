@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,23 +63,22 @@ def eval_loader_options(cfg: Config) -> LoaderOptions:
     return replace(options, backend="torch", decode="workers") if cfg.eval.loader == "exact" else options
 
 
+#: LoaderOptions fields that do not come from ``data.<same name>``, and where they come from.
+LOADER_OPTIONS_FROM_ELSEWHERE = {
+    "backend": "data.loader", "channels_last": "train.channels_last", "seed": "train.seed",
+    "load_masks": "per split: the split's manifest", "mean": "ImageNet's", "std": "ImageNet's",
+}
+
+
 def loader_options(cfg: Config) -> LoaderOptions:
-    """The data section of the config as the input pipeline's options."""
+    """The data section of the config as the input pipeline's options: every field of the same
+    name, the automatic sizes resolved, and :data:`LOADER_OPTIONS_FROM_ELSEWHERE`."""
     data = cfg.data
+    same_name = {f.name for f in fields(LoaderOptions)} & {f.name for f in fields(data)}
     resize_size, crop_size = data.resolved_sizes()
-    return LoaderOptions(
-        backend=data.loader,
-        batch_size=data.batch_size,
-        resize_size=resize_size,
-        crop_size=crop_size,
-        random_resized_crop=data.random_resized_crop,
-        channels_last=cfg.train.channels_last,
-        seed=cfg.train.seed,
-        num_threads=data.num_threads,
-        skip_corrupt=data.skip_corrupt,
-        decode=data.decode,
-        jpeg_check=data.jpeg_check,
-    )
+    options = LoaderOptions(**{name: getattr(data, name) for name in same_name},
+                            backend=data.loader, channels_last=cfg.train.channels_last, seed=cfg.train.seed)
+    return replace(options, resize_size=resize_size, crop_size=crop_size)
 
 
 def seed_everything(seed: int, rank: int) -> None:
