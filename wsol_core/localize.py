@@ -82,7 +82,7 @@ class FolderImages(torch.utils.data.Dataset):
             with Image.open(path) as pil:
                 pil.load()
                 size = pil.size
-                img = pil.convert("RGB").resize((EVAL_SIZE, EVAL_SIZE), Image.BILINEAR)
+                img = pil.convert("RGB").resize((EVAL_SIZE, EVAL_SIZE), Image.Resampling.BILINEAR)
         except Exception as exc:  # PIL raises many types on bad files
             return name, None, f"{type(exc).__name__}: {exc}"
         return name, torch.from_numpy(np.array(img, dtype=np.uint8)), size
@@ -141,7 +141,7 @@ def overlay(image: Image.Image, score_map: np.ndarray, box: list[int], boxes: li
     """The map (jet, alpha 0.5) over the image at its own size, every box thin, the main box thick."""
     import matplotlib
 
-    heat = Image.fromarray((score_map * 255).astype(np.uint8)).resize(image.size, Image.BILINEAR)
+    heat = Image.fromarray((score_map * 255).astype(np.uint8)).resize(image.size, Image.Resampling.BILINEAR)
     colored = (matplotlib.colormaps["jet"](np.asarray(heat) / 255.0)[..., :3] * 255).astype(np.uint8)
     blended = Image.blend(image.convert("RGB"), Image.fromarray(colored), 0.5)
     draw = ImageDraw.Draw(blended)
@@ -290,7 +290,7 @@ def localize_shards(
         for j, i in enumerate(keep):
             width, height = sizes[j]
             cls, cname, score, box, boxes = results[j]
-            picture = Image.fromarray(pictures[j]).resize((width, height), Image.BILINEAR) if overlays else None
+            picture = Image.fromarray(pictures[j]).resize((width, height), Image.Resampling.BILINEAR) if overlays else None
             writer.add(Prediction(batch.keys[i], width, height, cls, cname, score, threshold, box, boxes), maps[j], picture)
             summary.localized += 1
         summary.images += len(keep)

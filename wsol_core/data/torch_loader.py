@@ -277,12 +277,12 @@ def _apply_pil(img: Image.Image, g: _Geometry) -> torch.Tensor:
     if g.pre_crop is not None:
         top, left, h, w = g.pre_crop
         box = (left, top, left + w, top + h)
-    img = img.resize((g.resize[1], g.resize[0]), Image.BILINEAR, box=box)
+    img = img.resize((g.resize[1], g.resize[0]), Image.Resampling.BILINEAR, box=box)
     if g.post_crop is not None:
         top, left, h, w = g.post_crop
         img = img.crop((left, top, left + w, top + h))
     if g.flip:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return torch.from_numpy(np.array(img, dtype=np.uint8))  # [H, W, 3]
 
 

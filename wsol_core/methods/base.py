@@ -110,7 +110,8 @@ class WSOLMethod(nn.Module):
         the classifier and every part the method adds at ``lr * head_lr_mult``."""
         trunk_names = {f"backbone.{n}" for n, _ in self.backbone.named_parameters()}
         trunk_names -= {f"backbone.{n}" for n in self.backbone.head_parameter_names()}
-        trunk, head = [], []
+        trunk: list[nn.Parameter] = []
+        head: list[nn.Parameter] = []
         for name, param in self.named_parameters():
             if param.requires_grad:
                 (trunk if name in trunk_names else head).append(param)

@@ -408,7 +408,8 @@ class C2AM(WSOLMethod):
         BatchNorm affine parameters frozen."""
         if not self.cfg.official_param_groups:
             return super().param_groups(lr, head_lr_mult)
-        trunk, head = [], []
+        trunk: list[nn.Parameter] = []
+        head: list[nn.Parameter] = []
         for name, param in self.named_parameters():
             if param.requires_grad:
                 (trunk if name.startswith("backbone.") else head).append(param)
