@@ -366,7 +366,7 @@ class MaxBoxAccumulator:
             best_idx[delta] = index
         if loc_threshold_index is None and LOC_IOU in self.iou_deltas:
             loc_threshold_index = best_idx[LOC_IOU]
-        loc = {"loc_threshold": None, "gt_known_loc": None, "top1_loc": None, "top5_loc": None}
+        loc: dict[str, float | None] = {"loc_threshold": None, "gt_known_loc": None, "top1_loc": None, "top5_loc": None}
         if loc_threshold_index is not None:
             t = int(loc_threshold_index)
             if not 0 <= t < self.num_thresholds:
