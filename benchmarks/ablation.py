@@ -5,10 +5,10 @@
     uv run python benchmarks/ablation.py --variant fmcg-t7='method.name=fmcg method.srd.theta_drop=0.7'
     uv run python benchmarks/ablation.py --variant fmcg-searched=@$HOME/wsol_runs/search-fmcg/best_config.yaml
 
-The variants (``wsol_core.sweep.ABLATION_VARIANTS``) are the FMCG paper's Table 1 -- the CAM
+The variants (``wsol_core.experiments.sweep.ABLATION_VARIANTS``) are the FMCG paper's Table 1 -- the CAM
 baseline, full FMCG, FMCG without SRD / CG / PNL -- and ICL, CAML and C2AM, all over the training
 job's embedded default (the synthetic benchmark, the tiny backbone) with one Ray Train worker per
-run. They run as one Ray Tune grid (``wsol_core.sweep``), as many at a time as the CPUs fit, each
+run. They run as one Ray Tune grid (``wsol_core.experiments.sweep``), as many at a time as the CPUs fit, each
 recorded as a nested MLflow run; the sweep's parent run holds the ablation table.
 
 Writes ``benchmarks/results/ablation.json`` (per variant: mean, sample std and values of
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import RESULTS_DIR, machine_info, write_result  # noqa: E402
 from wsol_core.cli import add_config_options, config_from_args  # noqa: E402
 from wsol_core.config import ConfigError  # noqa: E402
-from wsol_core.sweep import ABLATION_VARIANTS, REPORT_COLUMNS, SweepSettings, run_sweep  # noqa: E402
+from wsol_core.experiments.sweep import ABLATION_VARIANTS, REPORT_COLUMNS, SweepSettings, run_sweep  # noqa: E402
 from wsol_core.train.ray_session import RayStartError, report_start_failure  # noqa: E402
 
 # The sweep's base over the training job's defaults (the synthetic benchmark at 128 px, the tiny

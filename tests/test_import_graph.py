@@ -111,5 +111,44 @@ def test_the_core_imports_no_ray_no_mlflow_and_nothing_above_it():
     for module in inside:
         if module.startswith(CORE):
             assert not outside[module] & {"ray", "mlflow"}, (module, outside[module])
-            above = {t for t in inside[module] if t.startswith(("wsol_core.train", "wsol_core.search", "wsol_core.sweep"))}
+            above = {t for t in inside[module] if t.startswith(("wsol_core.train", "wsol_core.experiments", "wsol_core.commands"))}
             assert not above, (module, above)
+
+
+#: The outer layers, bottom up (ARCHITECTURE.md): a module may import its own layer and those below.
+LAYERS = (
+    ("wsol_core.config", "wsol_core.config_fields", "wsol_core.checkpoint", "wsol_core.data", "wsol_core.models",
+     "wsol_core.methods", "wsol_core.metrics", "wsol_core.viz", "wsol_core.localize", "wsol_core.cli"),
+    ("wsol_core.tracking", "wsol_core.reporting"),
+    ("wsol_core.train",),
+    ("wsol_core.experiments",),
+    ("wsol_core.commands",),
+)
+
+
+def layer_of(module: str) -> int:
+    for rank, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return rank
+    raise AssertionError(f"{module} is in no layer of LAYERS: place it in ARCHITECTURE.md and here")
+
+
+def up_arrows(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    return sorted((m, t) for m, targets in graph.items() for t in targets if t != "wsol_core" and layer_of(t) > layer_of(m))
+
+
+def test_every_import_points_down_the_layers():
+    inside, _ = import_graph()
+    assert up_arrows(inside) == []
+
+
+def test_the_layer_check_finds_an_up_arrow():
+    assert up_arrows({"wsol_core.train.loop": {"wsol_core.experiments.trials", "wsol_core.config"}}) == [
+        ("wsol_core.train.loop", "wsol_core.experiments.trials")
+    ]
+
+
+def test_ray_train_is_built_in_one_place():
+    """``TorchTrainer`` is constructed only by wsol_core.train.trainer."""
+    builders = sorted(str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py") if "TorchTrainer(" in p.read_text())
+    assert builders == ["wsol_core/train/trainer.py"]

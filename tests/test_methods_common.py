@@ -111,9 +111,9 @@ def test_each_methods_declared_knobs_name_real_fields():
 
 
 def test_the_outer_layers_read_the_declared_knobs():
+    from wsol_core.experiments.space import PARAMETERS
+    from wsol_core.experiments.sweep import ABLATION_VARIANTS
     from wsol_core.reporting import method_switches, switch_name
-    from wsol_core.search import PARAMETERS
-    from wsol_core.sweep import ABLATION_VARIANTS
 
     assert PARAMETERS["theta_drop"] == {"fmcg": "method.srd.theta_drop", "icl": "method.drop.theta_drop"}
     assert PARAMETERS["margin"] == {"fmcg": "method.cg.margin", "icl": "method.cal.margin", "caml": "method.caml.margin"}

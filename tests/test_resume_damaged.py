@@ -135,7 +135,7 @@ def test_evaluate_and_pretrained_name_a_truncated_checkpoint(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and str(directory / STATE_FILE) in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
-    from wsol_core.train.driver import check_pretrained
+    from wsol_core.train.preflight import check_pretrained
 
     with pytest.raises(ConfigError, match=r"model\.pretrained: .*state\.pt: .*truncated"):
         check_pretrained(load_config(overrides=[f"model.pretrained={directory}"]))

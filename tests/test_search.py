@@ -1,4 +1,4 @@
-"""The hyperparameter search (wsol_core/search.py, tune/search_srd.py).
+"""The hyperparameter search (wsol_core/experiments, tune/search_srd.py).
 
 Unit tests check the space and its errors (no Ray); the integration tests run real Ray Tune and
 MLflow on tiny synthetic data: a search end to end with ASHA stopping a trial, nested runs read
@@ -18,14 +18,9 @@ from pathlib import Path
 import pytest
 
 from wsol_core.config import ConfigError, load_config, read_yaml
-from wsol_core.search import (
-    METRIC,
-    SearchSettings,
-    derive_max_concurrent,
-    embedded_base,
-    load_space,
-    validate_space,
-)
+from wsol_core.experiments.search import METRIC, SearchSettings
+from wsol_core.experiments.space import embedded_base, load_space, validate_space
+from wsol_core.experiments.trials import derive_max_concurrent
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tune" / "search_srd.py"

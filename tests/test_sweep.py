@@ -1,4 +1,4 @@
-"""Seeded sweeps (wsol_core/sweep.py) and the ablation benchmark (benchmarks/ablation.py).
+"""Seeded sweeps (wsol_core/experiments/sweep.py) and the ablation benchmark (benchmarks/ablation.py).
 
 Unit tests cover the variant parsing, the settings' errors and the targets' arithmetic; the
 integration test runs a real Ray Tune grid (2 variants x 2 seeds) with real MLflow and checks the
@@ -18,7 +18,7 @@ import pytest
 
 from benchmarks.ablation import parse_variants, targets
 from wsol_core.config import ConfigError, load_config, to_dict
-from wsol_core.sweep import ABLATION_VARIANTS, SweepSettings, variant_config
+from wsol_core.experiments.sweep import ABLATION_VARIANTS, SweepSettings, variant_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "ablation.py"

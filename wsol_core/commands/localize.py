@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -122,19 +121,17 @@ def main(argv: list[str] | None = None) -> int:
               + (f"; {loaded.note}" if loaded.note else ""), flush=True)
         if shards and args.num_workers > 0:
             init_ray()  # before any ray import: it decides how workers start
-            from ray.train import RunConfig, ScalingConfig
-            from ray.train.torch import TorchTrainer
+            from wsol_core.train.trainer import inference_trainer
 
             out.mkdir(parents=True, exist_ok=True)
-            TorchTrainer(
+            inference_trainer(
                 localize_worker,
-                train_loop_config={
+                {
                     "checkpoint": checkpoint, "images": str(images.resolve()), "out": str(out.resolve()), "threshold": threshold,
                     "overrides": args.overrides, "layout": args.layout, "batch_size": args.batch_size,
                     "overlays": not args.no_overlays, "save_maps": args.save_maps, "class_names": names,
                 },
-                scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu),
-                run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="wsol-localize-ray-")),
+                num_workers=args.num_workers, use_gpu=args.use_gpu, purpose="localize",
             ).fit()
             summary = merge_rank_outputs(out, sorted(out.glob("rank_*")), args.contact_sheet)
         elif shards:

@@ -23,7 +23,8 @@ import time
 
 from wsol_core.cli import add_config_options, config_from_args
 from wsol_core.config import ConfigError
-from wsol_core.search import METRIC, SearchSettings, elapsed, embedded_base, load_space, run_search
+from wsol_core.experiments.search import METRIC, SearchSettings, elapsed, run_search
+from wsol_core.experiments.space import embedded_base, load_space
 from wsol_core.train.ray_session import RayStartError, report_start_failure
 
 

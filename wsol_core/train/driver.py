@@ -1,8 +1,9 @@
-"""The driver side of a training run: checks, MLflow run, Ray Train ``TorchTrainer``, summary.
+"""The driver side of a training run: checks, MLflow run, the fit on Ray Train, summary.
 
-Shared by ``jobs/train_imagenet.py``, Tune trials that need several workers, and the SLURM
-launcher, so none of them repeats this logic. Everything that can be wrong with the
-configuration or the data is checked here before Ray is started or any resource is taken.
+Run by ``jobs/train_imagenet.py`` (directly, through ``ray job submit`` or in a SLURM allocation
+started by ``cluster/launch_slurm.py``). Everything that can be wrong with the configuration or
+the data is checked before Ray is started or any resource is taken (:mod:`wsol_core.train.preflight`);
+the trainer itself is built by :mod:`wsol_core.train.trainer`, which Tune trials share.
 """
 
 from __future__ import annotations
@@ -22,15 +23,11 @@ from mlflow.tracking import MlflowClient
 from wsol_core.checkpoint import DamagedCheckpointError
 from wsol_core.config import Config, ConfigError, dump_yaml, flatten, to_dict
 from wsol_core.data.format import ShardError
-from wsol_core.data.loader import EpochPlan
-from wsol_core.data.manifest import check_shard_hashes, verify_split
 from wsol_core.data.resolve import resolve_data_root
 from wsol_core.tracking import RunLogger, find_run, git_commit, resolve_tracking_uri, start_or_resume_run
-from wsol_core.train.loop import SCORE_KEY, train_loop_per_worker
+from wsol_core.train.preflight import check_data, check_pretrained, default_storage_path
 from wsol_core.train.ray_session import init_ray
 from wsol_core.train.resume import check_run_identity, plan_resume, run_checkpoints
-
-SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -50,90 +47,6 @@ class TrainingOutcome:
 
     def dashboard_url(self, experiment_id: str) -> str:
         return f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{self.mlflow_run_id}"
-
-
-def default_storage_path() -> str:
-    return str(Path(os.environ.get("WSOL_STORAGE_PATH", Path.home() / "wsol_runs")).resolve())
-
-
-def check_data(root: Path, cfg: Config | None = None, hash_cache: Path | None = None) -> dict[str, Any]:
-    """Everything about the data that would otherwise fail inside the workers, in seconds, before
-    Ray starts: every split's manifest, index files, tar sizes and counts (``verify_split``), every
-    tar's SHA-256 against the manifest (once per file version: cached by size and mtime), and,
-    given ``cfg``, that every rank gets a full training batch and an evaluation sample. Returns
-    what MLflow records of the data."""
-    manifests = {}
-    hashed = cached = 0
-    for split in SPLITS:
-        split_dir = root / split
-        if not (split_dir / "dataset.json").is_file():
-            raise ConfigError(f"data.root = {str(root)!r}: no {split}/dataset.json (write shards with jobs/make_shards.py)")
-        try:
-            verified = verify_split(split_dir, mode="fast", tolerate_sample_problems=bool(cfg and cfg.data.skip_corrupt))
-            h, c = check_shard_hashes(verified, hash_cache)
-        except (ShardError, ValueError, FileNotFoundError) as err:
-            raise ConfigError(f"data: {err} (check the shards with `python jobs/make_shards.py verify {split_dir}`)") from None
-        hashed, cached = hashed + h, cached + c
-        manifests[split] = verified.manifest
-    if hashed:
-        print(f"[wsol] data: SHA-256 of {hashed} shards checked against their manifests ({cached} unchanged since their last check)",
-              flush=True)
-    if cfg is not None:
-        check_batches(cfg, {split: m.num_samples for split, m in manifests.items()})
-    train = manifests["train"]
-    for split in ("val", "test"):
-        if manifests[split].num_classes != train.num_classes:
-            raise ConfigError(
-                f"data.root = {str(root)!r}: {split} has {manifests[split].num_classes} classes, train has {train.num_classes}"
-            )
-    return {
-        "dataset": train.dataset,
-        "num_classes": train.num_classes,
-        "tags": {f"data.{split}.sha256": ",".join(s.sha256[:16] for s in m.shards)[:4000] for split, m in manifests.items()},
-        "counts": {split: m.num_samples for split, m in manifests.items()},
-    }
-
-
-def check_batches(cfg: Config, counts: dict[str, int]) -> None:
-    """Every rank gets the same number of full training batches (at least one) and at least one
-    evaluation sample: the loaders' plan, checked here instead of in every worker."""
-    world = cfg.run.num_workers
-    train = EpochPlan(counts["train"], cfg.data.batch_size, 0, world, 0, "train")
-    if counts["train"] < world or train.num_batches == 0:
-        raise ConfigError(
-            f"data.batch_size = {cfg.data.batch_size} per worker on run.num_workers = {world}: the {counts['train']} training "
-            f"images give no full batch per worker (each gets {counts['train'] // max(world, 1)}; the remainder is dropped); "
-            f"lower data.batch_size or run.num_workers"
-        )
-    for split in ("val", "test"):
-        if counts[split] < world:
-            raise ConfigError(f"{split} has {counts[split]} images for run.num_workers = {world}: every worker needs one")
-
-
-def check_pretrained(cfg: Config) -> None:
-    """``model.pretrained`` names a readable file before Ray starts: a damaged or foreign
-    training checkpoint or weights file gets a one-line error naming it."""
-    source = cfg.model.pretrained
-    if not source or source == "torchvision":
-        return
-    from wsol_core.checkpoint import STATE_FILE, DamagedCheckpointError, verify_checkpoint
-
-    path = Path(source).expanduser()
-    try:
-        if path.is_dir() or path.name == STATE_FILE:
-            verify_checkpoint(path if path.is_dir() else path.parent)
-        elif not path.is_file():
-            raise ConfigError(f"model.pretrained = {source!r}: no such file or checkpoint directory")
-        else:
-            import torch
-
-            try:
-                torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise ConfigError(f"model.pretrained = {source!r}: does not load with torch.load(weights_only=True): {reason}") from None
-    except DamagedCheckpointError as err:
-        raise ConfigError(f"model.pretrained: {err}") from None
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -174,45 +87,27 @@ def honest_run_status(logger: RunLogger, run_id: str, resume_hint: str):
 
 def _fit(cfg: Config, name: str, storage_path: str, data_root: Path, tracking_uri: str, run_id: str,
          registered_model_name: str, resume, ray_address: str | None):
-    """Start (or join) Ray and run the ``TorchTrainer``."""
+    """Start (or join) Ray and run the training's ``TorchTrainer`` (:mod:`wsol_core.train.trainer`)."""
     init_ray(ray_address)  # before any other ray import: it decides how workers start
     if threading.current_thread() is threading.main_thread():
         # Ray's core installs a SIGTERM handler in the driver that aborts the process (exit -6);
         # take SIGTERM back so that it closes the run like Ctrl-C (honest_run_status).
         signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from wsol_core.train.trainer import RunContext, RunPlacement, training_trainer
 
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "config": to_dict(cfg),
-            "data_root": str(data_root),
-            "tracking_uri": tracking_uri,
-            "mlflow_run_id": run_id,
-            "registered_model_name": registered_model_name,
-            # A live bar on a terminal; plain periodic lines in logs (ray job logs, SLURM files, CI).
-            "progress": os.environ.get("WSOL_PROGRESS") or ("bar" if sys.stdout.isatty() else "lines"),
-            "resume": None if resume is None else {
-                "checkpoint": str(resume.checkpoint.path) if resume.checkpoint else None, "present": resume.present,
-            },
-        },
-        scaling_config=ScalingConfig(
-            num_workers=cfg.run.num_workers,
-            use_gpu=cfg.run.use_gpu,
-            resources_per_worker={"CPU": cfg.run.cpus_per_worker, **({"GPU": 1} if cfg.run.use_gpu else {})},
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage_path,
-            # Retries are the driver's (_fit_with_retries): Ray's would repeat deterministic errors.
-            failure_config=FailureConfig(max_failures=0),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=cfg.train.keep_best, checkpoint_score_attribute=SCORE_KEY, checkpoint_score_order="max"
-            ),
-        ),
+    context = RunContext.with_resume(
+        resume,
+        config=cfg,
+        data_root=data_root,
+        tracking_uri=tracking_uri,
+        mlflow_run_id=run_id,
+        registered_model_name=registered_model_name,
+        # A live bar on a terminal; plain periodic lines in logs (ray job logs, SLURM files, CI).
+        progress=os.environ.get("WSOL_PROGRESS") or ("bar" if sys.stdout.isatty() else "lines"),
     )
-    return _fit_in_a_thread(trainer)
+    # Retries are the driver's (_fit_with_retries): Ray's would repeat deterministic errors.
+    placement = RunPlacement(name=name, storage_path=storage_path, keep_checkpoints=cfg.train.keep_best, max_failures=0)
+    return _fit_in_a_thread(training_trainer(context, placement))
 
 
 #: Faults of the data, the configuration or a checkpoint: the same on every attempt.

@@ -32,7 +32,7 @@ from wsol_core.checkpoint import (
     restore_rng_states,
     save_training_state,
 )
-from wsol_core.config import Config, flatten, load_config
+from wsol_core.config import Config, flatten, to_dict
 from wsol_core.data.batch import Batch
 from wsol_core.data.loader import LoaderOptions, build_loader
 from wsol_core.data.manifest import load_manifest
@@ -327,19 +327,22 @@ def _log_pictures(logger: RunLogger, outcome: EvalOutcome, split: str, epoch: in
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point; ``loop_config`` holds the resolved config and run coordinates."""
+    """Ray Train entry point; ``loop_config["context"]`` is the run's
+    :class:`~wsol_core.train.trainer.RunContext` (built by :mod:`wsol_core.train.trainer`)."""
     import ray.train
     import ray.train.torch
 
-    cfg = load_config(base=loop_config["config"])
-    data_root = Path(loop_config["data_root"])
+    run = loop_config["context"]
+    cfg = run.config
+    config_record = to_dict(cfg)  # what checkpoints store and compare on resume
+    data_root = Path(run.data_root)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     seed_everything(cfg.train.seed, rank)
     from wsol_core.tracking import RunLogger
 
-    logger = RunLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"], enabled=rank == 0)
+    logger = RunLogger(run.tracking_uri, run.mlflow_run_id, enabled=rank == 0)
 
     # Model, optimizer, schedule.
     num_classes = cfg.model.num_classes or load_manifest(data_root / "train").num_classes
@@ -352,7 +355,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = build_optimizer(method, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
 
-    restored = _restore(method, optimizer, scheduler, device, loop_config.get("resume"))
+    restored = _restore(method, optimizer, scheduler, device, run.resume_plan)
     start_epoch = restored.epoch if restored else 0
     best_score = restored.best_score if restored else -1.0
     if rank == 0:
@@ -371,7 +374,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     loc_threshold_index: int | None = restored.loc_threshold_index if restored else None
     for epoch in range(start_epoch, cfg.train.epochs):
         train_loader.set_epoch(epoch)
-        progress = loop_config.get("progress", "bar") if rank == 0 else False
+        progress = run.progress if rank == 0 else False
         metrics = train_one_epoch(model, method, train_loader, optimizer, scheduler, cfg, device, epoch, steps_per_epoch, progress)
         method.after_epoch(epoch + 1)
         broadcast_buffers(method)
@@ -395,8 +398,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 model=method.state_dict(),
                 optimizer=optimizer.state_dict(),
                 scheduler=scheduler.state_dict(),
-                config=loop_config["config"],
-                mlflow_run_id=loop_config["mlflow_run_id"],
+                config=config_record,
+                mlflow_run_id=run.mlflow_run_id,
                 best_score=best_score,
                 rng=capture_rng_states(),
                 loc_threshold_index=loc_threshold_index,
@@ -423,14 +426,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     model=method.state_dict(),
                     optimizer={},
                     scheduler={},
-                    config=loop_config["config"],
-                    mlflow_run_id=loop_config["mlflow_run_id"],
+                    config=config_record,
+                    mlflow_run_id=run.mlflow_run_id,
                     best_score=best_score,
                     loc_threshold_index=loc_threshold_index,
                     cam_curve_interval=cfg.eval.cam_curve_interval,
                 ),
             )
-            logger.log_model(method.cpu(), state_file, loop_config.get("registered_model_name", ""))
+            logger.log_model(method.cpu(), state_file, run.registered_model_name)
         log_run_summary(
             logger, flatten(cfg), {**last_val, **test_metrics},
             dataset=load_manifest(data_root / "train").dataset, synthetic=not cfg.data.root,

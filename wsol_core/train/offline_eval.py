@@ -208,17 +208,15 @@ def _evaluate(source, split_dir, split, interval, overrides, num_workers, use_gp
     from wsol_core.train.ray_session import init_ray
 
     init_ray()
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from wsol_core.train.trainer import inference_trainer
 
-    trainer = TorchTrainer(
+    trainer = inference_trainer(
         evaluate_worker,
-        train_loop_config={
+        {
             "source": source, "split_dir": str(split_dir), "split": split, "interval": interval,
             "overrides": overrides or [], "layout": layout, "loc_threshold_index": index,
         },
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
-        run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="wsol-eval-ray-")),
+        num_workers=num_workers, use_gpu=use_gpu, purpose="eval",
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as directory:

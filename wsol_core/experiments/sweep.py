@@ -4,8 +4,8 @@ grid, recorded in MLflow and summarised as the papers' ablation table.
 This is how the ablations are run (``benchmarks/ablation.py``): the FMCG paper's Table 1 (the CAM
 baseline; FMCG with all of SRD, CG and PNL; FMCG without each in turn) and the other methods,
 each with ``n`` seeds. Every (variant, seed) pair is one Tune trial that trains to the end (no
-early stopping: the point is to compare finished runs) through the same trial body as the search
-(:func:`wsol_core.search.train_in_trial`), so nothing of the training job is copied.
+early stopping: the point is to compare finished runs) through the same skeleton and trial body
+as the search (:mod:`wsol_core.experiments.trials`), so nothing of the training job is copied.
 
 - **Variants** are named lists of config overrides over one base config (:data:`ABLATION_VARIANTS`).
 - **MLflow.** One parent run per sweep, one nested child run per trial (tags ``wsol.sweep.variant``
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from wsol_core.config import Config, ConfigError, dump_yaml, flatten, load_config, to_dict
+from wsol_core.experiments.trials import Experiment, TrialSetup, derive_max_concurrent, train_in_trial, trial_trainable
 from wsol_core.methods import ablation_variants
 
 # The FMCG paper's Table 1 rows (Sec. 4.2: FMCG's ABLATED switches) and the other methods, as
@@ -87,14 +88,12 @@ def variant_config(base: dict[str, Any], overrides: list[str], seed: int) -> Con
     return load_config(base=base, overrides=[*overrides, f"train.seed={seed}"])
 
 
-def run_sweep_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
+def run_sweep_trial(config: dict[str, Any], setup: TrialSetup, variants: dict[str, list[str]]) -> None:
     """One trial of the grid: ``config`` = ``{"variant": name, "seed": n}``."""
     import ray.tune
 
-    from wsol_core.search import train_in_trial
-
     variant, seed = config["variant"], int(config["seed"])
-    cfg = variant_config(setup["config"], setup["variants"][variant], seed)
+    cfg = variant_config(to_dict(setup.config), variants[variant], seed)
     train_in_trial(
         cfg,
         setup,
@@ -106,26 +105,9 @@ def run_sweep_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
 
 def run_sweep(base: Config, settings: SweepSettings, *, ray_address: str | None = None) -> SweepOutcome:
     """Validate, run (or restore) the grid, then build and record the ablation table."""
-    from wsol_core.data.resolve import resolve_data_root
-    from wsol_core.search import derive_max_concurrent, fit_recorded, trial_setup, trial_trainable
-    from wsol_core.tracking import RunLogger, git_commit, resolve_tracking_uri, start_or_resume_run
-    from wsol_core.train.driver import check_data, default_storage_path
-
     settings.validate(base)
-    storage = str(Path(settings.storage_path or base.run.storage_path or default_storage_path()).resolve())
-    sweep_dir = Path(storage) / settings.name
-    data_root = resolve_data_root(base.data)
-    data = check_data(data_root)
-    tracking_uri = resolve_tracking_uri(base.run.tracking_uri)
-    experiment = base.run.experiment or f"{data['dataset']}-ablation"
-    parent_id, parent_resumed = start_or_resume_run(
-        tracking_uri,
-        experiment,
-        str(sweep_dir),
-        run_name=settings.name,
-        tags={"mlflow.source.git.commit": git_commit(), "wsol.sweep": "true"},
-    )
-    parent = RunLogger(tracking_uri, parent_id)
+    exp = Experiment.open(base, settings.name, settings.storage_path, "sweep", "ablation", {"wsol.sweep": "true"})
+    parent = exp.parent
     parent.log_params(
         {
             **{f"variant.{name}": " ".join(o) for name, o in settings.variants.items()},
@@ -144,35 +126,29 @@ def run_sweep(base: Config, settings: SweepSettings, *, ray_address: str | None 
 
     # Variants override the method, never run.*: one trial's workers decide how many fit side by side.
     max_concurrent = derive_max_concurrent(base, ray.cluster_resources(), settings.max_concurrent_trials)
-    setup = {"variants": settings.variants, **trial_setup(to_dict(base), data_root, tracking_uri, experiment, parent_id, sweep_dir)}
-    trainable = trial_trainable(run_sweep_trial, setup)
-    restored = tune.Tuner.can_restore(str(sweep_dir))
-    if restored:
-        print(f"[wsol] restoring the sweep in {sweep_dir}", flush=True)
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
+    trainable = trial_trainable(run_sweep_trial, exp.trial_setup(base), variants=settings.variants)
+
+    def new_tuner():
+        return tune.Tuner(
             trainable,
             # seeds vary fastest, so the first results cover every variant once early on
             param_space={"variant": tune.grid_search(list(settings.variants)), "seed": tune.grid_search(list(settings.seeds))},
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
-            run_config=tune.RunConfig(name=settings.name, storage_path=storage, verbose=1),
+            run_config=tune.RunConfig(name=settings.name, storage_path=exp.storage, verbose=1),
         )
-    total = len(settings.variants) * len(settings.seeds)
-    print(f"[wsol] sweep {settings.name!r}: MLflow parent run {parent_id} ({'resumed' if parent_resumed else 'new'}); "
-          f"{total} trials ({len(settings.variants)} variants x {len(settings.seeds)} seeds), up to {max_concurrent} at a time", flush=True)
-    results = fit_recorded(tuner, parent)
 
-    outcome = SweepOutcome(settings.name, str(sweep_dir), restored, parent_id, tracking_uri, experiment)
+    total = len(settings.variants) * len(settings.seeds)
+    print(f"[wsol] sweep {settings.name!r}: MLflow parent run {exp.parent_run_id} ({'resumed' if exp.parent_resumed else 'new'}); "
+          f"{total} trials ({len(settings.variants)} variants x {len(settings.seeds)} seeds), up to {max_concurrent} at a time", flush=True)
+    results, restored = exp.run(trainable, new_tuner)
+    exp.stop_if_interrupted(results, total)
+
+    outcome = SweepOutcome(settings.name, str(exp.directory), restored, exp.parent_run_id, exp.tracking_uri, exp.experiment)
     for result in results:
         if result.error is not None:
             outcome.failed.append(f"{result.config.get('variant')} seed {result.config.get('seed')}: {type(result.error).__name__}: {result.error}")
-    done = sum(1 for r in results if r.error is None)
-    if done + len(outcome.failed) < total or any(not r.metrics for r in results if r.error is None):
-        parent.finish("KILLED")
-        raise KeyboardInterrupt(f"the sweep was interrupted; run the same command again to resume it from {sweep_dir}")
     if settings.score_best_checkpoint and settings.split == "test":
-        score_best_checkpoints(outcome, sweep_dir, data_root, base.eval.cam_curve_interval)
+        score_best_checkpoints(outcome, exp.directory, exp.data_root, base.eval.cam_curve_interval)
     _report(outcome, settings, parent)
     parent.finish("FINISHED" if not outcome.failed else "FAILED")
     return outcome
