@@ -29,6 +29,7 @@ from wsol_core.reporting import (
     switch_label,
     template_label,
 )
+from wsol_core.reporting.summary import summary_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,7 +158,7 @@ def test_summary_falls_back_to_val_and_computes_the_mean():
 
 def test_summary_shows_v1_and_pxap_and_reads_runs_logged_under_the_old_names():
     summary = build_run_summary(CFG, {**METRICS, "test/maxboxacc_v1": 77.5}, "cub", synthetic=False)
-    header, rows, _ = reporting._summary_rows(summary)
+    header, rows, _ = summary_rows(summary)
     assert "MaxBoxAcc (v1)" in header and "PxAP" in header
     assert rows[0][header.index("MaxBoxAcc (v1)")] == "77.50" and rows[0][header.index("PxAP")] == "–"
     legacy = {"test/maxboxacc_30": 97.0, "test/maxboxacc_50": 83.0, "test/maxboxacc_70": 45.0, "test/maxboxacc_v2": 75.0}
@@ -417,3 +418,39 @@ def test_ablation_cli_by_run_ids(store, tmp_path, capsys):
     assert "srd_enabled" not in rows[0]
     assert cli.main(["--tracking-uri", uri, "--experiment", "no-such-experiment", "--no-log"]) == 2
     assert "no MLflow experiment" in capsys.readouterr().err
+
+
+def test_the_table_is_the_same_from_records_from_their_frame_and_from_mlflow_search_runs(store, monkeypatch):
+    """The aggregation runs on a frame in ``mlflow.search_runs``' layout; a user can hand that
+    frame straight to build_ablation_table and get the table the CLI builds from records."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from wsol_core.reporting.ablation import records_from_frame, runs_frame
+
+    records = _ablation_records()
+    from_records = build_ablation_table(records)
+    from_frame = build_ablation_table(runs_frame(records))
+    assert [(r.label, r.run_ids, r.mean, r.std, r.count) for r in from_frame.rows] == [
+        (r.label, r.run_ids, r.mean, r.std, r.count) for r in from_records.rows]
+    assert [(r.run_id, r.params, r.metrics, r.tags) for r in records_from_frame(runs_frame(records))] == [
+        (r.run_id, r.params, r.metrics, r.tags) for r in records]
+
+    uri, ids = store
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    mlflow.set_tracking_uri(uri)
+    frame = mlflow.search_runs(experiment_names=["ablation-test"], filter_string="attributes.status = 'FINISHED'")
+    through_mlflow = build_ablation_table(frame)
+    by_id = {v: k for k, v in ids.items()}
+    rows = {r.label: r for r in through_mlflow.rows}
+    logged = build_ablation_table(records[:7])  # what the store holds
+    assert sorted(rows) == sorted(r.label for r in logged.rows)
+    for row in logged.rows:
+        got = rows[row.label]
+        assert sorted(by_id[i] for i in got.run_ids) == sorted(row.run_ids)
+        for column in logged.columns:
+            assert got.mean[column] == pytest.approx(row.mean[column]) and got.count[column] == row.count[column]
+            assert (got.std[column] is None) == (row.std[column] is None)
+            assert got.std[column] is None or got.std[column] == pytest.approx(row.std[column])
+    full = rows["FMCG (full)"]
+    assert full.n == 2 and full.std["boxacc_v2_iou30"] == pytest.approx(statistics.stdev([99.0, 98.0]))
