@@ -424,7 +424,6 @@ def test_the_table_is_the_same_from_records_from_their_frame_and_from_mlflow_sea
     """The aggregation runs on a frame in ``mlflow.search_runs``' layout; a user can hand that
     frame straight to build_ablation_table and get the table the CLI builds from records."""
     import mlflow
-    from mlflow.tracking import MlflowClient
 
     from wsol_core.reporting.ablation import records_from_frame, runs_frame
 
