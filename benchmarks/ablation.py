@@ -66,8 +66,11 @@ def method_overrides(path: str) -> list[str]:
     from wsol_core.config import flatten, load_config
 
     flat = flatten(load_config([path]))
-    return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip() if isinstance(v, (list, tuple)) else v}"
-            for k, v in flat.items() if k.startswith("method.")]
+    return [
+        f"{k}={yaml.safe_dump(v, default_flow_style=True).strip() if isinstance(v, (list, tuple)) else v}"
+        for k, v in flat.items()
+        if k.startswith("method.")
+    ]
 
 
 def parse_variants(selected: str, extra: list[str]) -> dict[str, list[str]]:
@@ -121,7 +124,14 @@ def targets(rows: dict[str, dict]) -> dict:
 # Logged beside the scores so that a variant's figure can be read with what its terms did: the
 # last epoch's loss terms and schedule values, the loss masks on test (area, share in the GT
 # boxes) and FMCG's inference maps.
-DIAGNOSTIC_PREFIXES = ("train/loss_", "train/srd_theta", "train/mask_", "test/mask_", "val/maxboxacc_v2_map_", "test/maxboxacc_v2_map_")
+DIAGNOSTIC_PREFIXES = (
+    "train/loss_",
+    "train/srd_theta",
+    "train/mask_",
+    "test/mask_",
+    "val/maxboxacc_v2_map_",
+    "test/maxboxacc_v2_map_",
+)
 
 
 def diagnostics(rows: dict[str, dict], tracking_uri: str) -> dict[str, dict]:
@@ -159,14 +169,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_options(parser)
     group = parser.add_argument_group("sweep")
-    group.add_argument("--variants", default="", help=f"comma-separated subset (default: all of {', '.join(ABLATION_VARIANTS)})")
-    group.add_argument("--variant", action="append", default=[], metavar="NAME='K=V ...'", help="an extra variant as overrides of the base; repeatable")
+    group.add_argument(
+        "--variants", default="", help=f"comma-separated subset (default: all of {', '.join(ABLATION_VARIANTS)})"
+    )
+    group.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME='K=V ...'",
+        help="an extra variant as overrides of the base; repeatable",
+    )
     group.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     group.add_argument("--max-concurrent-trials", type=int, default=0, help="default: as many as the CPUs/GPUs fit")
-    group.add_argument("--ray-address", default=None, help="Ray cluster address (default: the job's cluster, else a local instance)")
-    group.add_argument("--out", default="", help=f"JSON result (default: {RESULTS_DIR}/ablation.json; the table goes beside it as .md)")
-    group.add_argument("--diagnostics-only", default="", metavar="RESULT.json",
-                       help="only (re)compute the per-variant diagnostics of an existing result from its MLflow runs")
+    group.add_argument(
+        "--ray-address", default=None, help="Ray cluster address (default: the job's cluster, else a local instance)"
+    )
+    group.add_argument(
+        "--out", default="", help=f"JSON result (default: {RESULTS_DIR}/ablation.json; the table goes beside it as .md)"
+    )
+    group.add_argument(
+        "--diagnostics-only",
+        default="",
+        metavar="RESULT.json",
+        help="only (re)compute the per-variant diagnostics of an existing result from its MLflow runs",
+    )
     args = parser.parse_args(argv)
     if args.diagnostics_only:
         add_diagnostics(Path(args.diagnostics_only))
@@ -216,14 +242,24 @@ def main(argv: list[str] | None = None) -> int:
         "split": outcome.table.split,
         "variants": variants,
         "seeds": seeds,
-        "config": {"backbone": base.model.backbone, "epochs": base.train.epochs, "data": "synthetic" if not base.data.root else base.data.root,
-                   "num_train": base.data.synthetic.num_train, "num_test": base.data.synthetic.num_test, "image_size": base.data.synthetic.size},
+        "config": {
+            "backbone": base.model.backbone,
+            "epochs": base.train.epochs,
+            "data": "synthetic" if not base.data.root else base.data.root,
+            "num_train": base.data.synthetic.num_train,
+            "num_test": base.data.synthetic.num_test,
+            "image_size": base.data.synthetic.size,
+        },
         "rows": rows,  # the last-epoch model on test (the protocol's default)
         "targets": targets(rows),
         "rows_best_val_checkpoint": best_rows,  # each run's best-val checkpoint on test
         "targets_best_val_checkpoint": targets(best_rows),
         "failed": outcome.failed,
-        "mlflow": {"tracking_uri": outcome.tracking_uri, "experiment": outcome.experiment, "parent_run_id": outcome.parent_run_id},
+        "mlflow": {
+            "tracking_uri": outcome.tracking_uri,
+            "experiment": outcome.experiment,
+            "parent_run_id": outcome.parent_run_id,
+        },
         "diagnostics": diagnostics(rows, outcome.tracking_uri),
         "wall_s": time.perf_counter() - start,
     }
@@ -232,8 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     print(outcome.markdown)
     for which in ("targets", "targets_best_val_checkpoint"):
         for name, target in payload[which].items():
-            print(f"[wsol] {which} {name}: {'met' if target['met'] else 'NOT met'} "
-                  f"({', '.join(f'{k}={v:.2f}' for k, v in target.items() if isinstance(v, float))})")
+            print(
+                f"[wsol] {which} {name}: {'met' if target['met'] else 'NOT met'} "
+                f"({', '.join(f'{k}={v:.2f}' for k, v in target.items() if isinstance(v, float))})"
+            )
     if outcome.failed:
         print("[wsol] failed trials:\n  " + "\n  ".join(outcome.failed), file=sys.stderr)
     print(f"[wsol] wrote {path} and {path.with_suffix('.md')}; MLflow parent run {outcome.parent_run_id}")

@@ -150,7 +150,9 @@ def interleaved(
     return clocks, outputs
 
 
-def v1_comparison(maps: np.ndarray, boxes: list[np.ndarray], thresholds: np.ndarray, chunk: int, run_reference: bool) -> dict:
+def v1_comparison(
+    maps: np.ndarray, boxes: list[np.ndarray], thresholds: np.ndarray, chunk: int, run_reference: bool
+) -> dict:
     """MaxBoxAcc v1's extraction (largest contour) on both paths, interleaved like V2's."""
     paths = {"fast_v1": lambda m, b, t: best_iou_per_threshold(m, b, t, largest_contour=True)}
     if run_reference:
@@ -175,14 +177,24 @@ def box_masks(boxes: list[np.ndarray], size: int = 224) -> np.ndarray:
 
 
 def pxap_comparison(
-    maps: np.ndarray, boxes: list[np.ndarray], thresholds: np.ndarray, batch_size: int, device: torch.device, run_reference: bool
+    maps: np.ndarray,
+    boxes: list[np.ndarray],
+    thresholds: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    run_reference: bool,
 ) -> dict:
     masks = box_masks(boxes)
-    PxAPAccumulator(thresholds, device=device).update(torch.from_numpy(maps[:2]).to(device), torch.from_numpy(masks[:2]).to(device))  # JIT / cache load
+    PxAPAccumulator(thresholds, device=device).update(
+        torch.from_numpy(maps[:2]).to(device), torch.from_numpy(masks[:2]).to(device)
+    )  # JIT / cache load
     wall, cpu = time.perf_counter(), time.process_time()
     acc = PxAPAccumulator(thresholds, device=device)
     for start in range(0, len(maps), batch_size):
-        acc.update(torch.from_numpy(maps[start : start + batch_size]).to(device), torch.from_numpy(masks[start : start + batch_size]).to(device))
+        acc.update(
+            torch.from_numpy(maps[start : start + batch_size]).to(device),
+            torch.from_numpy(masks[start : start + batch_size]).to(device),
+        )
     value = acc.compute().pxap
     synchronize(device)
     fast = {"seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu}
@@ -193,7 +205,12 @@ def pxap_comparison(
         expected = reference_pxap(list(maps), list(masks), thresholds)
         ref = {"seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu}
         ref["images_per_s"] = len(maps) / ref["seconds"]
-        out.update(reference=ref, reference_pxap=expected, abs_diff=abs(value - expected), speedup=ref["seconds"] / fast["seconds"])
+        out.update(
+            reference=ref,
+            reference_pxap=expected,
+            abs_diff=abs(value - expected),
+            speedup=ref["seconds"] / fast["seconds"],
+        )
     return out
 
 
@@ -203,8 +220,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--interval", type=float, default=0.001, help="threshold step (0.001: 1000 thresholds)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=256, help="streaming batch of the end-to-end run")
-    parser.add_argument("--reference-limit", type=int, default=2000,
-                        help="above this many maps only the end-to-end fast pipeline runs")
+    parser.add_argument(
+        "--reference-limit", type=int, default=2000, help="above this many maps only the end-to-end fast pipeline runs"
+    )
     parser.add_argument("--fast-only", action="store_true", help="skip the OpenCV reference")
     parser.add_argument("--chunk", type=int, default=100, help="maps per interleaved timing chunk")
     parser.add_argument("--seed", type=int, default=0)
@@ -280,13 +298,23 @@ def main(argv: list[str] | None = None) -> dict:
         v1, px = payload["v1"], payload["pxap"]
         print(
             f"  v1 (largest contour): MaxBoxAcc {v1['maxboxacc_v1']:.2f}, fast {v1['fast_v1']['images_per_s']:.0f} img/s"
-            + (f", OpenCV {v1['reference_v1']['images_per_s']:.1f} img/s, speedup {v1['speedup']:.0f}x, identical IoUs: {v1['identical_iou']}" if run_reference else "")
+            + (
+                f", OpenCV {v1['reference_v1']['images_per_s']:.1f} img/s, speedup {v1['speedup']:.0f}x, identical IoUs: {v1['identical_iou']}"
+                if run_reference
+                else ""
+            )
         )
         print(
             f"  PxAP {px['pxap']:.3f}: accumulator {px['fast']['images_per_s']:.0f} img/s"
-            + (f", np.histogram reference {px['reference']['images_per_s']:.0f} img/s, speedup {px['speedup']:.1f}x, |diff| {px['abs_diff']:.2e}" if run_reference else "")
+            + (
+                f", np.histogram reference {px['reference']['images_per_s']:.0f} img/s, speedup {px['speedup']:.1f}x, |diff| {px['abs_diff']:.2e}"
+                if run_reference
+                else ""
+            )
         )
-    if run_reference and not (payload["identical_iou"] and payload["v1"]["identical_iou"] and payload["pxap"]["abs_diff"] < 1e-9):
+    if run_reference and not (
+        payload["identical_iou"] and payload["v1"]["identical_iou"] and payload["pxap"]["abs_diff"] < 1e-9
+    ):
         raise SystemExit("fast path and reference disagree")
     return payload
 

@@ -28,7 +28,9 @@ COLUMNS = ("boxacc_v2_iou30", "boxacc_v2_iou50", "boxacc_v2_iou70", "maxboxacc_v
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ablation", default=str(RESULTS_DIR / "ablation.json"), help="the sweep's JSON (run ids, tracking URI)")
+    parser.add_argument(
+        "--ablation", default=str(RESULTS_DIR / "ablation.json"), help="the sweep's JSON (run ids, tracking URI)"
+    )
     parser.add_argument("--variant", default="fmcg")
     parser.add_argument("--maps", default="erased,max,mean,original")
     parser.add_argument("--split", default="val", choices=["val", "test"])
@@ -50,15 +52,28 @@ def main(argv: list[str] | None = None) -> dict:
         per_run = []
         for run_id in runs:
             data_root = Path(client.get_run(run_id).data.params["data.resolved_root"])
-            metrics = evaluate_checkpoint(f"runs:/{run_id}/model", data_root / args.split, split=args.split,
-                                          overrides=[f"method.inference_map={mode}"], tracking_uri=tracking_uri)
+            metrics = evaluate_checkpoint(
+                f"runs:/{run_id}/model",
+                data_root / args.split,
+                split=args.split,
+                overrides=[f"method.inference_map={mode}"],
+                tracking_uri=tracking_uri,
+            )
             per_run.append({c: metrics[f"{args.split}/{c}"] for c in COLUMNS})
-        rows[mode] = {c: {"mean": statistics.fmean(r[c] for r in per_run),
-                          "std": statistics.stdev(r[c] for r in per_run) if len(per_run) > 1 else None,
-                          "values": [r[c] for r in per_run]} for c in COLUMNS}
+        rows[mode] = {
+            c: {
+                "mean": statistics.fmean(r[c] for r in per_run),
+                "std": statistics.stdev(r[c] for r in per_run) if len(per_run) > 1 else None,
+                "values": [r[c] for r in per_run],
+            }
+            for c in COLUMNS
+        }
         v2 = rows[mode]["maxboxacc_v2"]
-        print(f"{args.variant} {mode:>8} on {args.split}: MaxBoxAccV2 {v2['mean']:.2f} ± {v2['std'] or 0:.2f} "
-              f"(IoU 0.7: {rows[mode]['boxacc_v2_iou70']['mean']:.2f}) over {len(per_run)} runs", flush=True)
+        print(
+            f"{args.variant} {mode:>8} on {args.split}: MaxBoxAccV2 {v2['mean']:.2f} ± {v2['std'] or 0:.2f} "
+            f"(IoU 0.7: {rows[mode]['boxacc_v2_iou70']['mean']:.2f}) over {len(per_run)} runs",
+            flush=True,
+        )
     payload = {
         "benchmark": "inference_maps",
         "machine": machine_info("cpu"),

@@ -103,9 +103,12 @@ class _PreEncoded:
         from wsol_core.data.format import meta_json
 
         data = self.images[record.index % len(self.images)]
-        return EncodedSample(image=data, image_ext="jpg", json=meta_json(record.image_id, record.index % 1000, 500, 375,
-                                                                         [[50, 40, 300, 250]]),
-                             cls=str(record.index % 1000).encode())
+        return EncodedSample(
+            image=data,
+            image_ext="jpg",
+            json=meta_json(record.image_id, record.index % 1000, 500, 375, [[50, 40, 300, 250]]),
+            cls=str(record.index % 1000).encode(),
+        )
 
 
 def make_shards(root: Path, num_images: int, unique: int, target_kb: int) -> dict:
@@ -113,12 +116,25 @@ def make_shards(root: Path, num_images: int, unique: int, target_kb: int) -> dic
     detail = tune_detail(target_kb * 1000)
     pictures = tuple(encode(imagenet_like(np.random.default_rng([1, i]), detail)) for i in range(unique))
     records = [_BenchRecord(f"img_{i:07d}", i) for i in range(num_images)]
-    write_split(root, "train", records, _PreEncoded(pictures), dataset="bench", num_classes=1000,
-                options=WriterOptions(shard_max_bytes=256_000_000, workers=1, progress=False, shuffle=False))
+    write_split(
+        root,
+        "train",
+        records,
+        _PreEncoded(pictures),
+        dataset="bench",
+        num_classes=1000,
+        options=WriterOptions(shard_max_bytes=256_000_000, workers=1, progress=False, shuffle=False),
+    )
     sizes = [len(b) for b in pictures]
-    return {"num_images": num_images, "unique_pictures": unique, "size": [500, 375], "jpeg_quality": 90,
-            "mean_kb": round(float(np.mean(sizes)) / 1000, 1), "texture_detail": round(detail, 2),
-            "prepare_s": round(time.time() - t0, 1)}
+    return {
+        "num_images": num_images,
+        "unique_pictures": unique,
+        "size": [500, 375],
+        "jpeg_quality": 90,
+        "mean_kb": round(float(np.mean(sizes)) / 1000, 1),
+        "texture_detail": round(detail, 2),
+        "prepare_s": round(time.time() - t0, 1),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,8 +160,17 @@ def measure_loader(split_dir: Path, backend: str, device: str, batch_size: int, 
 
     from wsol_core.data.loader import build_loader
 
-    loader = build_loader(split_dir, split_kind="train", backend=backend, device=device, batch_size=batch_size,
-                          num_threads=threads, resize_size=256, crop_size=224, verify="fast")
+    loader = build_loader(
+        split_dir,
+        split_kind="train",
+        backend=backend,
+        device=device,
+        batch_size=batch_size,
+        num_threads=threads,
+        resize_size=256,
+        crop_size=224,
+        verify="fast",
+    )
     loader.set_epoch(0)
     n_batches = len(loader)
     # CPU: everything from the first request on (all DALI threads are in this process; torch's
@@ -196,16 +221,26 @@ def measure_synthetic(count: int, size: int) -> dict:
     for i in range(count):
         gen.encode(gen.sample("val", i), "x", True)
     cpu_masks = time.process_time() - c1
-    return {"size": size, "images": count, "images_per_cpu_s": round(count / cpu, 1),
-            "images_per_s_wall": round(count / wall, 1), "with_masks_images_per_cpu_s": round(count / cpu_masks, 1),
-            "processes": 1}
+    return {
+        "size": size,
+        "images": count,
+        "images_per_cpu_s": round(count / cpu, 1),
+        "images_per_s_wall": round(count / wall, 1),
+        "with_masks_images_per_cpu_s": round(count / cpu_masks, 1),
+        "processes": 1,
+    }
 
 
 def machine_info(device: str) -> dict:
     import torch
 
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -228,8 +263,12 @@ def machine_info(device: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda[:i] for DALI mixed decode")
-    parser.add_argument("--num-images", type=int, default=None, help="shard size of the run (default 384 CPU / 20000 GPU)")
-    parser.add_argument("--unique", type=int, default=None, help="distinct pictures, repeated (default 128 CPU / 512 GPU)")
+    parser.add_argument(
+        "--num-images", type=int, default=None, help="shard size of the run (default 384 CPU / 20000 GPU)"
+    )
+    parser.add_argument(
+        "--unique", type=int, default=None, help="distinct pictures, repeated (default 128 CPU / 512 GPU)"
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="default 32 CPU / 256 GPU")
     parser.add_argument("--threads", type=int, default=None, help="DALI threads and torch workers (default: all cores)")
     parser.add_argument("--warmup", type=int, default=2, help="batches not timed")
@@ -248,8 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     results["synthetic_generator"] = measure_synthetic(args.synthetic_images, 128)
     if not args.synthetic_only:
         with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-            data = make_shards(Path(tmp), args.num_images or (20000 if gpu else 384), args.unique or (512 if gpu else 128),
-                               args.target_kb)
+            data = make_shards(
+                Path(tmp),
+                args.num_images or (20000 if gpu else 384),
+                args.unique or (512 if gpu else 128),
+                args.target_kb,
+            )
             results["data"] = data
             split = Path(tmp) / "train"
             results["dali"] = measure_loader(split, "dali", args.device, batch, threads, args.warmup)
@@ -265,8 +308,10 @@ def main(argv: list[str] | None = None) -> int:
         r = results.get(name)
         if r:
             n = r.get("threads", r.get("workers"))
-            parts.append(f"{name} {r['device']} {r['images_per_s']:.0f} img/s ({r['images_per_cpu_s']} img/cpu-s, {n} "
-                         f"{'threads' if name == 'dali' else 'workers'})")
+            parts.append(
+                f"{name} {r['device']} {r['images_per_s']:.0f} img/s ({r['images_per_cpu_s']} img/cpu-s, {n} "
+                f"{'threads' if name == 'dali' else 'workers'})"
+            )
     s = results["synthetic_generator"]
     parts.append(f"synthetic {s['images_per_cpu_s']:.0f} img/s/core at {s['size']} px")
     if "data" in results:

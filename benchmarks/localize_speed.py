@@ -55,8 +55,18 @@ def checkpoint(directory: Path, backbone: str) -> Path:
     method = build_method(cfg, 200)
     from wsol_core.config import to_dict
 
-    save_training_state(directory, TrainingState(epoch=1, model=method.state_dict(), optimizer={}, scheduler={},
-                                                  config=to_dict(cfg), loc_threshold_index=200, cam_curve_interval=0.001))
+    save_training_state(
+        directory,
+        TrainingState(
+            epoch=1,
+            model=method.state_dict(),
+            optimizer={},
+            scheduler={},
+            config=to_dict(cfg),
+            loc_threshold_index=200,
+            cam_curve_interval=0.001,
+        ),
+    )
     return directory
 
 
@@ -81,8 +91,18 @@ def main(argv: list[str] | None = None) -> dict:
             ckpt = checkpoint(tmp / f"ckpt_{backbone}", backbone)
             for overlays in (True, False):
                 out = tmp / f"out_{backbone}_{overlays}"
-                argv_job = ["--checkpoint", str(ckpt), "--images", str(tmp / "pictures"), "--out", str(out),
-                            "--batch-size", str(args.batch_size), "--num-threads", str(args.num_threads)]
+                argv_job = [
+                    "--checkpoint",
+                    str(ckpt),
+                    "--images",
+                    str(tmp / "pictures"),
+                    "--out",
+                    str(out),
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--num-threads",
+                    str(args.num_threads),
+                ]
                 argv_job += ["--use-gpu"] if args.device == "cuda" else []
                 argv_job += [] if overlays else ["--no-overlays"]
                 start = time.perf_counter()
@@ -91,13 +111,25 @@ def main(argv: list[str] | None = None) -> dict:
                 wall = time.perf_counter() - start
                 summary = json.loads((out / "summary.json").read_text())
                 assert code == 0 and summary["localized"] == args.num_images, summary
-                row = {"backbone": backbone, "overlays": overlays, "images": args.num_images, "command_seconds": wall,
-                       "command_images_per_s": args.num_images / wall, "loop_images_per_s": summary["images_per_s"]}
+                row = {
+                    "backbone": backbone,
+                    "overlays": overlays,
+                    "images": args.num_images,
+                    "command_seconds": wall,
+                    "command_images_per_s": args.num_images / wall,
+                    "loop_images_per_s": summary["images_per_s"],
+                }
                 runs.append(row)
-                print(f"localize {backbone} overlays={overlays}: {row['command_images_per_s']:.1f} img/s (command), "
-                      f"{row['loop_images_per_s']:.1f} img/s (loop)", flush=True)
+                print(
+                    f"localize {backbone} overlays={overlays}: {row['command_images_per_s']:.1f} img/s (command), "
+                    f"{row['loop_images_per_s']:.1f} img/s (loop)",
+                    flush=True,
+                )
     payload = {
-        "benchmark": "localize_speed", "runs": runs, "batch_size": args.batch_size, "decode_threads": args.num_threads,
+        "benchmark": "localize_speed",
+        "runs": runs,
+        "batch_size": args.batch_size,
+        "decode_threads": args.num_threads,
         "torch_threads": torch.get_num_threads(),
         "machine": {**machine_info(args.device), "load_average_1min_at_end": os.getloadavg()[0]},
     }

@@ -37,12 +37,21 @@ def one_start(burners: int, settle: float, nice: int, timeout: float) -> dict:
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(burners)]
     try:
         time.sleep(settle if burners else 0)
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"WSOL_RAY_START_ATTEMPTS": "1", "PYTHONPATH": str(REPO)}
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+            "WSOL_RAY_START_ATTEMPTS": "1",
+            "PYTHONPATH": str(REPO),
+        }
         began = time.monotonic()
         load_at_start = os.getloadavg()[0]
         try:
-            done = subprocess.run(["nice", "-n", str(nice), sys.executable, "-c", START], env=env, cwd=REPO,
-                                  capture_output=True, text=True, timeout=timeout)
+            done = subprocess.run(
+                ["nice", "-n", str(nice), sys.executable, "-c", START],
+                env=env,
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
             out, rc = done.stdout + done.stderr, done.returncode
         except subprocess.TimeoutExpired as exc:
             out, rc = (exc.stdout or b"").decode() + (exc.stderr or b"").decode(), None
@@ -52,11 +61,19 @@ def one_start(burners: int, settle: float, nice: int, timeout: float) -> dict:
             p.kill()
             p.wait()
     started = [line for line in out.splitlines() if line.startswith("STARTED ")]
-    error = next((line for line in reversed(out.splitlines()) if line.startswith("error") or "RayStartError" in line), None)
+    error = next(
+        (line for line in reversed(out.splitlines()) if line.startswith("error") or "RayStartError" in line), None
+    )
     return {
-        "burners": burners, "nice": nice, "load_at_start": round(load_at_start, 2), "load_at_end": round(os.getloadavg()[0], 2),
-        "started": bool(started), "start_s": float(started[0].split()[1]) if started else None,
-        "wall_s": round(seconds, 1), "exit_status": rc, "error": error[:400] if error else None,
+        "burners": burners,
+        "nice": nice,
+        "load_at_start": round(load_at_start, 2),
+        "load_at_end": round(os.getloadavg()[0], 2),
+        "started": bool(started),
+        "start_s": float(started[0].split()[1]) if started else None,
+        "wall_s": round(seconds, 1),
+        "exit_status": rc,
+        "error": error[:400] if error else None,
     }
 
 

@@ -64,8 +64,14 @@ def pictures(n: int, upright: bool, body_texture: bool) -> tuple[torch.Tensor, t
 
 def batch_of(images: torch.Tensor, labels: torch.Tensor) -> Batch:
     n = images.shape[0]
-    return Batch(images=images, labels=labels, keys=[""] * n, orig_sizes=torch.full((n, 2), SIDE),
-                 boxes=torch.zeros(n, 1, 4), num_boxes=torch.ones(n, dtype=torch.long))
+    return Batch(
+        images=images,
+        labels=labels,
+        keys=[""] * n,
+        orig_sizes=torch.full((n, 2), SIDE),
+        boxes=torch.zeros(n, 1, 4),
+        num_boxes=torch.ones(n, dtype=torch.long),
+    )
 
 
 def caml_reading(overrides: list[str], steps: int, data, seed: int = 0) -> dict:
@@ -90,12 +96,17 @@ def caml_reading(overrides: list[str], steps: int, data, seed: int = 0) -> dict:
             d_neg = l2_distance(out["caml_a1"], out["caml_n1"])
             bg = background_mask(activate_maps(out["maps"], c.map_activation), c.theta_bg, c.bg_rule)
             cover = F.interpolate(boxes[idx][:, None], size=bg.shape[-2:], mode="area")[:, 0]
-            rows.append({
-                "caml": terms["caml"].item(), "cls": terms["cls"].item(),
-                "active": float((d_pos - d_neg + c.margin > 0).float().mean()),
-                "bg_area": float(bg.mean()), "bg_in_box": float((bg * cover).sum() / bg.sum().clamp_min(1)),
-                "d_pos": float(d_pos.mean()), "d_neg": float(d_neg.mean()),
-            })
+            rows.append(
+                {
+                    "caml": terms["caml"].item(),
+                    "cls": terms["cls"].item(),
+                    "active": float((d_pos - d_neg + c.margin > 0).float().mean()),
+                    "bg_area": float(bg.mean()),
+                    "bg_in_box": float((bg * cover).sum() / bg.sum().clamp_min(1)),
+                    "d_pos": float(d_pos.mean()),
+                    "d_neg": float(d_neg.mean()),
+                }
+            )
 
     def mean_of(part: list[dict]) -> dict:
         return {k: round(sum(r[k] for r in part) / len(part), 4) for k in part[0]}
@@ -108,17 +119,24 @@ def icl_attention(mode: str, seeds: int, data) -> list[dict]:
     images, labels, _ = data
     out_rows = []
     for seed in range(seeds):
-        cfg = load_config(base={"method": {"name": "icl"}, "model": {"backbone": "tiny"}}, overrides=[f"method.nl.attention={mode}"])
+        cfg = load_config(
+            base={"method": {"name": "icl"}, "model": {"backbone": "tiny"}}, overrides=[f"method.nl.attention={mode}"]
+        )
         torch.manual_seed(seed)
         model = build_method(cfg, 10).train()
         out = model(images, labels, 0.5)
         terms = model.losses(out, batch_of(images, labels))
         masks = model.loss_masks(out)
-        out_rows.append({
-            "seed": seed, "cal_masks_all_nonempty": float(out["z_valid"].float().mean()),
-            "drop_area": float(masks["drop"].mean()), "bg_drop_area": float(masks["bg_drop"].mean()),
-            "cal_fg_area": float(masks["cal_fg"].mean()), "cal": terms["cal"].item(),
-        })
+        out_rows.append(
+            {
+                "seed": seed,
+                "cal_masks_all_nonempty": float(out["z_valid"].float().mean()),
+                "drop_area": float(masks["drop"].mean()),
+                "bg_drop_area": float(masks["bg_drop"].mean()),
+                "cal_fg_area": float(masks["cal_fg"].mean()),
+                "cal": terms["cal"].item(),
+            }
+        )
     return out_rows
 
 
@@ -130,14 +148,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
-    payload: dict = {"benchmark": "readings", "machine": machine_info("cpu"),
-                     "command": " ".join(["python", "benchmarks/readings.py", *(argv if argv is not None else sys.argv[1:])])}
+    payload: dict = {
+        "benchmark": "readings",
+        "machine": machine_info("cpu"),
+        "command": " ".join(["python", "benchmarks/readings.py", *(argv if argv is not None else sys.argv[1:])]),
+    }
     if args.only in (None, "icl"):
         data = pictures(8, upright=True, body_texture=True)
         payload["icl_attention"] = {mode: icl_attention(mode, 3, data) for mode in ("channel_mean", "affinity")}
         for mode, rows in payload["icl_attention"].items():
-            print(f"[icl] {mode:13s} " + "; ".join(f"valid {r['cal_masks_all_nonempty']:.2f} drop {r['drop_area']:.3f} "
-                                                   f"bg_drop {r['bg_drop_area']:.3f}" for r in rows), flush=True)
+            print(
+                f"[icl] {mode:13s} "
+                + "; ".join(
+                    f"valid {r['cal_masks_all_nonempty']:.2f} drop {r['drop_area']:.3f} bg_drop {r['bg_drop_area']:.3f}"
+                    for r in rows
+                ),
+                flush=True,
+            )
     if args.only in (None, "caml"):
         data = pictures(384, upright=True, body_texture=False)
         payload["caml_steps"] = args.caml_steps

@@ -30,12 +30,19 @@ PLANS: dict[str, dict[str, tuple[str, list[str], str]]] = {
     "cpu": {
         "eval_speed": ("eval_speed.py", ["--device", "cpu"], "eval_speed.json"),
         "input_pipeline": ("input_pipeline.py", [], "input_pipeline.json"),
-        "step_cost": ("step_cost.py", ["--device", "cpu", "--batch-size", "32", "--steps", "5", "--warmup", "2"], "step_cost_cpu.json"),
+        "step_cost": (
+            "step_cost.py",
+            ["--device", "cpu", "--batch-size", "32", "--steps", "5", "--warmup", "2"],
+            "step_cost_cpu.json",
+        ),
         "train_throughput": ("train_throughput.py", [], "train_throughput.json"),
         "train_scaling": ("train_scaling.py", [], "train_scaling.json"),
         # The searched FMCG config (tune/search_srd.py on this benchmark) rides along as a variant.
-        "ablation": ("ablation.py", ["--variant", "fmcg-searched=@" + str(RESULTS / "search_synthetic_best_config.yaml")],
-                     "ablation.json"),
+        "ablation": (
+            "ablation.py",
+            ["--variant", "fmcg-searched=@" + str(RESULTS / "search_synthetic_best_config.yaml")],
+            "ablation.json",
+        ),
         "inference_maps": ("inference_maps.py", [], "inference_maps_fmcg_val.json"),  # on the ablation's FMCG models
         "localize_speed": ("localize_speed.py", [], "localize_speed.json"),
         "jpeg_check": ("jpeg_check.py", [], "jpeg_check.json"),
@@ -44,20 +51,82 @@ PLANS: dict[str, dict[str, tuple[str, list[str], str]]] = {
     "cuda": {
         # The issues' GPU targets: 50,000 maps at 1000 thresholds; DALI mixed decode; training
         # images/s with data wait for ResNet50 and VGG16, CAM and FMCG, bf16 + channels_last.
-        "eval_speed": ("eval_speed.py", ["--device", "cuda", "--num-maps", "50000", "--reference-limit", "500",
-                                      "--out", str(RESULTS / "eval_speed_cuda.json")], "eval_speed_cuda.json"),
-        "input_pipeline": ("input_pipeline.py", ["--device", "cuda", "--out", str(RESULTS / "input_pipeline_cuda.json")], "input_pipeline_cuda.json"),
-        "step_cost": ("step_cost.py", ["--device", "cuda", "--backbone", "resnet50", "--image-size", "224", "--batch-size", "64"], "step_cost_resnet50_cuda.json"),
+        "eval_speed": (
+            "eval_speed.py",
+            [
+                "--device",
+                "cuda",
+                "--num-maps",
+                "50000",
+                "--reference-limit",
+                "500",
+                "--out",
+                str(RESULTS / "eval_speed_cuda.json"),
+            ],
+            "eval_speed_cuda.json",
+        ),
+        "input_pipeline": (
+            "input_pipeline.py",
+            ["--device", "cuda", "--out", str(RESULTS / "input_pipeline_cuda.json")],
+            "input_pipeline_cuda.json",
+        ),
+        "step_cost": (
+            "step_cost.py",
+            ["--device", "cuda", "--backbone", "resnet50", "--image-size", "224", "--batch-size", "64"],
+            "step_cost_resnet50_cuda.json",
+        ),
         "train_throughput": (
             "train_throughput.py",
-            ["--device", "cuda", "--backbone", "resnet50,vgg16", "--method", "cam,fmcg", "--synthetic-size", "256",
-             "--num-train", "4096", "--batch-size", "64", "--skip-torch-loader"],
+            [
+                "--device",
+                "cuda",
+                "--backbone",
+                "resnet50,vgg16",
+                "--method",
+                "cam,fmcg",
+                "--synthetic-size",
+                "256",
+                "--num-train",
+                "4096",
+                "--batch-size",
+                "64",
+                "--skip-torch-loader",
+            ],
             "train_throughput_cuda.json",
         ),
-        "localize_speed": ("localize_speed.py", ["--device", "cuda", "--backbones", "resnet50,vgg16", "--num-threads", "8",
-                                                 "--out", str(RESULTS / "localize_speed_cuda.json")], "localize_speed_cuda.json"),
-        "train_scaling": ("train_scaling.py", ["--use-gpu", "--workers", "1", "--backbone", "resnet50", "--synthetic-size", "256",
-                                               "--num-train", "4096", "--batch-size", "64", "--cpus-per-worker", "8"], "train_scaling_gpu.json"),
+        "localize_speed": (
+            "localize_speed.py",
+            [
+                "--device",
+                "cuda",
+                "--backbones",
+                "resnet50,vgg16",
+                "--num-threads",
+                "8",
+                "--out",
+                str(RESULTS / "localize_speed_cuda.json"),
+            ],
+            "localize_speed_cuda.json",
+        ),
+        "train_scaling": (
+            "train_scaling.py",
+            [
+                "--use-gpu",
+                "--workers",
+                "1",
+                "--backbone",
+                "resnet50",
+                "--synthetic-size",
+                "256",
+                "--num-train",
+                "4096",
+                "--batch-size",
+                "64",
+                "--cpus-per-worker",
+                "8",
+            ],
+            "train_scaling_gpu.json",
+        ),
     },
 }
 
@@ -84,13 +153,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] {name}: {' '.join(command[1:])}", flush=True)
         start = time.perf_counter()
         try:
-            rc = subprocess.run(command, timeout=args.timeout or None, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+            rc = subprocess.run(
+                command, timeout=args.timeout or None, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            ).returncode
         except subprocess.TimeoutExpired:
             rc = 124
         wall = time.perf_counter() - start
         path = RESULTS / result
-        index["benchmarks"][name] = {"command": " ".join(["python", f"benchmarks/{script}", *script_args]), "exit_status": rc,
-                                     "wall_s": round(wall, 1), "result": str(path.relative_to(HERE.parent)) if path.is_file() else None}
+        index["benchmarks"][name] = {
+            "command": " ".join(["python", f"benchmarks/{script}", *script_args]),
+            "exit_status": rc,
+            "wall_s": round(wall, 1),
+            "result": str(path.relative_to(HERE.parent)) if path.is_file() else None,
+        }
         print(f"[bench] {name}: exit {rc} in {wall:.0f} s -> {path if path.is_file() else 'no result'}", flush=True)
         if rc != 0:
             failed.append(name)

@@ -39,7 +39,14 @@ def time_method(name: str, args, device: torch.device) -> dict:
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
-    batch = Batch(images, labels, [""] * args.batch_size, torch.zeros(args.batch_size, 2), torch.zeros(args.batch_size, 1, 4), torch.zeros(args.batch_size))
+    batch = Batch(
+        images,
+        labels,
+        [""] * args.batch_size,
+        torch.zeros(args.batch_size, 2),
+        torch.zeros(args.batch_size, 1, 4),
+        torch.zeros(args.batch_size),
+    )
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if (device.type == "cuda" or args.bf16) else nullcontext()
     times = []
     for step in range(args.warmup + args.steps):

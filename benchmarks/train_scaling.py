@@ -38,25 +38,63 @@ def run_job(workers: int, args, workdir: Path) -> dict:
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     name = f"scaling-{workers}w"
     command = [
-        sys.executable, str(ROOT / "jobs" / "train_imagenet.py"),
-        "--method", args.method, "--backbone", args.backbone, "--epochs", str(args.epochs),
-        "--num-workers", str(workers), "--cpus-per-worker", str(args.cpus_per_worker), "--batch-size", str(args.batch_size),
-        "--set", f"data.synthetic.num_train={args.num_train}", "--set", f"data.synthetic.size={args.synthetic_size}",
-        "--set", "data.synthetic.num_val=64", "--set", "data.synthetic.num_test=32", "--set", "train.evaluate_test=false",
-        "--set", f"train.eval_every={args.epochs}", "--set", "eval.num_vis_images=0",
-        "--set", f"data.num_threads={max(1, int(args.cpus_per_worker))}",
-        "--name", name, "--storage-path", str(workdir / "ray"), "--tracking-uri", uri, "--experiment", "scaling",
-        *(["--use-gpu"] if args.use_gpu else []), *sum((["--set", o] for o in args.overrides), []),
+        sys.executable,
+        str(ROOT / "jobs" / "train_imagenet.py"),
+        "--method",
+        args.method,
+        "--backbone",
+        args.backbone,
+        "--epochs",
+        str(args.epochs),
+        "--num-workers",
+        str(workers),
+        "--cpus-per-worker",
+        str(args.cpus_per_worker),
+        "--batch-size",
+        str(args.batch_size),
+        "--set",
+        f"data.synthetic.num_train={args.num_train}",
+        "--set",
+        f"data.synthetic.size={args.synthetic_size}",
+        "--set",
+        "data.synthetic.num_val=64",
+        "--set",
+        "data.synthetic.num_test=32",
+        "--set",
+        "train.evaluate_test=false",
+        "--set",
+        f"train.eval_every={args.epochs}",
+        "--set",
+        "eval.num_vis_images=0",
+        "--set",
+        f"data.num_threads={max(1, int(args.cpus_per_worker))}",
+        "--name",
+        name,
+        "--storage-path",
+        str(workdir / "ray"),
+        "--tracking-uri",
+        uri,
+        "--experiment",
+        "scaling",
+        *(["--use-gpu"] if args.use_gpu else []),
+        *sum((["--set", o] for o in args.overrides), []),
     ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     start = time.perf_counter()
     out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=workdir)
     wall = time.perf_counter() - start
     if out.returncode != 0:
-        raise RuntimeError(f"{workers} worker(s): the job failed (exit {out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+        raise RuntimeError(
+            f"{workers} worker(s): the job failed (exit {out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+        )
     client = MlflowClient(uri)
-    run = client.search_runs([client.get_experiment_by_name("scaling").experiment_id], filter_string=f"attributes.run_name = '{name}'")[0]
-    history = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)} for k in ("train/images_per_s", "train/data_wait")}
+    run = client.search_runs(
+        [client.get_experiment_by_name("scaling").experiment_id], filter_string=f"attributes.run_name = '{name}'"
+    )[0]
+    history = {
+        k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)}
+        for k in ("train/images_per_s", "train/data_wait")
+    }
     last = max(history["train/images_per_s"])
     return {
         "workers": workers,
@@ -93,8 +131,11 @@ def main(argv: list[str] | None = None) -> dict:
         rows = []
         for n in counts:
             rows.append(run_job(n, args, workdir))
-            print(f"{n} worker(s): {rows[-1]['images_per_s']:.1f} img/s ({rows[-1]['images_per_s_per_worker']:.1f} per worker), "
-                  f"data wait {rows[-1]['data_wait']:.1%}, job {rows[-1]['job_wall_s']:.0f} s", flush=True)
+            print(
+                f"{n} worker(s): {rows[-1]['images_per_s']:.1f} img/s ({rows[-1]['images_per_s_per_worker']:.1f} per worker), "
+                f"data wait {rows[-1]['data_wait']:.1%}, job {rows[-1]['job_wall_s']:.0f} s",
+                flush=True,
+            )
     base = next((r for r in rows if r["workers"] == 1), None)
     for row in rows:
         row["efficiency_per_worker"] = row["images_per_s"] / (row["workers"] * base["images_per_s"]) if base else None

@@ -85,7 +85,9 @@ def measure(cfg: Config, root: Path, device: torch.device, mode: str, epochs: in
         loader.set_epoch(epoch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        metrics = train_one_epoch(method, method, loader, optimizer, scheduler, cfg, device, epoch, steps, show_progress=False)
+        metrics = train_one_epoch(
+            method, method, loader, optimizer, scheduler, cfg, device, epoch, steps, show_progress=False
+        )
     loader.close()
     return {
         "images_per_s": metrics["train/images_per_s"],
@@ -113,28 +115,46 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for backbone in args.backbone.split(","):
         for method in args.method.split(","):
-            cfg = load_config(overrides=[
-                f"method.name={method}", f"model.backbone={backbone}", f"data.batch_size={args.batch_size}",
-                f"data.synthetic.size={args.synthetic_size}", f"data.synthetic.num_train={args.num_train}",
-                f"data.num_threads={threads}", f"train.channels_last={'true' if device.type == 'cuda' else 'false'}",
-                *args.overrides,
-            ])
+            cfg = load_config(
+                overrides=[
+                    f"method.name={method}",
+                    f"model.backbone={backbone}",
+                    f"data.batch_size={args.batch_size}",
+                    f"data.synthetic.size={args.synthetic_size}",
+                    f"data.synthetic.num_train={args.num_train}",
+                    f"data.num_threads={threads}",
+                    f"train.channels_last={'true' if device.type == 'cuda' else 'false'}",
+                    *args.overrides,
+                ]
+            )
             root = resolve_data_root(cfg.data)
-            row = {"backbone": backbone, "method": method, "amp": cfg.train.amp, "channels_last": cfg.train.channels_last,
-                   "torch_loader_decode": cfg.data.decode}
+            row = {
+                "backbone": backbone,
+                "method": method,
+                "amp": cfg.train.amp,
+                "channels_last": cfg.train.channels_last,
+                "torch_loader_decode": cfg.data.decode,
+            }
             for mode in ("in_memory", "pipeline", *(() if args.skip_torch_loader else ("torch_loader",))):
                 start = time.perf_counter()
                 row[mode] = measure(cfg, root, device, mode)
-                print(f"{backbone:>9} {method:>5} {mode:>12}: {row[mode]['images_per_s']:8.1f} img/s, "
-                      f"data wait {row[mode]['data_wait']:.1%} ({row[mode]['backend']}, {time.perf_counter() - start:.0f} s)", flush=True)
+                print(
+                    f"{backbone:>9} {method:>5} {mode:>12}: {row[mode]['images_per_s']:8.1f} img/s, "
+                    f"data wait {row[mode]['data_wait']:.1%} ({row[mode]['backend']}, {time.perf_counter() - start:.0f} s)",
+                    flush=True,
+                )
             row["pipeline_over_in_memory"] = row["pipeline"]["images_per_s"] / row["in_memory"]["images_per_s"]
             if "torch_loader" in row:
-                row["pipeline_over_torch_loader"] = row["pipeline"]["images_per_s"] / row["torch_loader"]["images_per_s"]
+                row["pipeline_over_torch_loader"] = (
+                    row["pipeline"]["images_per_s"] / row["torch_loader"]["images_per_s"]
+                )
             rows.append(row)
     payload = {
         "benchmark": "train_throughput",
         "machine": machine_info(args.device),
-        "command": " ".join(["python", "benchmarks/train_throughput.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(
+            ["python", "benchmarks/train_throughput.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"threads": threads},
         "rows": rows,
     }

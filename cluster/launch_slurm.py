@@ -56,7 +56,10 @@ _TIME_FORMATS = (
     (re.compile(r"^(\d+):(\d{1,2}):(\d{1,2})$"), lambda m: int(m[1]) * 3600 + int(m[2]) * 60 + int(m[3])),
     (re.compile(r"^(\d+)-(\d+)$"), lambda m: int(m[1]) * 86400 + int(m[2]) * 3600),  # days-hours
     (re.compile(r"^(\d+)-(\d+):(\d{1,2})$"), lambda m: int(m[1]) * 86400 + int(m[2]) * 3600 + int(m[3]) * 60),
-    (re.compile(r"^(\d+)-(\d+):(\d{1,2}):(\d{1,2})$"), lambda m: int(m[1]) * 86400 + int(m[2]) * 3600 + int(m[3]) * 60 + int(m[4])),
+    (
+        re.compile(r"^(\d+)-(\d+):(\d{1,2}):(\d{1,2})$"),
+        lambda m: int(m[1]) * 86400 + int(m[2]) * 3600 + int(m[3]) * 60 + int(m[4]),
+    ),
 )
 
 
@@ -69,7 +72,9 @@ def parse_time_minutes(text: str) -> int:
             if total <= 0:
                 raise UsageError(f"--time {text!r}: the time limit must be positive")
             return -(-total // 60)
-    raise UsageError(f"--time {text!r}: not a SLURM time; use minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (e.g. 90, 4:00:00, 1-12:00:00)")
+    raise UsageError(
+        f"--time {text!r}: not a SLURM time; use minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (e.g. 90, 4:00:00, 1-12:00:00)"
+    )
 
 
 _MEM = re.compile(r"^\d+[KMGT]?$", re.IGNORECASE)
@@ -86,7 +91,9 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--mem {args.mem!r}: use a number with an optional K/M/G/T suffix, e.g. 64G")
     args.timeout_min = parse_time_minutes(args.time)
     if args.signal_delay_s < 0 or args.signal_delay_s >= args.timeout_min * 60:
-        raise UsageError(f"--signal-delay-s {args.signal_delay_s} must be >= 0 and shorter than the time limit ({args.timeout_min} min)")
+        raise UsageError(
+            f"--signal-delay-s {args.signal_delay_s} must be >= 0 and shorter than the time limit ({args.timeout_min} min)"
+        )
     if args.ray_port_base:
         try:
             RayPorts(args.ray_port_base)
@@ -144,7 +151,9 @@ def check_slurm(partition: str | None, nodes: int = 1, cpus_per_node: int = 1, g
         raise UsageError("sinfo did not answer within 60 s: is slurmctld reachable?") from None
     if out.returncode != 0:
         detail = (out.stderr or out.stdout).strip().splitlines()
-        raise UsageError(f"sinfo failed ({detail[-1] if detail else 'exit ' + str(out.returncode)}): is slurmctld running and SLURM_CONF right?")
+        raise UsageError(
+            f"sinfo failed ({detail[-1] if detail else 'exit ' + str(out.returncode)}): is slurmctld running and SLURM_CONF right?"
+        )
     partitions = [p.strip().rstrip("*") for p in out.stdout.split() if p.strip()]
     if not partitions:
         raise UsageError("sinfo lists no partition on this cluster")
@@ -202,32 +211,71 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--qos", default=None)
     a.add_argument("--constraint", default=None, help="node features, e.g. a100")
     a.add_argument("--job-name", default=None, help="default: wsol-<script name>")
-    a.add_argument("--setup", action="append", default=[], metavar="CMD", help="shell line run before the job (module load ...); repeatable")
-    a.add_argument("--signal-delay-s", type=int, default=120, help="SIGUSR2 this long before the time limit: checkpoint and requeue (default 120)")
+    a.add_argument(
+        "--setup",
+        action="append",
+        default=[],
+        metavar="CMD",
+        help="shell line run before the job (module load ...); repeatable",
+    )
+    a.add_argument(
+        "--signal-delay-s",
+        type=int,
+        default=120,
+        help="SIGUSR2 this long before the time limit: checkpoint and requeue (default 120)",
+    )
     a.add_argument("--max-requeues", type=int, default=3, help="requeues after time-outs before giving up (default 3)")
 
     r = p.add_argument_group("run (pinned, so a requeued job resumes the same run)")
     r.add_argument("--name", default="", help="run name (default: slurm-<job id>); or give --name among SCRIPT OPTIONS")
-    r.add_argument("--storage-path", default="", help="shared storage for checkpoints (default: $WSOL_STORAGE_PATH, else ~/wsol_runs)")
-    r.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the entry point's)")
-    r.add_argument("--no-pin", action="store_true", help="do not add --name/--storage-path/--tracking-uri to SCRIPT's options (environment only)")
+    r.add_argument(
+        "--storage-path",
+        default="",
+        help="shared storage for checkpoints (default: $WSOL_STORAGE_PATH, else ~/wsol_runs)",
+    )
+    r.add_argument(
+        "--tracking-uri", default="", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the entry point's)"
+    )
+    r.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="do not add --name/--storage-path/--tracking-uri to SCRIPT's options (environment only)",
+    )
     r.add_argument("--no-precheck", action="store_true", help="do not check SCRIPT's configuration before submitting")
-    r.add_argument("--folder", default="", help="submitit folder: job pickles and logs per node (default: <storage path>/slurm_logs/%%j)")
+    r.add_argument(
+        "--folder",
+        default="",
+        help="submitit folder: job pickles and logs per node (default: <storage path>/slurm_logs/%%j)",
+    )
 
     y = p.add_argument_group("Ray")
-    y.add_argument("--ray-port-base", type=int, default=0, help="first of 200 ports for Ray (default: chosen from the job id)")
-    y.add_argument("--ray-join-timeout-s", type=float, default=300.0, help="how long to wait for all nodes to join (default 300)")
-    y.add_argument("--no-ray-dashboard", action="store_true", help="do not start the Ray dashboard (it binds 127.0.0.1)")
     y.add_argument(
-        "--ray-interface", default="", metavar="NAME", help="network interface Ray binds on every node, e.g. ib0 (default: Ray's choice; 127.0.0.1 on one node)"
+        "--ray-port-base", type=int, default=0, help="first of 200 ports for Ray (default: chosen from the job id)"
+    )
+    y.add_argument(
+        "--ray-join-timeout-s", type=float, default=300.0, help="how long to wait for all nodes to join (default 300)"
+    )
+    y.add_argument(
+        "--no-ray-dashboard", action="store_true", help="do not start the Ray dashboard (it binds 127.0.0.1)"
+    )
+    y.add_argument(
+        "--ray-interface",
+        default="",
+        metavar="NAME",
+        help="network interface Ray binds on every node, e.g. ib0 (default: Ray's choice; 127.0.0.1 on one node)",
     )
     y.add_argument("--ray-temp-root", default="/tmp", help="node-local folder for Ray's session files (default /tmp)")
 
     e = p.add_argument_group("executor")
     e.add_argument(
-        "--executor", choices=EXECUTORS, default="slurm", help="slurm (default); local / debug: submitit on this machine; direct: no submitit, local Ray"
+        "--executor",
+        choices=EXECUTORS,
+        default="slurm",
+        help="slurm (default); local / debug: submitit on this machine; direct: no submitit, local Ray",
     )
-    e.add_argument("--wait", action="store_true", help="wait for the SLURM job and print its result (local/debug always wait)")
+    e.add_argument(
+        "--wait", action="store_true", help="wait for the SLURM job and print its result (local/debug always wait)"
+    )
     e.add_argument("--dry-run", action="store_true", help="validate and print the sbatch script, submit nothing")
     return p
 
@@ -301,7 +349,12 @@ def make_executor(args: argparse.Namespace, folder: str):
     if args.executor == "local":
         executor = submitit.LocalExecutor(folder=folder, max_num_timeout=args.max_requeues)
         executor.update_parameters(
-            timeout_min=args.timeout_min, nodes=1, tasks_per_node=1, gpus_per_node=args.gpus_per_node, signal_delay_s=args.signal_delay_s, setup=setup
+            timeout_min=args.timeout_min,
+            nodes=1,
+            tasks_per_node=1,
+            gpus_per_node=args.gpus_per_node,
+            signal_delay_s=args.signal_delay_s,
+            setup=setup,
         )
         return executor
     return submitit.DebugExecutor(folder=folder)
@@ -311,7 +364,9 @@ def sbatch_script(executor) -> str:
     """The sbatch file submitit would write for ``job`` (for --dry-run)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    return _make_sbatch_string(command="python -u -m submitit.core._submit <folder>", folder=executor.folder, **executor.parameters)
+    return _make_sbatch_string(
+        command="python -u -m submitit.core._submit <folder>", folder=executor.folder, **executor.parameters
+    )
 
 
 def prepare(argv: list[str] | None):
@@ -366,7 +421,11 @@ def main(argv: list[str] | None = None) -> int:
     if executor is None:
         return run_direct(entry)
     if args.dry_run:
-        print(sbatch_script(executor) if args.executor == "slurm" else f"# {args.executor} executor, folder {executor.folder}")
+        print(
+            sbatch_script(executor)
+            if args.executor == "slurm"
+            else f"# {args.executor} executor, folder {executor.folder}"
+        )
         print(f"# entry point: {shlex.join(entry.command())}")
         print(
             f"# run name: {entry.run_name or 'slurm-<job id>'}  storage: {entry.storage_path or '(the script default)'}  tracking: {entry.tracking_uri or '(the script default)'}"
@@ -389,7 +448,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = job.result()
     except Exception as err:  # noqa: BLE001 - the job's own traceback is in its log
-        print(f"launch_slurm.py: error: job {job.job_id} failed: {job_error_summary(err)} (log: {job.paths.stderr})", file=sys.stderr)
+        print(
+            f"launch_slurm.py: error: job {job.job_id} failed: {job_error_summary(err)} (log: {job.paths.stderr})",
+            file=sys.stderr,
+        )
         return 1
     print(f"[launch] job {job.job_id} finished: {result}")
     return 0

@@ -134,7 +134,9 @@ def check_password(password: str | None, username: str, source: str) -> str:
     if password.lower() in WELL_KNOWN_PASSWORDS or password.lower() == username.lower():
         raise ServerError(f"the admin password from {source} is a well-known default (or the username); choose another")
     if len(password) < MIN_PASSWORD_LENGTH:
-        raise ServerError(f"the admin password from {source} has {len(password)} characters; MLflow requires at least {MIN_PASSWORD_LENGTH}")
+        raise ServerError(
+            f"the admin password from {source} has {len(password)} characters; MLflow requires at least {MIN_PASSWORD_LENGTH}"
+        )
     # Length is not strength: "adminadminadmin" is 15 characters and a guess away. zxcvbn (Dropbox's
     # estimator) finds repeats, sequences, dictionary words, l33t and the username in it.
     from zxcvbn import zxcvbn
@@ -142,9 +144,14 @@ def check_password(password: str | None, username: str, source: str) -> str:
     estimate = zxcvbn(password, user_inputs=[username, "mlflow", "wsol", "admin"])
     if estimate["score"] < MIN_PASSWORD_SCORE:
         why = estimate["feedback"]["warning"] or "built from words, names or patterns that are guessed first"
-        hint = " ".join(estimate["feedback"]["suggestions"]) or "Use a passphrase of several unrelated words or a generated secret."
-        raise ServerError(f"the admin password from {source} is easy to guess (about 10^{estimate['guesses_log10']:.0f} guesses: "
-                          f"{why.rstrip('.')}). {hint}")
+        hint = (
+            " ".join(estimate["feedback"]["suggestions"])
+            or "Use a passphrase of several unrelated words or a generated secret."
+        )
+        raise ServerError(
+            f"the admin password from {source} is easy to guess (about 10^{estimate['guesses_log10']:.0f} guesses: "
+            f"{why.rstrip('.')}). {hint}"
+        )
     return password
 
 
@@ -158,7 +165,10 @@ def read_admin_password(password_file: str | None, environ: dict[str, str], user
             raise ServerError(f"--admin-password-file {path}: {err.strerror or err}") from err
         mode = path.stat().st_mode
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            print(f"[mlflow_server] warning: {path} is readable by others (mode {stat.filemode(mode)}); chmod 600 it", file=sys.stderr)
+            print(
+                f"[mlflow_server] warning: {path} is readable by others (mode {stat.filemode(mode)}); chmod 600 it",
+                file=sys.stderr,
+            )
         lines = text.splitlines()
         source = str(path)
         return check_password(lines[0] if lines else "", username, source), source
@@ -179,7 +189,9 @@ def check_existing_admin(settings: ServerSettings, password: str) -> str:
         return "new"
     try:
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-            row = db.execute("SELECT password_hash FROM users WHERE username = ?", (settings.admin_username,)).fetchone()
+            row = db.execute(
+                "SELECT password_hash FROM users WHERE username = ?", (settings.admin_username,)
+            ).fetchone()
     except sqlite3.Error:
         return "new"  # no users table yet: MLflow creates it
     if row is None:
@@ -215,8 +227,10 @@ def private_auth_db(settings: ServerSettings) -> Path | None:
     if path.exists():
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o077:
-            raise ServerError(f"{path} holds the users' password hashes and is readable by others (mode {mode:04o}); "
-                              f"restrict it with: chmod 600 {path}")
+            raise ServerError(
+                f"{path} holds the users' password hashes and is readable by others (mode {mode:04o}); "
+                f"restrict it with: chmod 600 {path}"
+            )
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # an empty file is an empty SQLite database
@@ -310,12 +324,17 @@ def build_env(settings: ServerSettings, environ: dict[str, str], password: str |
 
 
 def client_instructions(settings: ServerSettings) -> str:
-    lines = [f"[mlflow_server] MLflow UI and API: {settings.url()}", "[mlflow_server] clients (training jobs, ablation reports) set:"]
+    lines = [
+        f"[mlflow_server] MLflow UI and API: {settings.url()}",
+        "[mlflow_server] clients (training jobs, ablation reports) set:",
+    ]
     lines.append(f"    export MLFLOW_TRACKING_URI={settings.url()}")
     if settings.auth:
         lines.append(f"    export MLFLOW_TRACKING_USERNAME={settings.admin_username}   # or a user the admin created")
         lines.append("    export MLFLOW_TRACKING_PASSWORD=...                          # that user's password")
-        lines.append(f"[mlflow_server] new users get {settings.default_permission} on every experiment unless granted otherwise;")
+        lines.append(
+            f"[mlflow_server] new users get {settings.default_permission} on every experiment unless granted otherwise;"
+        )
         lines.append(f"    create users at {settings.url()}/signup or POST /api/2.0/mlflow/users/create (as admin)")
     if not is_loopback(settings.host):
         lines.append(f"[mlflow_server] listening on {settings.host}: reachable from other machines")
@@ -323,7 +342,9 @@ def client_instructions(settings: ServerSettings) -> str:
     return "\n".join(lines)
 
 
-def prepare(settings: ServerSettings, password_file: str | None, environ: dict[str, str]) -> tuple[list[str], dict[str, str], str]:
+def prepare(
+    settings: ServerSettings, password_file: str | None, environ: dict[str, str]
+) -> tuple[list[str], dict[str, str], str]:
     """Validate, write the auth files, and return (command, environment, banner)."""
     if not settings.auth and not is_loopback(settings.host) and not settings.insecure:
         raise ServerError(
@@ -340,33 +361,67 @@ def prepare(settings: ServerSettings, password_file: str | None, environ: dict[s
         try:
             import flask_wtf  # noqa: F401  (MLflow's auth app imports it)
         except ImportError as err:
-            raise ServerError("auth mode needs the Flask-WTF package: install mlflow[auth] (add it to pyproject.toml)") from err
+            raise ServerError(
+                "auth mode needs the Flask-WTF package: install mlflow[auth] (add it to pyproject.toml)"
+            ) from err
         password, source = read_admin_password(password_file, environ, settings.admin_username)
         private_auth_db(settings)  # before reading it: a database others can read is refused first
         state = check_existing_admin(settings, password)
         write_auth_config(settings)
-        what = {"new": "creates", "matches": "uses existing", "rotates-legacy-default": "replaces the legacy default password of"}[state]
+        what = {
+            "new": "creates",
+            "matches": "uses existing",
+            "rotates-legacy-default": "replaces the legacy default password of",
+        }[state]
         banner += f"\n[mlflow_server] auth: basic-auth app; {what} admin user {settings.admin_username!r} with the password from {source}"
     return build_command(settings), build_env(settings, environ, password), banner
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default=os.environ.get(ROOT_ENV, "mlflow-server"), metavar="DIR", help=f"state directory (default: ${ROOT_ENV}, else ./mlflow-server)")
+    parser.add_argument(
+        "--root",
+        default=os.environ.get(ROOT_ENV, "mlflow-server"),
+        metavar="DIR",
+        help=f"state directory (default: ${ROOT_ENV}, else ./mlflow-server)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--backend-store-uri", default="", metavar="URI", help="default: sqlite:///<root>/mlflow.db")
     parser.add_argument("--artifacts-destination", default="", metavar="DIR", help="default: <root>/artifacts")
-    parser.add_argument("--workers", type=int, default=None, help="server worker processes (default: half the cores, 1 to 4)")
-    parser.add_argument("--allowed-hosts", default="", help="Host headers to accept when serving beyond loopback (MLflow's DNS-rebinding guard)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="server worker processes (default: half the cores, 1 to 4)"
+    )
+    parser.add_argument(
+        "--allowed-hosts",
+        default="",
+        help="Host headers to accept when serving beyond loopback (MLflow's DNS-rebinding guard)",
+    )
     parser.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without --auth")
-    parser.add_argument("--enable-jobs", action="store_true", help="start MLflow's GenAI job runner (off: WSOL does not use it)")
+    parser.add_argument(
+        "--enable-jobs", action="store_true", help="start MLflow's GenAI job runner (off: WSOL does not use it)"
+    )
     auth = parser.add_argument_group("authentication (MLflow basic-auth app)")
     auth.add_argument("--auth", action="store_true", help="require a username and password for the UI and the API")
     auth.add_argument("--admin-username", default="admin")
-    auth.add_argument("--admin-password-file", default=None, metavar="FILE", help=f"first line is the admin password (default: ${ADMIN_PASSWORD_ENV})")
-    auth.add_argument("--default-permission", default="READ", choices=PERMISSIONS, help="what users may do on experiments they were not granted (default: READ)")
-    auth.add_argument("--auth-db-uri", default="", metavar="URI", help="users and permissions (default: sqlite:///<root>/basic_auth.db)")
+    auth.add_argument(
+        "--admin-password-file",
+        default=None,
+        metavar="FILE",
+        help=f"first line is the admin password (default: ${ADMIN_PASSWORD_ENV})",
+    )
+    auth.add_argument(
+        "--default-permission",
+        default="READ",
+        choices=PERMISSIONS,
+        help="what users may do on experiments they were not granted (default: READ)",
+    )
+    auth.add_argument(
+        "--auth-db-uri",
+        default="",
+        metavar="URI",
+        help="users and permissions (default: sqlite:///<root>/basic_auth.db)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="validate and print the command, start nothing")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more `mlflow server` options")
     args = parser.parse_args(argv)

@@ -127,9 +127,21 @@ class NodeRole:
         env = dict(os.environ if env is None else env)
         host = socket.gethostname()
         if env.get("SUBMITIT_EXECUTOR") == "local":
-            return cls(rank=0, num_nodes=1, job_id=f"local-{env.get('SUBMITIT_LOCAL_JOB_ID', os.getpid())}", restart=0, hostname=host)
+            return cls(
+                rank=0,
+                num_nodes=1,
+                job_id=f"local-{env.get('SUBMITIT_LOCAL_JOB_ID', os.getpid())}",
+                restart=0,
+                hostname=host,
+            )
         if "SUBMITIT_DEBUG_JOB_ID" in env:
-            return cls(rank=0, num_nodes=1, job_id=f"debug-{env['SUBMITIT_DEBUG_JOB_ID'].removeprefix('DEBUG_')}", restart=0, hostname=host)
+            return cls(
+                rank=0,
+                num_nodes=1,
+                job_id=f"debug-{env['SUBMITIT_DEBUG_JOB_ID'].removeprefix('DEBUG_')}",
+                restart=0,
+                hostname=host,
+            )
         if "SLURM_JOB_ID" in env:
             if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
                 job_id = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
@@ -161,8 +173,10 @@ def interface_ip(name: str) -> str:
     ipv4 = [a.address for a in addresses or () if a.family == socket.AF_INET]
     if not ipv4:
         why = "no such interface" if addresses is None else "no IPv4 address"
-        raise LaunchError(f"network interface {name!r} has {why} on {socket.gethostname()} "
-                          f"(interfaces: {sorted(psutil.net_if_addrs())})")
+        raise LaunchError(
+            f"network interface {name!r} has {why} on {socket.gethostname()} "
+            f"(interfaces: {sorted(psutil.net_if_addrs())})"
+        )
     return ipv4[0]
 
 
@@ -180,7 +194,9 @@ def node_ip(role: NodeRole, interface: str = "") -> str:
         with contextlib.suppress(OSError):
             ip = socket.gethostbyname(socket.gethostname())
     if ip.startswith("127."):
-        raise LaunchError(f"{role.hostname}: no routable address found for a multi-node Ray cluster (got {ip}); choose an interface with --ray-interface")
+        raise LaunchError(
+            f"{role.hostname}: no routable address found for a multi-node Ray cluster (got {ip}); choose an interface with --ray-interface"
+        )
     return ip
 
 
@@ -226,7 +242,11 @@ class EntryPoint:
     def command(self) -> list[str]:
         cmd = [sys.executable, "-u", self.script, *self.args]
         if self.pin_options:
-            for option, value in (("--name", self.run_name), ("--storage-path", self.storage_path), ("--tracking-uri", self.tracking_uri)):
+            for option, value in (
+                ("--name", self.run_name),
+                ("--storage-path", self.storage_path),
+                ("--tracking-uri", self.tracking_uri),
+            ):
                 if value and _option_value(self.args, option) is None:
                     cmd += [option, value]
         return cmd
@@ -257,7 +277,9 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-def stop_process_group(proc: subprocess.Popen | None, *, first: int = signal.SIGTERM, grace_s: float = 40.0, what: str = "process") -> int | None:
+def stop_process_group(
+    proc: subprocess.Popen | None, *, first: int = signal.SIGTERM, grace_s: float = 40.0, what: str = "process"
+) -> int | None:
     """Stop a child started with ``start_new_session`` and everything in its process group.
 
     ``first`` goes to the group's leader only (``ray start --block`` drains its node on SIGTERM
@@ -282,7 +304,9 @@ def stop_process_group(proc: subprocess.Popen | None, *, first: int = signal.SIG
     with contextlib.suppress(ProcessLookupError):
         os.kill(pgid, first)
     if not gone(grace_s):
-        _log(f"{what} (process group {pgid}) still running {grace_s:.0f}s after {signal.Signals(first).name}: SIGTERM to the group")
+        _log(
+            f"{what} (process group {pgid}) still running {grace_s:.0f}s after {signal.Signals(first).name}: SIGTERM to the group"
+        )
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGTERM)
         if not gone(5.0):
@@ -374,7 +398,9 @@ class RayNode:
             self.start()
             if self.wait_ready(timeout_s):
                 return
-            _log(f"ray start exited (code {self.proc.returncode if self.proc else '?'}), attempt {attempt} of {attempts}; its log ends with:\n{self.tail(8)}")
+            _log(
+                f"ray start exited (code {self.proc.returncode if self.proc else '?'}), attempt {attempt} of {attempts}; its log ends with:\n{self.tail(8)}"
+            )
             self.stop()
         raise LaunchError(f"Ray did not start after {attempts} attempts; see {self.log_path}")
 
@@ -427,7 +453,9 @@ def wait_for_nodes(address: str, expected: int, timeout_s: float, alive=lambda: 
             if not alive():
                 raise LaunchError("the Ray head exited while waiting for the nodes")
             if time.monotonic() > deadline:
-                raise LaunchError(f"only {count} of {expected} Ray nodes joined within {timeout_s:.0f}s (see the ray_node*.log files)")
+                raise LaunchError(
+                    f"only {count} of {expected} Ray nodes joined within {timeout_s:.0f}s (see the ray_node*.log files)"
+                )
             time.sleep(1.0)
     finally:
         ray.shutdown()
@@ -485,7 +513,9 @@ class RayOnSlurmJob:
         """Preemption / time limit (head only): stop the driver and Ray, requeue the same run."""
         import submitit
 
-        _log(f"checkpoint: stopping the entry point (SIGINT, {self.spec.driver_grace_s:.0f}s grace) and Ray; requeueing run {self.entry.run_name!r}")
+        _log(
+            f"checkpoint: stopping the entry point (SIGINT, {self.spec.driver_grace_s:.0f}s grace) and Ray; requeueing run {self.entry.run_name!r}"
+        )
         self._runtime["stopping"] = True
         driver = self._runtime.get("driver")
         if driver is not None:
@@ -543,7 +573,9 @@ class RayOnSlurmJob:
                 f.write(secrets.token_hex(32))
             ip = node_ip(role, self.spec.interface)
             if ip.startswith("127.") and role.num_nodes > 1:
-                raise LaunchError(f"a {role.num_nodes}-node Ray cluster cannot use a loopback address ({ip}); choose another --ray-interface")
+                raise LaunchError(
+                    f"a {role.num_nodes}-node Ray cluster cannot use a loopback address ({ip}); choose another --ray-interface"
+                )
             env = self._ray_env(token_path, loopback=ip.startswith("127."))
             head = RayNode(
                 [
@@ -565,7 +597,16 @@ class RayOnSlurmJob:
             (rendezvous / "head.json.tmp").write_text(json.dumps({"address": address, "token_path": str(token_path)}))
             (rendezvous / "head.json.tmp").rename(rendezvous / "head.json")
             os.environ.update(
-                {k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_UV_RUN_RUNTIME_ENV", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") if k in env}
+                {
+                    k: env[k]
+                    for k in (
+                        "RAY_AUTH_MODE",
+                        "RAY_AUTH_TOKEN_PATH",
+                        "RAY_ENABLE_UV_RUN_RUNTIME_ENV",
+                        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
+                    )
+                    if k in env
+                }
             )
             t0 = time.monotonic()
             try:
@@ -581,7 +622,13 @@ class RayOnSlurmJob:
             if code != 0:
                 raise LaunchError(f"the entry point {self.entry.script} exited with code {code}")
             ok = True
-            return {"returncode": code, "run_name": self.entry.run_name, "ray_address": address, "job_id": role.job_id, "num_nodes": n}
+            return {
+                "returncode": code,
+                "run_name": self.entry.run_name,
+                "ray_address": address,
+                "job_id": role.job_id,
+                "num_nodes": n,
+            }
         finally:
             self._teardown(remove_temp=ok, role=role)
 
@@ -591,7 +638,9 @@ class RayOnSlurmJob:
         _log(f"running the entry point: {' '.join(cmd)}")
         sys.stdout.flush()
         sys.stderr.flush()
-        driver = subprocess.Popen(cmd, env=env, cwd=self.entry.workdir or None, start_new_session=True, preexec_fn=_ignore_preemption_signal)  # noqa: PLW1509
+        driver = subprocess.Popen(
+            cmd, env=env, cwd=self.entry.workdir or None, start_new_session=True, preexec_fn=_ignore_preemption_signal
+        )  # noqa: PLW1509
         self._runtime["driver"] = driver
         # Poll rather than wait(): submitit's SIGUSR2 handler (checkpoint) runs in this thread and
         # must be able to reap the driver, which a blocked wait() holding Popen's lock prevents.
@@ -619,12 +668,20 @@ class RayOnSlurmJob:
         head_file = rendezvous / "head.json"
         while not head_file.exists():
             if (rendezvous / "done").exists() or time.monotonic() > deadline:
-                raise LaunchError(f"node {role.rank}: the Ray head did not publish its address in {rendezvous} (or gave up)")
+                raise LaunchError(
+                    f"node {role.rank}: the Ray head did not publish its address in {rendezvous} (or gave up)"
+                )
             time.sleep(1.0)
         info = json.loads(head_file.read_text())
         ip_args = [f"--node-ip-address={interface_ip(self.spec.interface)}"] if self.spec.interface else []
         node = RayNode(
-            [f"--address={info['address']}", *ip_args, *ports.node_args(), f"--temp-dir={self._temp_dir(role)}", *self._resources()],
+            [
+                f"--address={info['address']}",
+                *ip_args,
+                *ports.node_args(),
+                f"--temp-dir={self._temp_dir(role)}",
+                *self._resources(),
+            ],
             self._ray_env(Path(info["token_path"]), loopback=False),
             self._log_dir(rendezvous) / f"{role.job_id}_ray_node{role.rank}.log",
         )
@@ -632,7 +689,11 @@ class RayOnSlurmJob:
             node.start_until_ready()
             while node.alive() and not (rendezvous / "done").exists():
                 time.sleep(2.0)
-            reason = "the head is done" if (rendezvous / "done").exists() else f"Ray exited (code {node.proc.returncode if node.proc else '?'})"
+            reason = (
+                "the head is done"
+                if (rendezvous / "done").exists()
+                else f"Ray exited (code {node.proc.returncode if node.proc else '?'})"
+            )
             _log(f"node {role.rank}: leaving, {reason}")
         finally:
             node.stop()

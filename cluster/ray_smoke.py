@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="", help="write the summary as JSON here")
     parser.add_argument("--sleep", type=float, default=0.0, help="seconds to stay connected after the check")
-    parser.add_argument("--first-attempt-only", action="store_true", help="sleep only if SLURM_RESTART_COUNT is 0 or unset")
+    parser.add_argument(
+        "--first-attempt-only", action="store_true", help="sleep only if SLURM_RESTART_COUNT is 0 or unset"
+    )
     parser.add_argument("--fail", action="store_true", help="exit with code 3 after the check")
     parser.add_argument("--name", default="", help="run name (recorded; the launcher pins it)")
     parser.add_argument("--storage-path", default="", help="recorded")

@@ -69,10 +69,24 @@ def mask_png(w: int, h: int, box: tuple[int, int, int, int]) -> bytes:
     return buf.getvalue()
 
 
-def sample_members(key: str, *, label: int = 0, w: int = 64, h: int = 48, seed: int = 0,
-                   boxes: list | None = None, image: bytes | None = None) -> list[tuple[str, bytes]]:
+def sample_members(
+    key: str,
+    *,
+    label: int = 0,
+    w: int = 64,
+    h: int = 48,
+    seed: int = 0,
+    boxes: list | None = None,
+    image: bytes | None = None,
+) -> list[tuple[str, bytes]]:
     """Well-formed members of one sample, in the writer's order."""
-    meta = {"id": key, "label": label, "width": w, "height": h, "boxes": boxes if boxes is not None else [[2, 3, w - 5, h - 4]]}
+    meta = {
+        "id": key,
+        "label": label,
+        "width": w,
+        "height": h,
+        "boxes": boxes if boxes is not None else [[2, 3, w - 5, h - 4]],
+    }
     return [
         (f"{key}.cls", str(label).encode()),
         (f"{key}.jpg", image if image is not None else jpeg_bytes(w, h, seed)),
@@ -80,9 +94,16 @@ def sample_members(key: str, *, label: int = 0, w: int = 64, h: int = 48, seed: 
     ]
 
 
-def write_raw_split(split_dir: Path, shards: list[list[tuple[str, bytes]]], *, split: str = "val",
-                    num_classes: int = 3, labeled: bool = True, has_masks: bool = False,
-                    index: bool = True) -> Manifest:
+def write_raw_split(
+    split_dir: Path,
+    shards: list[list[tuple[str, bytes]]],
+    *,
+    split: str = "val",
+    num_classes: int = 3,
+    labeled: bool = True,
+    has_masks: bool = False,
+    index: bool = True,
+) -> Manifest:
     """Write shards from raw members (bypassing the writer's checks) with a matching manifest."""
     split_dir.mkdir(parents=True, exist_ok=True)
     infos = []
@@ -94,9 +115,24 @@ def write_raw_split(split_dir: Path, shards: list[list[tuple[str, bytes]]], *, s
         entries = build_index(split_dir / name)
         if index:
             (split_dir / index_name_for(name)).write_text(index_text(entries))
-        infos.append(ShardInfo(name, index_name_for(name), len(entries), sha256_file(split_dir / name), (split_dir / name).stat().st_size))
-    manifest = Manifest(dataset="handmade", split=split, num_classes=num_classes, class_names=[],
-                        shards=infos, labeled=labeled, has_masks=has_masks)
+        infos.append(
+            ShardInfo(
+                name,
+                index_name_for(name),
+                len(entries),
+                sha256_file(split_dir / name),
+                (split_dir / name).stat().st_size,
+            )
+        )
+    manifest = Manifest(
+        dataset="handmade",
+        split=split,
+        num_classes=num_classes,
+        class_names=[],
+        shards=infos,
+        labeled=labeled,
+        has_masks=has_masks,
+    )
     save_manifest(split_dir, manifest)
     return manifest
 

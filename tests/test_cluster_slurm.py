@@ -28,11 +28,16 @@ PARTITION = os.environ.get("WSOL_SLURM_PARTITION", "debug")
 
 _DAEMONS = ("munged", "mariadbd", "mariadb-install-db", "slurmdbd", "slurmctld", "slurmd")
 _CLIENTS = ("sbatch", "sacct", "sinfo", "scontrol", "squeue", "scancel", "srun")
-_missing = [b for b in _DAEMONS if not (shutil.which(b) or Path("/usr/sbin", b).exists())] + [b for b in _CLIENTS if not shutil.which(b)]
+_missing = [b for b in _DAEMONS if not (shutil.which(b) or Path("/usr/sbin", b).exists())] + [
+    b for b in _CLIENTS if not shutil.which(b)
+]
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(bool(_missing), reason=f"SLURM is not installed here ({', '.join(_missing)} missing): run `bash cluster/slurm_local.sh install`"),
+    pytest.mark.skipif(
+        bool(_missing),
+        reason=f"SLURM is not installed here ({', '.join(_missing)} missing): run `bash cluster/slurm_local.sh install`",
+    ),
 ]
 
 
@@ -80,7 +85,9 @@ def _executor(folder: Path, **params):
 
 
 def _state(job_id: str) -> str:
-    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"], capture_output=True, text=True, check=True
+    ).stdout
     return out.strip().splitlines()[0].split()[0] if out.strip() else "UNKNOWN"
 
 
@@ -147,14 +154,18 @@ def test_preempted_ray_job_is_requeued_into_the_same_run(slurm, tmp_path):
     job = executor.submit(job_fn)
     deadline = time.monotonic() + 300  # a busy node gives Ray's raylet up to 120 s to register
     while not (out.exists() and out.read_text().strip()):
-        assert time.monotonic() < deadline, f"the driver never started; log:\n{_tail(job.paths.stdout)}\n{_tail(job.paths.stderr)}"
+        assert time.monotonic() < deadline, (
+            f"the driver never started; log:\n{_tail(job.paths.stdout)}\n{_tail(job.paths.stderr)}"
+        )
         assert _state(job.job_id) in {"PENDING", "RUNNING", "UNKNOWN"}, _tail(job.paths.stderr)
         time.sleep(1)
     job._interrupt(timeout=True)  # scancel --signal USR2, what SLURM sends --signal-delay-s before the limit
     # SLURM holds a requeued job back (BeginTime) for a while: let it start now.
     deadline = time.monotonic() + 60
     while True:
-        reason = subprocess.run(["squeue", "-h", "-j", job.job_id, "-o", "%T %r"], capture_output=True, text=True, check=False).stdout.split()
+        reason = subprocess.run(
+            ["squeue", "-h", "-j", job.job_id, "-o", "%T %r"], capture_output=True, text=True, check=False
+        ).stdout.split()
         if reason and reason[0] == "PENDING":
             # slurmd revokes the old allocation's credential at the requeue, with one-second
             # resolution: a restart within that second is killed ("Job credential revoked").
@@ -204,14 +215,18 @@ def test_launcher_trains_one_epoch_into_mlflow(slurm, tmp_path):
     logs = ""
     if submitted:
         folder = tmp_path / "logs" / submitted[1]
-        logs = "\n".join(f"--- {p.name}\n{_tail(p, 60)}" for p in sorted(folder.glob("*.out")) + sorted(folder.glob("*.err")))
+        logs = "\n".join(
+            f"--- {p.name}\n{_tail(p, 60)}" for p in sorted(folder.glob("*.out")) + sorted(folder.glob("*.err"))
+        )
     assert out.returncode == 0, f"the launcher failed (rc {out.returncode}):\n{out.stdout}\n{out.stderr}\n{logs}"
     job_id = submitted[1]
     assert _wait_state(job_id, {"COMPLETED"}, 60) == "COMPLETED"
     name = f"slurm-{job_id}"
 
     client = MlflowClient(tracking)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], filter_string=f"attributes.run_name = '{name}'")
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], filter_string=f"attributes.run_name = '{name}'"
+    )
     assert len(runs) == 1, f"expected one MLflow run named {name}, got {[r.info.run_name for r in runs]}"
     run = runs[0]
     assert run.info.status == "FINISHED"

@@ -13,8 +13,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
 CHECKOUT = {
-    "wsol-train": "jobs/train_imagenet.py", "wsol-evaluate": "jobs/evaluate.py", "wsol-localize": "jobs/localize.py",
-    "wsol-make-shards": "jobs/make_shards.py", "wsol-ablation-report": "jobs/ablation_report.py", "wsol-search": "tune/search_srd.py",
+    "wsol-train": "jobs/train_imagenet.py",
+    "wsol-evaluate": "jobs/evaluate.py",
+    "wsol-localize": "jobs/localize.py",
+    "wsol-make-shards": "jobs/make_shards.py",
+    "wsol-ablation-report": "jobs/ablation_report.py",
+    "wsol-search": "tune/search_srd.py",
 }
 
 
@@ -30,6 +34,12 @@ def test_the_script_runs_the_installed_programs_main(name, tmp_path):
         main(["--help"])
     assert exit_.value.code == 0
     # From another directory, as `ray job submit --working-dir . -- python jobs/...` runs it.
-    done = subprocess.run([sys.executable, str(ROOT / CHECKOUT[name]), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / CHECKOUT[name]), "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0 and done.stdout.startswith("usage:"), done.stderr[-2000:]
     assert f"from {module} import main" in (ROOT / CHECKOUT[name]).read_text()

@@ -21,7 +21,9 @@ def test_dotted_override_parses_yaml_scalars():
     assert parse_override("optim.lr=0.001") == {"optim": {"lr": 1e-3}}
     assert load_config(base={"method": {"name": "cam"}}, overrides=["optim.lr=1e-3"]).optim.lr == 1e-3
     assert parse_override("eval.iou_thresholds=[30, 50]") == {"eval": {"iou_thresholds": [30, 50]}}
-    cfg = load_config(base={"method": {"name": "cam"}}, overrides=["optim.lr=0.5", "train.amp=off", "model.pretrained=null"])
+    cfg = load_config(
+        base={"method": {"name": "cam"}}, overrides=["optim.lr=0.5", "train.amp=off", "model.pretrained=null"]
+    )
     assert cfg.optim.lr == 0.5 and cfg.train.amp == "off" and cfg.model.pretrained is None
 
 
@@ -92,14 +94,32 @@ def test_every_loader_option_is_reachable_from_the_config():
 
     options = {f.name for f in fields(LoaderOptions)}
     assert options - {f.name for f in fields(DataConfig)} == set(LOADER_OPTIONS_FROM_ELSEWHERE)
-    cfg = load_config(overrides=[
-        "data.hflip=false", "data.rrc_scale=[0.2,0.9]", "data.rrc_ratio=[0.5,2.0]", "data.shuffle_buffer=64", "data.prefetch=3",
-        "data.verify=full", "data.mask_size=112", "data.worker_start=spawn", "data.jpeg_check=structure", "data.num_threads=3",
-        "train.seed=7",
-    ])
+    cfg = load_config(
+        overrides=[
+            "data.hflip=false",
+            "data.rrc_scale=[0.2,0.9]",
+            "data.rrc_ratio=[0.5,2.0]",
+            "data.shuffle_buffer=64",
+            "data.prefetch=3",
+            "data.verify=full",
+            "data.mask_size=112",
+            "data.worker_start=spawn",
+            "data.jpeg_check=structure",
+            "data.num_threads=3",
+            "train.seed=7",
+        ]
+    )
     got = loader_options(cfg)
-    assert (got.hflip, got.rrc_scale, got.rrc_ratio, got.shuffle_buffer, got.prefetch, got.verify, got.mask_size, got.worker_start) == (
-        False, (0.2, 0.9), (0.5, 2.0), 64, 3, "full", 112, "spawn")
+    assert (
+        got.hflip,
+        got.rrc_scale,
+        got.rrc_ratio,
+        got.shuffle_buffer,
+        got.prefetch,
+        got.verify,
+        got.mask_size,
+        got.worker_start,
+    ) == (False, (0.2, 0.9), (0.5, 2.0), 64, 3, "full", 112, "spawn")
     assert (got.jpeg_check, got.num_threads, got.seed) == ("structure", 3, 7)
     with pytest.raises(ConfigError, match=r"data\.rrc_scale"):
         load_config(overrides=["data.rrc_scale=[0.0,1.0]"])

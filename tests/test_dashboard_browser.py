@@ -65,14 +65,30 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = root.parent / f"{root.name}.log"
-        command = [sys.executable, str(ROOT / "cluster" / "mlflow_server.py"), "--root", str(root), "--port", str(self.port), "--workers", "1", *extra_args]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "MLFLOW_AUTH_", "MLFLOW_ADMIN_"))}
+        command = [
+            sys.executable,
+            str(ROOT / "cluster" / "mlflow_server.py"),
+            "--root",
+            str(root),
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            *extra_args,
+        ]
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("MLFLOW_TRACKING_", "MLFLOW_AUTH_", "MLFLOW_ADMIN_"))
+        }
         env["MLFLOW_DISABLE_TELEMETRY"] = "true"
         if auth:
             command += ["--auth", "--default-permission", "NO_PERMISSIONS"]
             env["MLFLOW_ADMIN_PASSWORD"] = admin_password
         self._log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.started = time.monotonic()
 
     def log_tail(self, lines: int = 40) -> str:
@@ -109,7 +125,12 @@ class Server:
 def servers(request, tmp_path_factory):
     """The open server and the basic-auth one that the selected tests use, started together so
     their start-ups overlap."""
-    wanted = {name for item in request.session.items for name in getattr(item, "fixturenames", ()) if name in ("open_server", "auth_server")}
+    wanted = {
+        name
+        for item in request.session.items
+        for name in getattr(item, "fixturenames", ())
+        if name in ("open_server", "auth_server")
+    }
     base = tmp_path_factory.mktemp("mlflow-servers")
     started = {}
     if "open_server" in wanted:
@@ -178,14 +199,24 @@ def log_training_like_run(tracking_uri: str, run_key: str, epochs: int = 3) -> t
     cfg = load_config(overrides=[f"train.epochs={epochs}", "method.pnl.enabled=false"])
     cfg_flat = flatten(cfg)
     run_id, _ = start_or_resume_run(
-        tracking_uri, EXPERIMENT, run_key, run_name=f"fmcg-tiny-synthetic-{run_key}", tags={"wsol.method": cfg.method.name, "wsol.backbone": cfg.model.backbone}
+        tracking_uri,
+        EXPERIMENT,
+        run_key,
+        run_name=f"fmcg-tiny-synthetic-{run_key}",
+        tags={"wsol.method": cfg.method.name, "wsol.backbone": cfg.model.backbone},
     )
     logger = RunLogger(tracking_uri, run_id)
     logger.log_params(cfg_flat)
     images, maps, gts, preds = _scene()
     thresholds = np.arange(0, 1, 0.01)
     for epoch in range(1, epochs + 1):
-        curves = {d: 100 * np.clip(1.2 - (thresholds - 0.2 * d / 30) ** 2 * (1 + d / 20), 0, 1) * (1 - d / 140) * (0.6 + 0.1 * epoch) for d in (30, 50, 70)}
+        curves = {
+            d: 100
+            * np.clip(1.2 - (thresholds - 0.2 * d / 30) ** 2 * (1 + d / 20), 0, 1)
+            * (1 - d / 140)
+            * (0.6 + 0.1 * epoch)
+            for d in (30, 50, 70)
+        }
         best = {d: float(thresholds[int(np.argmax(c))]) for d, c in curves.items()}
         box = {d: float(np.max(c)) for d, c in curves.items()}
         metrics = {
@@ -288,7 +319,9 @@ def body_text(driver) -> str:
 def wait_for_text(driver, *texts: str) -> str:
     from selenium.webdriver.support.ui import WebDriverWait
 
-    WebDriverWait(driver, PAGE_TIMEOUT_S).until(lambda d: all(t in body_text(d) for t in texts), message=f"page never showed {texts}")
+    WebDriverWait(driver, PAGE_TIMEOUT_S).until(
+        lambda d: all(t in body_text(d) for t in texts), message=f"page never showed {texts}"
+    )
     return body_text(driver)
 
 
@@ -358,7 +391,9 @@ def test_run_page_shows_metrics_summary_and_cam_grid(open_server, open_run, brow
     keep_screenshot(browser, tmp_path, "dashboard_cam_grid.png", capsys)
 
     width, height = png_size(open_server.url, run_id, "val/box_accuracy_vs_threshold/epoch_003.png", tmp_path)
-    open_page(browser, run_url(open_server, experiment_id, run_id, "/artifacts/val/box_accuracy_vs_threshold/epoch_003.png"))
+    open_page(
+        browser, run_url(open_server, experiment_id, run_id, "/artifacts/val/box_accuracy_vs_threshold/epoch_003.png")
+    )
     wait_for_text(browser, "val/box_accuracy_vs_threshold/epoch_003.png")
     wait_for_image(browser, width, height)
     keep_screenshot(browser, tmp_path, "dashboard_box_accuracy_vs_threshold.png", capsys)
@@ -375,7 +410,8 @@ def test_model_metrics_tab_charts_the_epochs(open_server, open_run, browser, tmp
     browser.find_element(By.CSS_SELECTOR, "input[placeholder*='Search metric']").send_keys("val/boxacc_v2")
     # The val section alone: one chart per IoU criterion of MaxBoxAccV2, over the epochs.
     WebDriverWait(browser, PAGE_TIMEOUT_S).until(
-        lambda d: len(d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")) == 3 and "test\n(" not in body_text(d), message="no val-only charts"
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")) == 3 and "test\n(" not in body_text(d),
+        message="no val-only charts",
     )
     text = wait_for_text(browser, "val\n(3)", "boxacc_v2_iou30", "boxacc_v2_iou50", "boxacc_v2_iou70")
     assert "train\n(" not in text
@@ -389,7 +425,9 @@ def test_summary_html_renders_with_the_published_anchors(open_server, open_run, 
 
     experiment_id, run_id, _ = open_run
     open_page(browser, run_url(open_server, experiment_id, run_id, "/artifacts/summary.html"))
-    frame = WebDriverWait(browser, PAGE_TIMEOUT_S).until(lambda d: d.find_elements(By.TAG_NAME, "iframe"), message="no HTML preview")[0]
+    frame = WebDriverWait(browser, PAGE_TIMEOUT_S).until(
+        lambda d: d.find_elements(By.TAG_NAME, "iframe"), message="no HTML preview"
+    )[0]
     browser.switch_to.frame(frame)
     text = wait_for_text(browser, "WSOL run summary", "this run (synthetic: not comparable)")
     assert "63.70" in text and "Evaluating Weakly Supervised Object Localization Methods Right" in text
@@ -408,7 +446,9 @@ def test_logged_run_has_what_the_dashboard_needs(open_server, open_run):
     assert [m.step for m in history] == [1, 2, 3]
     names = {f.path for f in client.list_artifacts(run_id)}
     assert {"val", "test", "summary.md", "summary.html", "summary.json"} <= names
-    assert {f.path for f in client.list_artifacts(run_id, "val/cams")} == {f"val/cams/epoch_{e:03d}.png" for e in (1, 2, 3)}
+    assert {f.path for f in client.list_artifacts(run_id, "val/cams")} == {
+        f"val/cams/epoch_{e:03d}.png" for e in (1, 2, 3)
+    }
     assert run.data.tags["wsol.synthetic"] == "true"
     red, lime = box_pixels(client.download_artifacts(run_id, "val/cams/epoch_003.png"))
     assert red > 500 and lime > 500  # GT boxes red, predicted boxes green
@@ -429,15 +469,26 @@ def _api(server: Server, path: str) -> str:
 def test_unauthenticated_and_wrong_credentials_are_refused(auth_server, auth_run):
     experiment_id, run_id, _ = auth_run
     assert requests.get(f"{auth_server.url}/", timeout=30).status_code == 401
-    assert requests.get(_api(auth_server, "experiments/search"), params={"max_results": 5}, timeout=30).status_code == 401
+    assert (
+        requests.get(_api(auth_server, "experiments/search"), params={"max_results": 5}, timeout=30).status_code == 401
+    )
     assert requests.get(_api(auth_server, "runs/get"), params={"run_id": run_id}, timeout=30).status_code == 401
-    assert requests.post(_api(auth_server, "runs/create"), json={"experiment_id": experiment_id}, timeout=30).status_code == 401
+    assert (
+        requests.post(_api(auth_server, "runs/create"), json={"experiment_id": experiment_id}, timeout=30).status_code
+        == 401
+    )
     artifact = f"{auth_server.url}/api/2.0/mlflow-artifacts/artifacts/{experiment_id}/{run_id}/artifacts/val/cams/epoch_003.png"
     assert requests.get(artifact, timeout=30).status_code == 401
     wrong = ("admin", auth_server.admin_password + "x")
-    assert requests.get(_api(auth_server, "runs/get"), params={"run_id": run_id}, auth=wrong, timeout=30).status_code == 401
+    assert (
+        requests.get(_api(auth_server, "runs/get"), params={"run_id": run_id}, auth=wrong, timeout=30).status_code
+        == 401
+    )
     legacy = ("admin", "password1234")
-    assert requests.get(_api(auth_server, "runs/get"), params={"run_id": run_id}, auth=legacy, timeout=30).status_code == 401
+    assert (
+        requests.get(_api(auth_server, "runs/get"), params={"run_id": run_id}, auth=legacy, timeout=30).status_code
+        == 401
+    )
     response = requests.get(_api(auth_server, "runs/get"), params={"run_id": run_id}, timeout=30)
     assert response.headers.get("WWW-Authenticate", "").lower().startswith("basic")
     # The password hashes that MLflow wrote are for the owner's eyes only.
@@ -465,10 +516,15 @@ def test_read_only_user_can_read_but_not_write(auth_server, auth_run, monkeypatc
     experiment_id, run_id, metrics = auth_run
     admin = ("admin", auth_server.admin_password)
     reader = ("reader", secrets.token_urlsafe(16))
-    created = requests.post(_api(auth_server, "users/create"), json={"username": reader[0], "password": reader[1]}, auth=admin, timeout=30)
+    created = requests.post(
+        _api(auth_server, "users/create"), json={"username": reader[0], "password": reader[1]}, auth=admin, timeout=30
+    )
     assert created.status_code == 200, created.text
     # The server's default permission is NO_PERMISSIONS: nothing before a grant.
-    assert requests.get(_api(auth_server, "runs/get"), params={"run_id": run_id}, auth=reader, timeout=30).status_code == 403
+    assert (
+        requests.get(_api(auth_server, "runs/get"), params={"run_id": run_id}, auth=reader, timeout=30).status_code
+        == 403
+    )
     grant = requests.post(
         f"{auth_server.url}/api/3.0/mlflow/users/permissions/grant",
         json={"username": reader[0], "resource_type": "experiment", "resource_id": experiment_id, "permission": "READ"},
@@ -477,17 +533,28 @@ def test_read_only_user_can_read_but_not_write(auth_server, auth_run, monkeypatc
     )
     assert grant.status_code == 200, grant.text
     # Reads work: the run, and its CAM grid through the artifact proxy.
-    assert requests.get(_api(auth_server, "runs/get"), params={"run_id": run_id}, auth=reader, timeout=30).status_code == 200
+    assert (
+        requests.get(_api(auth_server, "runs/get"), params={"run_id": run_id}, auth=reader, timeout=30).status_code
+        == 200
+    )
     artifact = f"{auth_server.url}/api/2.0/mlflow-artifacts/artifacts/{experiment_id}/{run_id}/artifacts/val/cams/epoch_003.png"
     fetched = requests.get(artifact, auth=reader, timeout=30)
     assert fetched.status_code == 200 and fetched.content[:8] == b"\x89PNG\r\n\x1a\n"
     # Writes are refused with 403: new runs, metrics, tags, artifacts.
     writes = [
         ("post", _api(auth_server, "runs/create"), {"json": {"experiment_id": experiment_id}}),
-        ("post", _api(auth_server, "runs/log-metric"), {"json": {"run_id": run_id, "key": "val/maxboxacc_v2", "value": 99.0, "timestamp": 0, "step": 99}}),
+        (
+            "post",
+            _api(auth_server, "runs/log-metric"),
+            {"json": {"run_id": run_id, "key": "val/maxboxacc_v2", "value": 99.0, "timestamp": 0, "step": 99}},
+        ),
         ("post", _api(auth_server, "runs/set-tag"), {"json": {"run_id": run_id, "key": "tampered", "value": "yes"}}),
         ("post", _api(auth_server, "runs/delete"), {"json": {"run_id": run_id}}),
-        ("put", f"{auth_server.url}/api/2.0/mlflow-artifacts/artifacts/{experiment_id}/{run_id}/artifacts/evil.txt", {"data": b"x"}),
+        (
+            "put",
+            f"{auth_server.url}/api/2.0/mlflow-artifacts/artifacts/{experiment_id}/{run_id}/artifacts/evil.txt",
+            {"data": b"x"},
+        ),
     ]
     for method, url, kwargs in writes:
         response = getattr(requests, method)(url, auth=reader, timeout=30, **kwargs)
@@ -500,7 +567,9 @@ def test_read_only_user_can_read_but_not_write(auth_server, auth_run, monkeypatc
         RunLogger(auth_server.url, run_id).log_metrics({"val/maxboxacc_v2": 99.0}, step=99)
     # Nothing changed.
     run = requests.get(_api(auth_server, "runs/get"), params={"run_id": run_id}, auth=admin, timeout=30).json()["run"]
-    assert {m["key"]: m["value"] for m in run["data"]["metrics"]}["val/maxboxacc_v2"] == pytest.approx(metrics["val/maxboxacc_v2"])
+    assert {m["key"]: m["value"] for m in run["data"]["metrics"]}["val/maxboxacc_v2"] == pytest.approx(
+        metrics["val/maxboxacc_v2"]
+    )
     assert "tampered" not in {t["key"] for t in run["data"].get("tags", [])}
     assert run["info"]["lifecycle_stage"] == "active"
     assert not list((auth_server.root / "artifacts").rglob("evil.txt"))
@@ -540,15 +609,32 @@ def test_real_training_run_on_the_dashboard(tmp_path, browser, capsys):
         database = str(tmp_path / "mlflow.db")
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
         command = [
-            sys.executable, str(ROOT / "jobs" / "train_imagenet.py"), "--epochs", "1",
-            "--set", "data.synthetic.num_train=200", "--set", "data.synthetic.num_val=50", "--set", "data.synthetic.num_test=50",
-            "--tracking-uri", f"sqlite:///{database}", "--storage-path", str(tmp_path / "ray"), "--experiment", "dashboard-training",
+            sys.executable,
+            str(ROOT / "jobs" / "train_imagenet.py"),
+            "--epochs",
+            "1",
+            "--set",
+            "data.synthetic.num_train=200",
+            "--set",
+            "data.synthetic.num_val=50",
+            "--set",
+            "data.synthetic.num_test=50",
+            "--tracking-uri",
+            f"sqlite:///{database}",
+            "--storage-path",
+            str(tmp_path / "ray"),
+            "--experiment",
+            "dashboard-training",
         ]
         done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200, check=False)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     uri = f"sqlite:///{Path(database).resolve()}"
     client = MlflowClient(uri)
-    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id], "attributes.status = 'FINISHED'")]
+    runs = [
+        r
+        for e in client.search_experiments()
+        for r in client.search_runs([e.experiment_id], "attributes.status = 'FINISHED'")
+    ]
     runs = [r for r in runs if "val/maxboxacc_v2" in r.data.metrics]
     assert runs, f"no finished training run with val/maxboxacc_v2 in {uri}"
     run = max(runs, key=lambda r: r.info.start_time)

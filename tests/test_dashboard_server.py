@@ -47,14 +47,22 @@ def test_default_is_loopback_sqlite_and_local_artifacts(server, tmp_path):
 
 
 def test_extra_options_pass_through(server, tmp_path):
-    _, (command, _, _) = _prepare(server, tmp_path, ["--port", "6001", "--workers", "2", "--", "--static-prefix", "/mlflow"])
+    _, (command, _, _) = _prepare(
+        server, tmp_path, ["--port", "6001", "--workers", "2", "--", "--static-prefix", "/mlflow"]
+    )
     assert command[-2:] == ["--static-prefix", "/mlflow"]
     assert command[command.index("--workers") + 1] == "2"
 
 
 def test_auth_mode_files_and_environment(server, tmp_path):
-    environ = {"MLFLOW_ADMIN_PASSWORD": GOOD, "MLFLOW_TRACKING_URI": "http://elsewhere", "MLFLOW_AUTH_ADMIN_PASSWORD": "stale-value-123"}
-    settings, (command, env, banner) = _prepare(server, tmp_path, ["--auth", "--default-permission", "NO_PERMISSIONS"], environ)
+    environ = {
+        "MLFLOW_ADMIN_PASSWORD": GOOD,
+        "MLFLOW_TRACKING_URI": "http://elsewhere",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": "stale-value-123",
+    }
+    settings, (command, env, banner) = _prepare(
+        server, tmp_path, ["--auth", "--default-permission", "NO_PERMISSIONS"], environ
+    )
     assert command[command.index("--app-name") + 1] == "basic-auth"
     assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == GOOD  # the validated password, not an inherited one
     assert env["MLFLOW_AUTH_ADMIN_USERNAME"] == "admin"
@@ -102,14 +110,21 @@ def test_auth_refuses_missing_default_or_weak_passwords(server, tmp_path, passwo
 
 def test_password_equal_to_username_is_refused(server, tmp_path):
     with pytest.raises(server.ServerError, match="username"):
-        _prepare(server, tmp_path, ["--auth", "--admin-username", "researcher-admin"], {"MLFLOW_ADMIN_PASSWORD": "researcher-admin"})
+        _prepare(
+            server,
+            tmp_path,
+            ["--auth", "--admin-username", "researcher-admin"],
+            {"MLFLOW_ADMIN_PASSWORD": "researcher-admin"},
+        )
 
 
 def test_password_file_wins_over_the_environment(server, tmp_path):
     secret = tmp_path / "admin-password"
     secret.write_text("from-the-file-password\nignored second line\n")
     secret.chmod(0o600)
-    _, (_, env, banner) = _prepare(server, tmp_path, ["--auth", "--admin-password-file", str(secret)], {"MLFLOW_ADMIN_PASSWORD": GOOD})
+    _, (_, env, banner) = _prepare(
+        server, tmp_path, ["--auth", "--admin-password-file", str(secret)], {"MLFLOW_ADMIN_PASSWORD": GOOD}
+    )
     assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == "from-the-file-password"
     assert str(secret) in banner
     with pytest.raises(server.ServerError, match="admin-password-file"):
@@ -119,7 +134,9 @@ def test_password_file_wins_over_the_environment(server, tmp_path):
 def test_non_loopback_host_needs_auth_or_insecure(server, tmp_path):
     with pytest.raises(server.ServerError, match="--auth"):
         _prepare(server, tmp_path, ["--host", "0.0.0.0"])
-    _, (command, _, banner) = _prepare(server, tmp_path, ["--host", "0.0.0.0", "--insecure", "--allowed-hosts", "mlflow.lab:5000"])
+    _, (command, _, banner) = _prepare(
+        server, tmp_path, ["--host", "0.0.0.0", "--insecure", "--allowed-hosts", "mlflow.lab:5000"]
+    )
     assert command[command.index("--allowed-hosts") + 1] == "mlflow.lab:5000"
     assert "reachable from other machines" in banner
     _, (command, _, _) = _prepare(server, tmp_path, ["--host", "0.0.0.0", "--auth"], {"MLFLOW_ADMIN_PASSWORD": GOOD})
@@ -133,8 +150,13 @@ def _auth_db_with_admin(path: Path, password: str) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with sqlite3.connect(path) as db:
-        db.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, username TEXT UNIQUE, password_hash TEXT, is_admin BOOLEAN)")
-        db.execute("INSERT INTO users (username, password_hash, is_admin) VALUES ('admin', ?, 1)", (generate_password_hash(password),))
+        db.execute(
+            "CREATE TABLE users (id INTEGER PRIMARY KEY, username TEXT UNIQUE, password_hash TEXT, is_admin BOOLEAN)"
+        )
+        db.execute(
+            "INSERT INTO users (username, password_hash, is_admin) VALUES ('admin', ?, 1)",
+            (generate_password_hash(password),),
+        )
     path.chmod(0o600)  # as the server creates it
 
 
@@ -169,7 +191,11 @@ def test_the_script_refuses_to_start_auth_mode_without_a_real_password(tmp_path,
         env["MLFLOW_ADMIN_PASSWORD"] = password
     done = subprocess.run(
         [sys.executable, str(ROOT / "cluster" / "mlflow_server.py"), "--root", str(tmp_path), "--auth", "--port", "1"],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert done.returncode == 2, done.stdout + done.stderr
     assert "error:" in done.stderr and "mlflow server" not in done.stdout
@@ -181,8 +207,11 @@ def test_the_auth_database_is_private(server, tmp_path):
     auth_db = settings.root / "basic_auth.db"
     assert auth_db.is_file() and stat.S_IMODE(auth_db.stat().st_mode) == 0o600  # created before MLflow opens it
     auth_db.chmod(0o644)
-    with pytest.raises(server.ServerError, match=r"basic_auth.db holds the users' password hashes and is readable by others "
-                                                 r"\(mode 0644\); restrict it with: chmod 600 "):
+    with pytest.raises(
+        server.ServerError,
+        match=r"basic_auth.db holds the users' password hashes and is readable by others "
+        r"\(mode 0644\); restrict it with: chmod 600 ",
+    ):
         _prepare(server, tmp_path, ["--auth"], {"MLFLOW_ADMIN_PASSWORD": GOOD})
     assert stat.S_IMODE(auth_db.stat().st_mode) == 0o644  # refused, not silently changed
     auth_db.chmod(0o600)
@@ -213,22 +242,31 @@ def test_the_dashboard_command_the_job_prints_serves(tmp_path):
     assert command.startswith("uv run mlflow ui ") and "--workers 1" in command
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
-    process = subprocess.Popen(shlex.split(command), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        shlex.split(command),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 240
         served = False
         while time.monotonic() < deadline and process.poll() is None:
             try:
-                response = requests.get(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/get", params={"run_id": run.info.run_id},
-                                        timeout=5)
+                response = requests.get(
+                    f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/get", params={"run_id": run.info.run_id}, timeout=5
+                )
                 if response.status_code == 200:
                     served = response.json()["run"]["info"]["run_id"] == run.info.run_id
                     break
             except requests.RequestException:
                 pass
             time.sleep(1)
-        assert served, process.stdout.read().decode(errors="replace")[-3000:] if process.poll() is not None else "not serving"
+        assert served, (
+            process.stdout.read().decode(errors="replace")[-3000:] if process.poll() is not None else "not serving"
+        )
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:

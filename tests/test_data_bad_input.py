@@ -41,7 +41,9 @@ def _split(tmp_path: Path, bad_key: str = "s005", **bad) -> Path:
 
 
 def _run(split_dir: Path, backend: str, **kw):
-    loader = build_loader(split_dir, split_kind="eval", batch_size=4, crop_size=32, backend=backend, num_threads=1, **kw)
+    loader = build_loader(
+        split_dir, split_kind="eval", batch_size=4, crop_size=32, backend=backend, num_threads=1, **kw
+    )
     return loader, list(loader)
 
 
@@ -55,7 +57,10 @@ RUNTIME_CASES = {
     "corrupt_jpeg": (dict(image=_header_zeroed()), r"cannot decode image|JPEG data fails a strict decode"),
     "flipped_scan": (dict(image=flipped_scan_jpeg()), r"JPEG data fails a strict decode \(Corrupt JPEG data"),
     "truncated_jpeg": (dict(image=jpeg_bytes(64, 48, seed=5)[:700]), r"truncated JPEG"),
-    "random_bytes": (dict(image=b"\xff\xd8" + bytes(range(256)) * 3), r"truncated or corrupt JPEG|cannot decode|strict decode"),
+    "random_bytes": (
+        dict(image=b"\xff\xd8" + bytes(range(256)) * 3),
+        r"truncated or corrupt JPEG|cannot decode|strict decode",
+    ),
     "box_outside": (dict(meta={"boxes": [[2, 3, 70, 40]]}), r"box \[2, 3, 70, 40\] outside the 64x48 image"),
     "box_inverted": (dict(meta={"boxes": [[30, 3, 10, 40]]}), r"inverted box \[30, 3, 10, 40\]"),
     "wrong_size": (dict(meta={"width": 65, "boxes": []}), r"image is 64x48 but its json says 65x48"),
@@ -155,7 +160,10 @@ def test_truncated_tar(tmp_path):
     for s in doc["shards"]:
         s["bytes"] = 0
     (split_dir / "dataset.json").write_text(json.dumps(doc))
-    with pytest.raises(ShardError, match=r"val-000001\.tar, sample 's00\d': truncated tar: the sample ends at byte \d+, the file has 5000"):
+    with pytest.raises(
+        ShardError,
+        match=r"val-000001\.tar, sample 's00\d': truncated tar: the sample ends at byte \d+, the file has 5000",
+    ):
         build_loader(split_dir, split_kind="eval", batch_size=4, crop_size=32)
     # With the checks off, the torch reader still refuses the cut tar instead of inventing data.
     with pytest.raises(ShardError, match=r"val-000001\.tar"):
@@ -201,8 +209,19 @@ def test_an_undecodable_training_sample_is_counted_once_per_epoch(tmp_path, back
     for epoch in (0, 1):
         for rank in (0, 1):
             # jpeg_check=structure: the decoder itself must find the sample bad (DALI's rebuild path).
-            loader = build_loader(tmp_path / "train", split_kind="train", rank=rank, world_size=2, batch_size=4, crop_size=32,
-                                  resize_size=40, skip_corrupt=True, backend=backend, num_threads=1, jpeg_check="structure")
+            loader = build_loader(
+                tmp_path / "train",
+                split_kind="train",
+                rank=rank,
+                world_size=2,
+                batch_size=4,
+                crop_size=32,
+                resize_size=40,
+                skip_corrupt=True,
+                backend=backend,
+                num_threads=1,
+                jpeg_check="structure",
+            )
             loader.set_epoch(epoch)
             assert sum(1 for _ in loader) == 4
             counts[epoch, rank] = [key for _, key, _ in loader.skipped.examples]
@@ -214,7 +233,9 @@ def test_an_undecodable_training_sample_is_counted_once_per_epoch(tmp_path, back
 def test_a_flipped_scan_is_silent_wrong_data_without_the_strict_check(tmp_path, backend):
     """Why ``jpeg_check=strict`` exists: with markers checked only, both decoders hand the smeared
     picture on as a good sample."""
-    loader, batches = _run(_split(tmp_path, image=flipped_scan_jpeg()), backend, skip_corrupt=True, jpeg_check="structure")
+    loader, batches = _run(
+        _split(tmp_path, image=flipped_scan_jpeg()), backend, skip_corrupt=True, jpeg_check="structure"
+    )
     real = [k for b in batches for k, p in zip(b.keys, b.is_padding.tolist()) if not p]
     assert "s005" in real and loader.skipped.total == 0
 
@@ -234,7 +255,9 @@ def test_the_strict_decode_gives_pils_pixels():
         for subsampling in (0, 1, 2):
             for w, h in ((333, 517), (64, 48)):
                 buf = io.BytesIO()
-                Image.fromarray(natural_array(w, h, 3)).convert(mode).save(buf, format="JPEG", quality=90, subsampling=subsampling)
+                Image.fromarray(natural_array(w, h, 3)).convert(mode).save(
+                    buf, format="JPEG", quality=90, subsampling=subsampling
+                )
                 data = buf.getvalue()
                 strict = decode_jpeg_strict(data)
                 pil = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))

@@ -26,11 +26,19 @@ def _metas(split_dir: Path) -> dict[str, dict]:
 
 
 def _cub(root: Path) -> None:
-    images = ["001.Albatross/A_1.jpg", "001.Albatross/A_2.jpg", "002.Auklet/B_1.jpg", "002.Auklet/B_2.jpg", "002.Auklet/B_3.jpg"]
+    images = [
+        "001.Albatross/A_1.jpg",
+        "001.Albatross/A_2.jpg",
+        "002.Auklet/B_1.jpg",
+        "002.Auklet/B_2.jpg",
+        "002.Auklet/B_3.jpg",
+    ]
     write_files(root / "images", [(p, jpeg_bytes(50, 40, seed=i)) for i, p in enumerate(images)])
     (root / "images.txt").write_text("".join(f"{i + 1} {p}\n" for i, p in enumerate(images)))
     (root / "image_class_labels.txt").write_text("1 1\n2 1\n3 2\n4 2\n5 2\n")
-    (root / "bounding_boxes.txt").write_text("1 10.0 5.0 30.0 20.0\n2 0.0 0.0 50.0 40.0\n3 1.5 2.0 3.0 4.0\n4 5.0 5.0 10.0 10.0\n5 1.0 1.0 1.0 1.0\n")
+    (root / "bounding_boxes.txt").write_text(
+        "1 10.0 5.0 30.0 20.0\n2 0.0 0.0 50.0 40.0\n3 1.5 2.0 3.0 4.0\n4 5.0 5.0 10.0 10.0\n5 1.0 1.0 1.0 1.0\n"
+    )
     (root / "train_test_split.txt").write_text("1 1\n2 0\n3 1\n4 0\n5 1\n")
     (root / "classes.txt").write_text("1 001.Albatross\n2 002.Auklet\n")
 
@@ -44,7 +52,10 @@ def test_cub_raw_release(tmp_path):
     metas = _metas(tmp_path / "out" / "train")
     a1 = metas[key_from_id("001.Albatross/A_1.jpg")]
     assert a1["label"] == 0 and a1["boxes"] == [[10, 5, 40, 25]]  # x, y, x + w, y + h
-    assert metas[key_from_id("002.Auklet/B_1.jpg")]["boxes"] == [[1.5, 2, 4.5, 6]] and metas[key_from_id("002.Auklet/B_1.jpg")]["label"] == 1
+    assert (
+        metas[key_from_id("002.Auklet/B_1.jpg")]["boxes"] == [[1.5, 2, 4.5, 6]]
+        and metas[key_from_id("002.Auklet/B_1.jpg")]["label"] == 1
+    )
     test = _metas(tmp_path / "out" / "test")
     assert test[key_from_id("001.Albatross/A_2.jpg")]["boxes"] == [[0, 0, 50, 40]]
     verify_split(tmp_path / "out" / "test", mode="full")
@@ -56,7 +67,9 @@ def _voc(path: Path, size: tuple[int, int], objects: list[tuple[str, tuple[int, 
         for n, b in objects
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"<annotation><size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>{objs}</annotation>")
+    path.write_text(
+        f"<annotation><size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>{objs}</annotation>"
+    )
 
 
 def test_imagenet_folders_and_voc_boxes(tmp_path):
@@ -66,17 +79,34 @@ def test_imagenet_folders_and_voc_boxes(tmp_path):
             write_files(tmp_path / "train" / s, [(f"{s}_{j}.JPEG", jpeg_bytes(40, 30, seed=10 * s_i + j))])
     _voc(tmp_path / "boxes" / "train" / "n01000000" / "n01000000_0.xml", (40, 30), [("n01000000", (3, 4, 20, 25))])
     # Flat val: the class comes from the XML; two objects of the class, one of another.
-    write_files(tmp_path / "val", [("ILSVRC2012_val_00000001.JPEG", jpeg_bytes(40, 30, seed=7)),
-                                   ("ILSVRC2012_val_00000002.JPEG", png_bytes(40, 30, seed=8))])  # PNG disguised as JPEG
-    _voc(tmp_path / "boxes" / "val" / "ILSVRC2012_val_00000001.xml", (40, 30), [("n02000000", (1, 1, 10, 10)), ("n02000000", (5, 6, 39, 29))])
+    write_files(
+        tmp_path / "val",
+        [
+            ("ILSVRC2012_val_00000001.JPEG", jpeg_bytes(40, 30, seed=7)),
+            ("ILSVRC2012_val_00000002.JPEG", png_bytes(40, 30, seed=8)),
+        ],
+    )  # PNG disguised as JPEG
+    _voc(
+        tmp_path / "boxes" / "val" / "ILSVRC2012_val_00000001.xml",
+        (40, 30),
+        [("n02000000", (1, 1, 10, 10)), ("n02000000", (5, 6, 39, 29))],
+    )
     _voc(tmp_path / "boxes" / "val" / "ILSVRC2012_val_00000002.xml", (40, 30), [("n01000000", (0, 0, 40, 30))])
     res = convert_imagenet(tmp_path / "train", tmp_path / "val", tmp_path / "boxes", tmp_path / "out", options=OPTS)
     train = load_manifest(tmp_path / "out" / "train")
     assert train.class_names == ["n01000000", "n02000000"] and train.num_samples == 4
     tm = _metas(tmp_path / "out" / "train")
     assert tm[key_from_id("n01000000/n01000000_0.JPEG")] == {
-        "id": "n01000000/n01000000_0.JPEG", "label": 0, "width": 40, "height": 30, "boxes": [[3, 4, 20, 25]]}
-    assert tm[key_from_id("n02000000/n02000000_1.JPEG")]["boxes"] == [] and tm[key_from_id("n02000000/n02000000_1.JPEG")]["label"] == 1
+        "id": "n01000000/n01000000_0.JPEG",
+        "label": 0,
+        "width": 40,
+        "height": 30,
+        "boxes": [[3, 4, 20, 25]],
+    }
+    assert (
+        tm[key_from_id("n02000000/n02000000_1.JPEG")]["boxes"] == []
+        and tm[key_from_id("n02000000/n02000000_1.JPEG")]["label"] == 1
+    )
     vm = _metas(tmp_path / "out" / "val")
     assert vm["ILSVRC2012_val_00000001"]["label"] == 1
     assert vm["ILSVRC2012_val_00000001"]["boxes"] == [[1, 1, 10, 10], [5, 6, 39, 29]]
@@ -100,7 +130,8 @@ def _wsolmeta_boxes(tmp_path: Path) -> None:
         (d / "class_labels.txt").write_text("001.A/a1.jpg,0\n001.A/a2.jpg,0\n002.B/b1.jpg,1\n")
         (d / "image_sizes.txt").write_text("".join(f"{p},60,50\n" for p in ids))
     (tmp_path / "metadata" / "CUB" / "test" / "localization.txt").write_text(
-        "001.A/a1.jpg,1,2,30,40\n001.A/a1.jpg,10,12,59,49\n001.A/a2.jpg,0,0,59,49\n002.B/b1.jpg,5,5,20,20\n")
+        "001.A/a1.jpg,1,2,30,40\n001.A/a1.jpg,10,12,59,49\n001.A/a2.jpg,0,0,59,49\n002.B/b1.jpg,5,5,20,20\n"
+    )
 
 
 def test_wsolmeta_boxes_multi_box(tmp_path):
@@ -115,9 +146,12 @@ def test_wsolmeta_boxes_multi_box(tmp_path):
     assert all(m["boxes"] == [] for m in _metas(tmp_path / "out" / "train").values())  # no localization.txt
     # image_sizes.txt disagreeing with the file is an error naming the image.
     (tmp_path / "metadata" / "CUB" / "test" / "image_sizes.txt").write_text(
-        "001.A/a1.jpg,60,50\n001.A/a2.jpg,61,50\n002.B/b1.jpg,60,50\n")
+        "001.A/a1.jpg,60,50\n001.A/a2.jpg,61,50\n002.B/b1.jpg,60,50\n"
+    )
     with pytest.raises(SourceError, match="001.A/a2.jpg"):
-        convert_wsolmeta(tmp_path / "images", tmp_path / "metadata" / "CUB", tmp_path / "out3", splits=["test"], options=OPTS)
+        convert_wsolmeta(
+            tmp_path / "images", tmp_path / "metadata" / "CUB", tmp_path / "out3", splits=["test"], options=OPTS
+        )
 
 
 def _reference_get_mask(masks_root: Path, mask_paths: list[str], ignore_path: str) -> np.ndarray:
@@ -139,20 +173,30 @@ def _reference_get_mask(masks_root: Path, mask_paths: list[str], ignore_path: st
 def test_wsolmeta_mask_form_openimages(tmp_path):
     ids = ["val/01/x1.jpg", "val/01/x2.jpg"]
     write_files(tmp_path / "images", [(p, jpeg_bytes(70, 50, seed=i)) for i, p in enumerate(ids)])
-    write_files(tmp_path / "masks", [
-        ("val/01/x1_m1.png", mask_png(70, 50, (5, 5, 20, 30))),
-        ("val/01/x1_m2.png", mask_png(70, 50, (40, 10, 60, 45))),
-        ("val/01/x1_ignore.png", mask_png(70, 50, (0, 0, 69, 20))),
-        ("val/01/x2_m1.png", mask_png(70, 50, (10, 10, 30, 30))),
-    ])
+    write_files(
+        tmp_path / "masks",
+        [
+            ("val/01/x1_m1.png", mask_png(70, 50, (5, 5, 20, 30))),
+            ("val/01/x1_m2.png", mask_png(70, 50, (40, 10, 60, 45))),
+            ("val/01/x1_ignore.png", mask_png(70, 50, (0, 0, 69, 20))),
+            ("val/01/x2_m1.png", mask_png(70, 50, (10, 10, 30, 30))),
+        ],
+    )
     d = tmp_path / "metadata" / "OpenImages" / "val"
     d.mkdir(parents=True)
     (d / "image_ids.txt").write_text("".join(f"{p}\n" for p in ids))
     (d / "class_labels.txt").write_text("val/01/x1.jpg,0\nval/01/x2.jpg,0\n")
     (d / "localization.txt").write_text(
-        "val/01/x1.jpg,val/01/x1_m1.png,val/01/x1_ignore.png\nval/01/x1.jpg,val/01/x1_m2.png,\nval/01/x2.jpg,val/01/x2_m1.png,\n")
-    convert_wsolmeta(tmp_path / "images", tmp_path / "metadata" / "OpenImages", tmp_path / "out",
-                     masks_root=tmp_path / "masks", num_classes=5, options=OPTS)
+        "val/01/x1.jpg,val/01/x1_m1.png,val/01/x1_ignore.png\nval/01/x1.jpg,val/01/x1_m2.png,\nval/01/x2.jpg,val/01/x2_m1.png,\n"
+    )
+    convert_wsolmeta(
+        tmp_path / "images",
+        tmp_path / "metadata" / "OpenImages",
+        tmp_path / "out",
+        masks_root=tmp_path / "masks",
+        num_classes=5,
+        options=OPTS,
+    )
     m = load_manifest(tmp_path / "out" / "val")
     assert m.has_masks and m.num_classes == 5
     members = all_members(tmp_path / "out" / "val")
@@ -174,15 +218,70 @@ def _cli():
 
 def test_cli_subcommands(tmp_path, capsys):
     cli = _cli()
-    assert cli.main(["synthetic", "--out", str(tmp_path / "syn"), "--num-train", "8", "--num-val", "4", "--num-test", "0",
-                     "--size", "48", "--classes", "3", "--seed", "2", "--workers", "1", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "synthetic",
+                "--out",
+                str(tmp_path / "syn"),
+                "--num-train",
+                "8",
+                "--num-val",
+                "4",
+                "--num-test",
+                "0",
+                "--size",
+                "48",
+                "--classes",
+                "3",
+                "--seed",
+                "2",
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert load_manifest(tmp_path / "syn" / "train").num_classes == 3
     _cub(tmp_path / "CUB_200_2011")
-    assert cli.main(["cub", "--root", str(tmp_path / "CUB_200_2011"), "--out", str(tmp_path / "cub"),
-                     "--shard-bytes", "200k", "--workers", "1", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "cub",
+                "--root",
+                str(tmp_path / "CUB_200_2011"),
+                "--out",
+                str(tmp_path / "cub"),
+                "--shard-bytes",
+                "200k",
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     _wsolmeta_boxes(tmp_path / "wm")
-    assert cli.main(["wsolmeta", "--images", str(tmp_path / "wm" / "images"), "--metadata", str(tmp_path / "wm" / "metadata" / "CUB"),
-                     "--out", str(tmp_path / "wm_out"), "--splits", "test", "--workers", "1", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "wsolmeta",
+                "--images",
+                str(tmp_path / "wm" / "images"),
+                "--metadata",
+                str(tmp_path / "wm" / "metadata" / "CUB"),
+                "--out",
+                str(tmp_path / "wm_out"),
+                "--splits",
+                "test",
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     (tmp_path / "wm_out" / "test" / "test-000000.idx").unlink()
     with pytest.raises(Exception, match="missing DALI index file"):
         cli.main(["verify", str(tmp_path / "wm_out" / "test")])

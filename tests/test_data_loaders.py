@@ -22,8 +22,14 @@ BACKENDS = ["dali", "torch"]
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth")
-    write_synthetic(root, num_train=40, num_val=22, num_test=0, config=SyntheticConfig(size=64, num_classes=4),
-                    options=WriterOptions(shard_max_samples=9, shard_max_bytes=None, progress=False))
+    write_synthetic(
+        root,
+        num_train=40,
+        num_val=22,
+        num_test=0,
+        config=SyntheticConfig(size=64, num_classes=4),
+        options=WriterOptions(shard_max_samples=9, shard_max_bytes=None, progress=False),
+    )
     return root
 
 
@@ -45,8 +51,13 @@ def _real(batches: list[Batch]) -> dict[str, tuple]:
             if not b.is_padding[i]:
                 assert key not in out, f"{key} yielded twice"
                 n = int(b.num_boxes[i])
-                out[key] = (b.images[i], int(b.labels[i]), b.boxes[i, :n].tolist(), b.orig_sizes[i].tolist(),
-                            None if b.masks is None else b.masks[i])
+                out[key] = (
+                    b.images[i],
+                    int(b.labels[i]),
+                    b.boxes[i, :n].tolist(),
+                    b.orig_sizes[i].tolist(),
+                    None if b.masks is None else b.masks[i],
+                )
     return out
 
 
@@ -96,15 +107,33 @@ def test_rank_sharding_equal_batches_disjoint_coverage(backend, synth):
     world, bsz = 3, 4
     train_keys, eval_keys, counts = [], Counter(), set()
     for rank in range(world):
-        tl = build_loader(synth / "train", split_kind="train", batch_size=bsz, resize_size=64, crop_size=48,
-                          rank=rank, world_size=world, backend=backend, num_threads=1, seed=5)
+        tl = build_loader(
+            synth / "train",
+            split_kind="train",
+            batch_size=bsz,
+            resize_size=64,
+            crop_size=48,
+            rank=rank,
+            world_size=world,
+            backend=backend,
+            num_threads=1,
+            seed=5,
+        )
         tl.set_epoch(0)
         batches = _collect(tl)
         counts.add(("train", len(batches), len(tl)))
         assert all(len(b) == bsz and not b.is_padding.any() for b in batches)
         train_keys.append([k for b in batches for k in b.keys])
-        el = build_loader(synth / "val", split_kind="eval", batch_size=bsz, crop_size=48, rank=rank,
-                          world_size=world, backend=backend, num_threads=1)
+        el = build_loader(
+            synth / "val",
+            split_kind="eval",
+            batch_size=bsz,
+            crop_size=48,
+            rank=rank,
+            world_size=world,
+            backend=backend,
+            num_threads=1,
+        )
         eb = _collect(el)
         counts.add(("eval", len(eb), len(el)))
         eval_keys.update(k for b in eb for k, p in zip(b.keys, b.is_padding.tolist()) if not p)
@@ -118,8 +147,18 @@ def test_rank_sharding_equal_batches_disjoint_coverage(backend, synth):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_epoch_order_is_a_function_of_seed_and_epoch(backend, synth):
     def run(epoch, seed=1, rank=0, world=2):
-        loader = build_loader(synth / "train", split_kind="train", batch_size=5, resize_size=64, crop_size=48,
-                              rank=rank, world_size=world, backend=backend, num_threads=1, seed=seed)
+        loader = build_loader(
+            synth / "train",
+            split_kind="train",
+            batch_size=5,
+            resize_size=64,
+            crop_size=48,
+            rank=rank,
+            world_size=world,
+            backend=backend,
+            num_threads=1,
+            seed=seed,
+        )
         loader.set_epoch(epoch)
         batches = _collect(loader)
         return [k for b in batches for k in b.keys], torch.cat([b.images for b in batches])
@@ -137,24 +176,37 @@ def test_epoch_order_is_a_function_of_seed_and_epoch(backend, synth):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_channels_last_random_resized_crop_and_masks(backend, synth):
-    loader = build_loader(synth / "train", split_kind="train", batch_size=8, crop_size=32, random_resized_crop=True,
-                          channels_last=True, backend=backend, num_threads=1)
+    loader = build_loader(
+        synth / "train",
+        split_kind="train",
+        batch_size=8,
+        crop_size=32,
+        random_resized_crop=True,
+        channels_last=True,
+        backend=backend,
+        num_threads=1,
+    )
     b = next(iter(loader))
     assert b.images.shape == (8, 3, 32, 32) and b.images.is_contiguous(memory_format=torch.channels_last)
     assert b.masks is None and b.labels.dtype == torch.int64 and b.boxes.dtype == torch.float32
     # Normalized with ImageNet statistics: values around 0, well outside [0, 1].
     assert -2.2 < float(b.images.min()) < 0 and 0 < float(b.images.max()) < 2.7
-    ev = build_loader(synth / "val", split_kind="eval", batch_size=8, crop_size=32, backend=backend, num_threads=1, mask_size=56)
+    ev = build_loader(
+        synth / "val", split_kind="eval", batch_size=8, crop_size=32, backend=backend, num_threads=1, mask_size=56
+    )
     eb = next(iter(ev))
     assert eb.masks is not None and eb.masks.shape == (8, 56, 56) and eb.masks.dtype == torch.uint8
-    no_masks = build_loader(synth / "val", split_kind="eval", batch_size=8, crop_size=32, backend=backend,
-                            num_threads=1, load_masks=False)
+    no_masks = build_loader(
+        synth / "val", split_kind="eval", batch_size=8, crop_size=32, backend=backend, num_threads=1, load_masks=False
+    )
     assert next(iter(no_masks)).masks is None
 
 
 def test_torch_loader_in_process_matches_workers(synth):
     def keys(threads):
-        loader = build_loader(synth / "val", split_kind="eval", batch_size=6, crop_size=32, backend="torch", num_threads=threads)
+        loader = build_loader(
+            synth / "val", split_kind="eval", batch_size=6, crop_size=32, backend="torch", num_threads=threads
+        )
         return sorted(k for b in loader for k, p in zip(b.keys, b.is_padding.tolist()) if not p)
 
     assert keys(0) == keys(2) == [f"val_{i:07d}" for i in range(22)]

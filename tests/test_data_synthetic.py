@@ -72,7 +72,9 @@ def test_class_is_carried_by_the_part_colour_and_weakly_by_the_body():
         dist = np.abs(part_pixels - color).sum(axis=1)
         assert (dist < 30).mean() > 0.6
         others = np.delete(gen.part_colors, s.label % gen.num_hues, axis=0)
-        assert np.abs(part_pixels.mean(axis=0) - others).sum(axis=1).min() > np.abs(part_pixels.mean(axis=0) - color).sum()
+        assert (
+            np.abs(part_pixels.mean(axis=0) - others).sum(axis=1).min() > np.abs(part_pixels.mean(axis=0) - color).sum()
+        )
         body = s.mask & ~ring
         body_mean = s.image[body].astype(np.float32).mean(axis=0)
         nearest = int(np.abs(gen.body_colors - body_mean).sum(axis=1).argmin())
@@ -89,8 +91,14 @@ def test_unlabeled_option():
 
 
 def test_written_shards_boxes_and_masks(tmp_path):
-    res = write_synthetic(tmp_path, num_train=12, num_val=6, num_test=0, config=SyntheticConfig(size=64),
-                          options=WriterOptions(shard_max_samples=5, shard_max_bytes=None, progress=False))
+    res = write_synthetic(
+        tmp_path,
+        num_train=12,
+        num_val=6,
+        num_test=0,
+        config=SyntheticConfig(size=64),
+        options=WriterOptions(shard_max_samples=5, shard_max_bytes=None, progress=False),
+    )
     assert set(res) == {"train", "val"}
     train, val = load_manifest(tmp_path / "train"), load_manifest(tmp_path / "val")
     assert train.num_samples == 12 and not train.has_masks and val.has_masks and val.num_classes == 10
@@ -101,14 +109,22 @@ def test_written_shards_boxes_and_masks(tmp_path):
         key = f"val_{i:07d}"
         meta = json.loads(members[f"{key}.json"])
         s = gen.sample("val", i)
-        assert meta["boxes"] == [list(s.box)] and meta["label"] == i % 10 and (meta["width"], meta["height"]) == (64, 64)
+        assert (
+            meta["boxes"] == [list(s.box)] and meta["label"] == i % 10 and (meta["width"], meta["height"]) == (64, 64)
+        )
         stored = np.asarray(Image.open(io.BytesIO(members[f"{key}.mask.png"])).convert("L")) > 0
         assert np.array_equal(stored, s.mask)
         m224 = protocol_mask(members[f"{key}.mask.png"], None, size=224, shard="x", key=key)
         assert set(np.unique(m224)) <= {0, 1} and m224.sum() > 0
     # Resumable: a second call rewrites nothing.
-    again = write_synthetic(tmp_path, num_train=12, num_val=6, num_test=0, config=SyntheticConfig(size=64),
-                            options=WriterOptions(shard_max_samples=5, shard_max_bytes=None, progress=False))
+    again = write_synthetic(
+        tmp_path,
+        num_train=12,
+        num_val=6,
+        num_test=0,
+        config=SyntheticConfig(size=64),
+        options=WriterOptions(shard_max_samples=5, shard_max_bytes=None, progress=False),
+    )
     assert all(not r.written for r in again.values())
 
 

@@ -55,8 +55,13 @@ def test_round_trip_keeps_bytes_hashes_and_metadata(tmp_path):
         key = key_from_id(rec.image_id)
         assert members[f"{key}.jpg"] == Path(rec.path).read_bytes()  # not re-encoded
         meta = json.loads(members[f"{key}.json"])
-        assert meta == {"id": rec.image_id, "label": rec.label, "width": rec.expected_size[0],
-                        "height": rec.expected_size[1], "boxes": [list(b) for b in rec.boxes]}
+        assert meta == {
+            "id": rec.image_id,
+            "label": rec.label,
+            "width": rec.expected_size[0],
+            "height": rec.expected_size[1],
+            "boxes": [list(b) for b in rec.boxes],
+        }
         assert members[f"{key}.cls"] == str(rec.label).encode()
     assert res.written == [s.name for s in m.shards] and not res.kept
     verify_split(tmp_path / "out" / "val", mode="full")
@@ -84,13 +89,16 @@ def test_index_matches_wds2idx_and_dali_reads_it(tmp_path):
         img, js, cls = fn.readers.webdataset(
             paths=[str(split_dir / s.name) for s in m.shards],
             index_paths=[str(split_dir / s.index) for s in m.shards],
-            ext=["jpg", "json", "cls"], missing_component_behavior="error",
+            ext=["jpg", "json", "cls"],
+            missing_component_behavior="error",
         )
         pipe.set_outputs(img, js, cls)
     pipe.build()
     imgs, jss, clss = pipe.run()
-    got = {json.loads(np.asarray(jss[i]).tobytes())["id"]: (np.asarray(imgs[i]).tobytes(), np.asarray(clss[i]).tobytes())
-           for i in range(7)}
+    got = {
+        json.loads(np.asarray(jss[i]).tobytes())["id"]: (np.asarray(imgs[i]).tobytes(), np.asarray(clss[i]).tobytes())
+        for i in range(7)
+    }
     assert {r.image_id for r in records} == set(got)
     for rec in records:
         assert got[rec.image_id] == (Path(rec.path).read_bytes(), str(rec.label).encode())
@@ -98,10 +106,19 @@ def test_index_matches_wds2idx_and_dali_reads_it(tmp_path):
 
 def test_output_is_deterministic(tmp_path):
     records = _source_tree(tmp_path / "src")
-    _write(tmp_path / "a", records, split="train", opts=WriterOptions(shard_max_samples=3, shard_max_bytes=None, progress=False, seed=3))
+    _write(
+        tmp_path / "a",
+        records,
+        split="train",
+        opts=WriterOptions(shard_max_samples=3, shard_max_bytes=None, progress=False, seed=3),
+    )
     # Different input order, and several processes: the same bytes.
-    _write(tmp_path / "b", records[::-1], split="train",
-           opts=WriterOptions(shard_max_samples=3, shard_max_bytes=None, progress=False, seed=3, workers=2))
+    _write(
+        tmp_path / "b",
+        records[::-1],
+        split="train",
+        opts=WriterOptions(shard_max_samples=3, shard_max_bytes=None, progress=False, seed=3, workers=2),
+    )
     files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
     assert files_a == files_b
@@ -145,15 +162,23 @@ def test_resume_keeps_verified_shards_and_rewrites_a_corrupt_one(tmp_path):
     assert res.written == ["val-000002.tar"] and len(res.kept) == 2
     verify_split(split_dir, mode="full")
     # Other options (shard size): stale shards from the old plan are removed.
-    res = _write(tmp_path / "out", records, opts=WriterOptions(shard_max_samples=10, shard_max_bytes=None, progress=False))
+    res = _write(
+        tmp_path / "out", records, opts=WriterOptions(shard_max_samples=10, shard_max_bytes=None, progress=False)
+    )
     assert sorted(p.name for p in split_dir.glob("*.tar")) == ["val-000000.tar"]
     assert "val-000001.tar" in res.removed_stale
 
 
 def test_shards_cut_by_bytes(tmp_path):
-    records = [r.__class__(**{**r.__dict__, "size_hint": Path(r.path).stat().st_size}) for r in _source_tree(tmp_path / "src")]
+    records = [
+        r.__class__(**{**r.__dict__, "size_hint": Path(r.path).stat().st_size}) for r in _source_tree(tmp_path / "src")
+    ]
     one = max(r.size_hint for r in records) + 2048
-    res = _write(tmp_path / "out", records, opts=WriterOptions(shard_max_samples=None, shard_max_bytes=2 * one + 100, progress=False))
+    res = _write(
+        tmp_path / "out",
+        records,
+        opts=WriterOptions(shard_max_samples=None, shard_max_bytes=2 * one + 100, progress=False),
+    )
     counts = [s.num_samples for s in res.manifest.shards]
     assert sum(counts) == 7 and max(counts) <= 2 and len(counts) >= 4
 
@@ -192,11 +217,17 @@ def test_bad_sources_name_the_image_or_are_skipped_and_counted(tmp_path):
     src = tmp_path / "src"
     good = jpeg_bytes(40, 30, seed=1)
     write_files(src, [("ok.jpg", good), ("cut.jpg", good[: len(good) // 2]), ("box.jpg", good)])
-    records = [SourceRecord("ok.jpg", 0, ((0, 0, 10, 10),), str(src / "ok.jpg")),
-               SourceRecord("cut.jpg", 0, (), str(src / "cut.jpg"))]
+    records = [
+        SourceRecord("ok.jpg", 0, ((0, 0, 10, 10),), str(src / "ok.jpg")),
+        SourceRecord("cut.jpg", 0, (), str(src / "cut.jpg")),
+    ]
     with pytest.raises(SourceError, match="cut.jpg.*truncated"):
         _write(tmp_path / "out", records)
-    res = _write(tmp_path / "out2", records, opts=WriterOptions(shard_max_samples=3, shard_max_bytes=None, progress=False, skip_corrupt=True))
+    res = _write(
+        tmp_path / "out2",
+        records,
+        opts=WriterOptions(shard_max_samples=3, shard_max_bytes=None, progress=False, skip_corrupt=True),
+    )
     assert res.manifest.num_samples == 1
     assert [s["id"] for s in res.manifest.skipped] == ["cut.jpg"] and "truncated" in res.manifest.skipped[0]["reason"]
 
@@ -206,7 +237,9 @@ def test_bad_sources_name_the_image_or_are_skipped_and_counted(tmp_path):
     outside = [SourceRecord("box.jpg", 0, ((-3, 5, 45, 29),), str(src / "box.jpg"))]
     res = _write(tmp_path / "out4", outside)
     assert res.manifest.boxes_clipped == 1
-    assert json.loads(tar_members(tmp_path / "out4" / "val" / "val-000000.tar")["box.json"])["boxes"] == [[0, 5, 40, 29]]
+    assert json.loads(tar_members(tmp_path / "out4" / "val" / "val-000000.tar")["box.json"])["boxes"] == [
+        [0, 5, 40, 29]
+    ]
     wrong_size = [SourceRecord("ok.jpg", 0, (), str(src / "ok.jpg"), expected_size=(41, 30))]
     with pytest.raises(SourceError, match="ok.jpg.*40x30.*41x30"):
         _write(tmp_path / "out5", wrong_size)
@@ -215,21 +248,31 @@ def test_bad_sources_name_the_image_or_are_skipped_and_counted(tmp_path):
 def test_a_source_jpeg_with_a_flipped_scan_is_named_or_skipped(tmp_path):
     """PIL decodes it without a word; the strict decode names it, for kept and converted JPEGs."""
     src = tmp_path / "src"
-    write_files(src, [("ok.jpg", jpeg_bytes(64, 48, seed=1)), ("smeared.jpg", flipped_scan_jpeg()),
-                      ("smeared_grey.jpg", flipped_scan_jpeg(mode="L"))])
+    write_files(
+        src,
+        [
+            ("ok.jpg", jpeg_bytes(64, 48, seed=1)),
+            ("smeared.jpg", flipped_scan_jpeg()),
+            ("smeared_grey.jpg", flipped_scan_jpeg(mode="L")),
+        ],
+    )
     Image.open(src / "smeared.jpg").load()  # the reason for the check: no error from PIL
     for bad in ("smeared.jpg", "smeared_grey.jpg"):
         records = [SourceRecord("ok.jpg", 0, (), str(src / "ok.jpg")), SourceRecord(bad, 0, (), str(src / bad))]
         with pytest.raises(SourceError, match=rf"{bad}': JPEG data fails a strict decode \(Corrupt JPEG data"):
             _write(tmp_path / f"out_{bad}", records)
-        res = _write(tmp_path / f"skip_{bad}", records,
-                     opts=WriterOptions(shard_max_samples=3, shard_max_bytes=None, progress=False, skip_corrupt=True))
+        res = _write(
+            tmp_path / f"skip_{bad}",
+            records,
+            opts=WriterOptions(shard_max_samples=3, shard_max_bytes=None, progress=False, skip_corrupt=True),
+        )
         assert res.manifest.num_samples == 1 and [s["id"] for s in res.manifest.skipped] == [bad]
 
 
 def test_keys_are_tar_safe_and_unique():
     assert key_from_id("001.Black_footed_Albatross/Black_Footed_Albatross_0046_18.jpg") == (
-        "001_Black_footed_Albatross__Black_Footed_Albatross_0046_18")
+        "001_Black_footed_Albatross__Black_Footed_Albatross_0046_18"
+    )
     assert key_from_id("val/ILSVRC2012_val_00000001.JPEG") == "val__ILSVRC2012_val_00000001"
     keys = assign_keys(["a/b.c.jpg", "a_b_c.jpg", "x" * 300 + ".jpg"])
     assert len(set(keys)) == 3 and all("." not in k and "/" not in k and len(k) <= 88 for k in keys)

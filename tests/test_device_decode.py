@@ -40,8 +40,13 @@ def _by_key(loader) -> dict[str, tuple]:
     for b in loader:
         for i, key in enumerate(b.keys):
             if not b.is_padding[i]:
-                out[key] = (b.images[i], int(b.labels[i]), b.boxes[i, : int(b.num_boxes[i])].tolist(), b.orig_sizes[i].tolist(),
-                            None if b.masks is None else b.masks[i])
+                out[key] = (
+                    b.images[i],
+                    int(b.labels[i]),
+                    b.boxes[i, : int(b.num_boxes[i])].tolist(),
+                    b.orig_sizes[i].tolist(),
+                    None if b.masks is None else b.masks[i],
+                )
     return out
 
 
@@ -66,8 +71,15 @@ def test_eval_batches_match_the_worker_path(tmp_path, threads):
     split_dir = _mixed_split(tmp_path)
     runs = {}
     for decode in ("workers", "device"):
-        loader = build_loader(split_dir, split_kind="eval", batch_size=4, crop_size=40, backend="torch",
-                              num_threads=threads, decode=decode)
+        loader = build_loader(
+            split_dir,
+            split_kind="eval",
+            batch_size=4,
+            crop_size=40,
+            backend="torch",
+            num_threads=threads,
+            decode=decode,
+        )
         runs[decode] = _by_key(loader)
         assert len(runs[decode]) == N
     _compare(runs["workers"], runs["device"])
@@ -80,21 +92,39 @@ def test_training_draws_the_same_crops_and_flips(synth, rrc):
     draw order would move whole crops, far beyond the resize's grey-level differences)."""
     runs = {}
     for decode in ("workers", "device"):
-        loader = build_loader(synth / "train", split_kind="train", batch_size=8, resize_size=64, crop_size=48,
-                              random_resized_crop=rrc, backend="torch", num_threads=2, seed=3, decode=decode,
-                              channels_last=True)
+        loader = build_loader(
+            synth / "train",
+            split_kind="train",
+            batch_size=8,
+            resize_size=64,
+            crop_size=48,
+            random_resized_crop=rrc,
+            backend="torch",
+            num_threads=2,
+            seed=3,
+            decode=decode,
+            channels_last=True,
+        )
         loader.set_epoch(1)
         runs[decode] = _by_key(loader)
         assert next(iter(loader)).images.is_contiguous(memory_format=torch.channels_last)
     _compare(runs["workers"], runs["device"], max_tol=0.5)
     # and the flips are really drawn: mirrored copies of the device images do not match the workers'
-    mirrored = sum(float((runs["device"][k][0].flip(-1) - runs["workers"][k][0]).abs().mean()) < 0.02 for k in runs["device"])
+    mirrored = sum(
+        float((runs["device"][k][0].flip(-1) - runs["workers"][k][0]).abs().mean()) < 0.02 for k in runs["device"]
+    )
     assert mirrored < len(runs["device"]) // 2
 
 
 def test_masks_ride_along(synth):
-    runs = {d: _by_key(build_loader(synth / "val", split_kind="eval", batch_size=8, crop_size=32, backend="torch",
-                                    num_threads=1, decode=d)) for d in ("workers", "device")}
+    runs = {
+        d: _by_key(
+            build_loader(
+                synth / "val", split_kind="eval", batch_size=8, crop_size=32, backend="torch", num_threads=1, decode=d
+            )
+        )
+        for d in ("workers", "device")
+    }
     assert all(v[-1] is not None for v in runs["device"].values())
     _compare(runs["workers"], runs["device"])
 
@@ -114,9 +144,27 @@ def _bad_split(tmp_path: Path, image: bytes) -> Path:
 def test_an_undecodable_jpeg_is_named_or_counted(tmp_path):
     split_dir = _bad_split(tmp_path, bogus_huffman_jpeg())
     with pytest.raises(ShardError, match=r"val-000001\.tar, sample 's005': cannot decode image \(Bogus Huffman table"):
-        list(build_loader(split_dir, split_kind="eval", batch_size=4, crop_size=32, backend="torch", num_threads=1, decode="device"))
-    loader = build_loader(split_dir, split_kind="eval", batch_size=4, crop_size=32, backend="torch", num_threads=1,
-                          decode="device", skip_corrupt=True)
+        list(
+            build_loader(
+                split_dir,
+                split_kind="eval",
+                batch_size=4,
+                crop_size=32,
+                backend="torch",
+                num_threads=1,
+                decode="device",
+            )
+        )
+    loader = build_loader(
+        split_dir,
+        split_kind="eval",
+        batch_size=4,
+        crop_size=32,
+        backend="torch",
+        num_threads=1,
+        decode="device",
+        skip_corrupt=True,
+    )
     batches = list(loader)
     assert len(batches) == 3 and all(len(b) == 4 for b in batches)
     real = [k for b in batches for k, p in zip(b.keys, b.is_padding.tolist()) if not p]
@@ -129,14 +177,29 @@ def test_an_undecodable_jpeg_is_named_or_counted(tmp_path):
 def test_truncated_jpeg_is_still_caught_in_the_worker(tmp_path):
     split_dir = _bad_split(tmp_path, jpeg_bytes(64, 48, seed=5)[:700])
     with pytest.raises(ShardError, match=r"sample 's005': truncated JPEG"):
-        list(build_loader(split_dir, split_kind="eval", batch_size=4, crop_size=32, backend="torch", num_threads=1, decode="device"))
+        list(
+            build_loader(
+                split_dir,
+                split_kind="eval",
+                batch_size=4,
+                crop_size=32,
+                backend="torch",
+                num_threads=1,
+                decode="device",
+            )
+        )
 
 
 def test_config_carries_decode_and_exact_evaluation_keeps_pil(tmp_path):
     cfg = load_config(overrides=["data.decode=device", "data.loader=torch"])
     assert loader_options(cfg).decode == "device"
     assert eval_loader_options(cfg).decode == "workers"  # eval.loader=exact: the protocol's pixels
-    assert eval_loader_options(load_config(overrides=["data.decode=device", "data.loader=torch", "eval.loader=same"])).decode == "device"
+    assert (
+        eval_loader_options(
+            load_config(overrides=["data.decode=device", "data.loader=torch", "eval.loader=same"])
+        ).decode
+        == "device"
+    )
     with pytest.raises(ConfigError, match="data.decode = device applies to the torch loader"):
         load_config(overrides=["data.decode=device", "data.loader=dali"])
     with pytest.raises(ValueError, match="decode must be workers or device"):
@@ -148,15 +211,38 @@ def test_config_carries_decode_and_exact_evaluation_keeps_pil(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_nvjpeg_on_the_gpu_matches_the_worker_path(tmp_path, synth):
     split_dir = _mixed_split(tmp_path)
-    cpu = _by_key(build_loader(split_dir, split_kind="eval", batch_size=4, crop_size=40, backend="torch", num_threads=2))
-    gpu_loader = build_loader(split_dir, split_kind="eval", batch_size=4, crop_size=40, backend="torch", num_threads=2,
-                              decode="device", device="cuda")
+    cpu = _by_key(
+        build_loader(split_dir, split_kind="eval", batch_size=4, crop_size=40, backend="torch", num_threads=2)
+    )
+    gpu_loader = build_loader(
+        split_dir,
+        split_kind="eval",
+        batch_size=4,
+        crop_size=40,
+        backend="torch",
+        num_threads=2,
+        decode="device",
+        device="cuda",
+    )
     gpu = _by_key(gpu_loader)
     assert all(v[0].is_cuda for v in gpu.values())
     # nvJPEG's IDCT differs from libjpeg's by a grey level or two on top of the resize
-    _compare(cpu, {k: (v[0].cpu(), *v[1:-1], None if v[-1] is None else v[-1].cpu()) for k, v in gpu.items()},
-             mean_tol=0.04, max_tol=0.6)
+    _compare(
+        cpu,
+        {k: (v[0].cpu(), *v[1:-1], None if v[-1] is None else v[-1].cpu()) for k, v in gpu.items()},
+        mean_tol=0.04,
+        max_tol=0.6,
+    )
     bad = _bad_split(tmp_path / "bad", bogus_huffman_jpeg())
-    loader = build_loader(bad, split_kind="eval", batch_size=4, crop_size=32, backend="torch", num_threads=1,
-                          decode="device", device="cuda", skip_corrupt=True)
+    loader = build_loader(
+        bad,
+        split_kind="eval",
+        batch_size=4,
+        crop_size=32,
+        backend="torch",
+        num_threads=1,
+        decode="device",
+        device="cuda",
+        skip_corrupt=True,
+    )
     assert len(list(loader)) == 3 and loader.skipped.total == 1

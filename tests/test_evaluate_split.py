@@ -35,7 +35,9 @@ class ScriptedMethod(torch.nn.Module):
         return {}
 
 
-def batch(maps: list[np.ndarray], boxes: list[list[int]] | None, labels: list[int], predicted: list[int], masks=None) -> Batch:
+def batch(
+    maps: list[np.ndarray], boxes: list[list[int]] | None, labels: list[int], predicted: list[int], masks=None
+) -> Batch:
     n = len(maps)
     images = torch.zeros(n, 3, 224, 224)
     images[:, 0] = torch.from_numpy(np.stack(maps)).float()
@@ -43,8 +45,11 @@ def batch(maps: list[np.ndarray], boxes: list[list[int]] | None, labels: list[in
         images[i, 1, 0, cls] = 1.0
     box_tensor = torch.tensor([[b] for b in boxes], dtype=torch.float32) if boxes else torch.full((n, 1, 4), -1.0)
     return Batch(
-        images=images, labels=torch.tensor(labels), keys=[f"k{i}" for i in range(n)],
-        orig_sizes=torch.full((n, 2), 224), boxes=box_tensor,
+        images=images,
+        labels=torch.tensor(labels),
+        keys=[f"k{i}" for i in range(n)],
+        orig_sizes=torch.full((n, 2), 224),
+        boxes=box_tensor,
         num_boxes=torch.ones(n, dtype=torch.int64) if boxes else torch.zeros(n, dtype=torch.int64),
         masks=None if masks is None else torch.from_numpy(np.stack(masks)),
     )
@@ -53,7 +58,7 @@ def batch(maps: list[np.ndarray], boxes: list[list[int]] | None, labels: list[in
 def two_blobs() -> np.ndarray:
     """A large blob (left) and a smaller one (right) of the same score."""
     m = np.zeros((224, 224), np.float32)
-    m[20:100, 10:90] = 1.0   # 80 x 80
+    m[20:100, 10:90] = 1.0  # 80 x 80
     m[120:170, 150:200] = 1.0  # 50 x 50
     return m
 
@@ -102,7 +107,9 @@ def test_pxap_on_a_split_with_masks_and_no_boxes():
         mask = (m + 0.3 * rng.random(m.shape) > 0.7).astype(np.uint8)  # high scores are mostly foreground
         mask[:10] = 255
         masks.append(mask)
-    outcome = evaluate_split(ScriptedMethod(), [batch(maps, None, [0, 1, 2], [0, 1, 2], masks)], CFG, split="test", draw=True)
+    outcome = evaluate_split(
+        ScriptedMethod(), [batch(maps, None, [0, 1, 2], [0, 1, 2], masks)], CFG, split="test", draw=True
+    )
     want = reference_pxap([reference_normalize(m) for m in maps], masks, np.arange(0, 1, 0.001))
     assert 50.0 < want < 99.0
     assert outcome.metrics["test/pxap"] == pytest.approx(want, abs=1e-6)

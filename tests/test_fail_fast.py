@@ -36,20 +36,52 @@ def _data_root(root: Path, bad_train_key: str | None = None, n_train: int = 32) 
 
 
 def _job(tmp_path: Path, root: Path, *extra: str, name: str = "job", timeout: int = 600) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(JOB), "--data", str(root), "--method", "cam", "--epochs", "2", "--name", name,
-               "--storage-path", str(tmp_path / "ray"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-               "--set", "data.resize_size=64", "--set", "data.crop_size=56", "--set", "data.batch_size=4",
-               "--set", "eval.batch_size=4", "--set", "eval.num_vis_images=2", *extra]
+    command = [
+        sys.executable,
+        str(JOB),
+        "--data",
+        str(root),
+        "--method",
+        "cam",
+        "--epochs",
+        "2",
+        "--name",
+        name,
+        "--storage-path",
+        str(tmp_path / "ray"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--set",
+        "data.resize_size=64",
+        "--set",
+        "data.crop_size=56",
+        "--set",
+        "data.batch_size=4",
+        "--set",
+        "eval.batch_size=4",
+        "--set",
+        "eval.num_vis_images=2",
+        *extra,
+    ]
     env = dict(job_env(), XDG_CACHE_HOME=str(tmp_path / "cache"))
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_a_batch_larger_than_the_split_fails_before_ray(tmp_path):
     start = time.monotonic()
-    result = subprocess.run(job_command(tmp_path, "--set", "data.synthetic.num_train=12", "--set", "data.batch_size=32"),
-                            cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        job_command(tmp_path, "--set", "data.synthetic.num_train=12", "--set", "data.batch_size=32"),
+        cwd=tmp_path,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "data.batch_size = 32 per worker on run.num_workers = 2: the 12 training images give no full batch" in result.stderr
+    assert (
+        "data.batch_size = 32 per worker on run.num_workers = 2: the 12 training images give no full batch"
+        in result.stderr
+    )
     assert "Started a local Ray instance" not in result.stdout + result.stderr and time.monotonic() - start < 120
 
 
@@ -60,13 +92,18 @@ def test_a_truncated_or_altered_shard_fails_before_ray(tmp_path):
     tar.write_bytes(good[:5000])
     result = _job(tmp_path, root)
     assert result.returncode == 2
-    assert f"{tar}: size 5000 bytes differs from dataset.json" in result.stderr and "make_shards.py verify" in result.stderr
+    assert (
+        f"{tar}: size 5000 bytes differs from dataset.json" in result.stderr
+        and "make_shards.py verify" in result.stderr
+    )
     # Same size, one byte changed: only the SHA-256 sees it, and the driver checks it on every run.
     altered = bytearray(good)
     altered[3000] ^= 0x55
     tar.write_bytes(bytes(altered))
     result = _job(tmp_path, root)
-    assert result.returncode == 2 and f"{tar}: SHA-256" in result.stderr and "differs from dataset.json" in result.stderr
+    assert (
+        result.returncode == 2 and f"{tar}: SHA-256" in result.stderr and "differs from dataset.json" in result.stderr
+    )
     assert "Started a local Ray instance" not in result.stdout + result.stderr
     assert not (tmp_path / "ray" / "job").exists()
 
@@ -100,8 +137,11 @@ def test_a_fault_only_the_workers_see_is_not_retried(tmp_path):
     # The same data with data.skip_corrupt: trains, and MLflow counts the skipped sample per epoch.
     result = _job(tmp_path, root, "--set", "data.skip_corrupt=true", name="skipping")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    run = next(r for r in client.search_runs([client.get_experiment_by_name("handmade").experiment_id])
-               if r.info.run_name == "skipping")
+    run = next(
+        r
+        for r in client.search_runs([client.get_experiment_by_name("handmade").experiment_id])
+        if r.info.run_name == "skipping"
+    )
     history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/skipped_samples"))
     assert history == [(1, 1.0), (2, 1.0)]
     assert run.data.metrics["val/skipped_samples"] == 0.0 and run.data.metrics["test/skipped_samples"] == 0.0

@@ -77,8 +77,12 @@ def test_parts_are_stashed_checked_and_installed(tmp_path):
     site = store / "site"
     assert (site / "pkg" / "__init__.py").read_text() == "VALUE = 42\n"
     env = (store / "env.sh").read_text()
-    out = subprocess.run(["bash", "-c", f". {store / 'env.sh'} && {sys.executable} -c 'import pkg; print(pkg.VALUE)'"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["bash", "-c", f". {store / 'env.sh'} && {sys.executable} -c 'import pkg; print(pkg.VALUE)'"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.strip() == "42" and str(site) in env
 
 
@@ -146,7 +150,9 @@ def test_carry_plan_commands_fit_one_call():
     # every part prepare.sh makes by default is carried, if the kit was prepared here
     plan = REPO / ".gpukit" / "plan.json"
     if plan.exists():
-        parts = {f".gpukit/parts/{p['name']}" for b in json.loads(plan.read_text())["bundles"].values() for p in b["parts"]}
+        parts = {
+            f".gpukit/parts/{p['name']}" for b in json.loads(plan.read_text())["bundles"].values() for p in b["parts"]
+        }
         assert parts <= set(carried), sorted(parts - set(carried))
 
 
@@ -156,16 +162,28 @@ def test_carry_plan_commands_fit_one_call():
 def test_tier_one_runs_without_ray_mlflow_dali_or_webdataset():
     """The training epoch, the evaluator and the methods import nothing the GPU machine lacks."""
     hide = REPO / "benchmarks" / "gpu" / "_hide.py"
-    code = "import wsol_core.train.loop, wsol_core.train.evaluate, wsol_core.methods, wsol_core.data.loader; print('ok')"
+    code = (
+        "import wsol_core.train.loop, wsol_core.train.evaluate, wsol_core.methods, wsol_core.data.loader; print('ok')"
+    )
     script = Path(REPO / ".pytest_hide_probe.py")
     script.write_text(code + "\n")
     try:
-        out = subprocess.run([sys.executable, str(hide), "ray,mlflow,nvidia.dali,webdataset", str(script)], cwd=REPO,
-                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        out = subprocess.run(
+            [sys.executable, str(hide), "ray,mlflow,nvidia.dali,webdataset", str(script)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+        )
         assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
         script.write_text("import wsol_core.tracking\n")
-        out = subprocess.run([sys.executable, str(hide), "mlflow", str(script)], cwd=REPO, capture_output=True, text=True,
-                             env=dict(os.environ, PYTHONPATH=str(REPO)))
+        out = subprocess.run(
+            [sys.executable, str(hide), "mlflow", str(script)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+        )
         assert out.returncode != 0 and "No module named 'mlflow' (hidden" in out.stderr
     finally:
         script.unlink()
@@ -173,8 +191,25 @@ def test_tier_one_runs_without_ray_mlflow_dali_or_webdataset():
 
 def test_budget_stops_cleanly_with_partial_results(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "benchmarks/gpu/tiers.py", "--dry-run", "--out", str(out), "--tiers", "1",
-                           "--budget", "30", "--cap-scale", "0.5"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/gpu/tiers.py",
+            "--dry-run",
+            "--out",
+            str(out),
+            "--tiers",
+            "1",
+            "--budget",
+            "30",
+            "--cap-scale",
+            "0.5",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["finished"] is True and report["dry_run"] is True
     statuses = {name: step["status"] for name, step in report["steps"].items()}
@@ -188,12 +223,15 @@ def test_budget_stops_cleanly_with_partial_results(tmp_path):
 def test_dry_run_measures_every_tier(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, GPUKIT_STORE=str(tmp_path / "no-kit"))
-    proc = subprocess.run(["bash", "benchmarks/gpu/run.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu/run.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
     report = json.loads((out / "gpu_check.json").read_text())
     steps = report["steps"]
     assert proc.returncode == 0, (proc.stdout[-3000:], {n: (s["status"], s.get("tail")) for n, s in steps.items()})
-    assert report["finished"] and all(s["status"] == "ok" for s in steps.values()), {n: s["status"] for n, s in steps.items()}
+    assert report["finished"] and all(s["status"] == "ok" for s in steps.values()), {
+        n: s["status"] for n, s in steps.items()
+    }
     assert sorted(os.listdir(out)) == ["gpu_check.json", "gpu_check.log"]  # the device tool returns at most 8 files
 
     rows = steps["train_step_eager"]["result"]["rows"]
@@ -208,10 +246,18 @@ def test_dry_run_measures_every_tier(tmp_path):
     assert paths["exact"]["pixel_max_diff"] == 0.0 and paths["dali"]["backend"] == "dali"
     for name in ("dali", "torch_device_decode"):
         assert paths[name]["pixel_mean_diff"] < 0.02 and paths[name]["map_mean_diff"] < 0.05
-    assert steps["input_pipeline"]["result"] and steps["train_throughput"]["result"]["rows"][0]["torch_loader_decode"] == "device"
+    assert (
+        steps["input_pipeline"]["result"]
+        and steps["train_throughput"]["result"]["rows"][0]["torch_loader_decode"] == "device"
+    )
     tests = steps["pytest_gpu"]["tests"]
-    assert tests["tests"] >= 2 and tests["failures"] == tests["errors"] == 0 and tests["skipped"] == tests["tests"]  # no GPU here
+    assert (
+        tests["tests"] >= 2 and tests["failures"] == tests["errors"] == 0 and tests["skipped"] == tests["tests"]
+    )  # no GPU here
     assert steps["train_job"]["exit"] == 0
     summary = report["summary"]
     assert len(summary["train_step_img_s"]) == 6 and summary["evaluator"]["maps"] == 64
-    assert set(summary["inputs_vs_exact"]) == {"exact", "dali", "torch_device_decode"} and summary["gpu_tests"]["tests"] >= 2
+    assert (
+        set(summary["inputs_vs_exact"]) == {"exact", "dali", "torch_device_decode"}
+        and summary["gpu_tests"]["tests"] >= 2
+    )

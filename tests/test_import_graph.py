@@ -56,8 +56,11 @@ def import_graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
                 if found and found != module:
                     inside[module].add(found)
                     parts = found.split(".")
-                    inside[module] |= {".".join(parts[:i]) for i in range(2, len(parts))
-                                       if ".".join(parts[:i]) in modules and not module.startswith(".".join(parts[:i]) + ".")}
+                    inside[module] |= {
+                        ".".join(parts[:i])
+                        for i in range(2, len(parts))
+                        if ".".join(parts[:i]) in modules and not module.startswith(".".join(parts[:i]) + ".")
+                    }
         inside[module].discard(module)
     return inside, outside
 
@@ -111,14 +114,29 @@ def test_the_core_imports_no_ray_no_mlflow_and_nothing_above_it():
     for module in inside:
         if module.startswith(CORE):
             assert not outside[module] & {"ray", "mlflow"}, (module, outside[module])
-            above = {t for t in inside[module] if t.startswith(("wsol_core.train", "wsol_core.experiments", "wsol_core.commands"))}
+            above = {
+                t
+                for t in inside[module]
+                if t.startswith(("wsol_core.train", "wsol_core.experiments", "wsol_core.commands"))
+            }
             assert not above, (module, above)
 
 
 #: The outer layers, bottom up (ARCHITECTURE.md): a module may import its own layer and those below.
 LAYERS = (
-    ("wsol_core.config", "wsol_core.config_fields", "wsol_core.checkpoint", "wsol_core.data", "wsol_core.models",
-     "wsol_core.methods", "wsol_core.metrics", "wsol_core.viz", "wsol_core.localize", "wsol_core.cli", "wsol_core.presets"),
+    (
+        "wsol_core.config",
+        "wsol_core.config_fields",
+        "wsol_core.checkpoint",
+        "wsol_core.data",
+        "wsol_core.models",
+        "wsol_core.methods",
+        "wsol_core.metrics",
+        "wsol_core.viz",
+        "wsol_core.localize",
+        "wsol_core.cli",
+        "wsol_core.presets",
+    ),
     ("wsol_core.tracking", "wsol_core.reporting"),
     ("wsol_core.train",),
     ("wsol_core.experiments",),
@@ -134,7 +152,9 @@ def layer_of(module: str) -> int:
 
 
 def up_arrows(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
-    return sorted((m, t) for m, targets in graph.items() for t in targets if t != "wsol_core" and layer_of(t) > layer_of(m))
+    return sorted(
+        (m, t) for m, targets in graph.items() for t in targets if t != "wsol_core" and layer_of(t) > layer_of(m)
+    )
 
 
 def test_every_import_points_down_the_layers():
@@ -153,5 +173,7 @@ def test_the_layer_check_finds_an_up_arrow():
 
 def test_ray_train_is_built_in_one_place():
     """``TorchTrainer`` is constructed only by wsol_core.train.trainer."""
-    builders = sorted(str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py") if "TorchTrainer(" in p.read_text())
+    builders = sorted(
+        str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py") if "TorchTrainer(" in p.read_text()
+    )
     assert builders == ["wsol_core/train/trainer.py"]

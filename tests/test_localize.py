@@ -45,8 +45,26 @@ def test_boxes_go_back_to_the_pictures_pixels():
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("loc") / "shards"
-    done = subprocess.run([sys.executable, str(REPO / "jobs" / "make_shards.py"), "synthetic", "--out", str(root),
-                           "--num-train", "16", "--num-val", "8", "--num-test", "10", "--size", "64"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "jobs" / "make_shards.py"),
+            "synthetic",
+            "--out",
+            str(root),
+            "--num-train",
+            "16",
+            "--num-val",
+            "8",
+            "--num-test",
+            "10",
+            "--size",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return root
 
@@ -55,15 +73,37 @@ def checkpoint(directory: Path, threshold_index: int | None = 300) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     cfg = load_config(overrides=["method.name=cam", "model.backbone=tiny", "model.pretrained=null"])
     method = build_method(cfg, 10)
-    save_training_state(directory, TrainingState(epoch=1, model=method.state_dict(), optimizer={}, scheduler={}, config=to_dict(cfg),
-                                                  loc_threshold_index=threshold_index, cam_curve_interval=0.001))
+    save_training_state(
+        directory,
+        TrainingState(
+            epoch=1,
+            model=method.state_dict(),
+            optimizer={},
+            scheduler={},
+            config=to_dict(cfg),
+            loc_threshold_index=threshold_index,
+            cam_curve_interval=0.001,
+        ),
+    )
     return directory
 
 
 def test_shard_split_in_one_process(tmp_path, shards, capsys):
     out = tmp_path / "out"
-    code = _job().main(["--checkpoint", str(checkpoint(tmp_path / "ckpt")), "--images", str(shards / "test"), "--out", str(out),
-                        "--batch-size", "4", "--no-overlays", "--save-maps"])
+    code = _job().main(
+        [
+            "--checkpoint",
+            str(checkpoint(tmp_path / "ckpt")),
+            "--images",
+            str(shards / "test"),
+            "--out",
+            str(out),
+            "--batch-size",
+            "4",
+            "--no-overlays",
+            "--save-maps",
+        ]
+    )
     assert code == 0
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 10 and len({r["image"] for r in rows}) == 10  # the loader's padding is not written
@@ -77,9 +117,28 @@ def test_shard_split_in_one_process(tmp_path, shards, capsys):
 def test_shard_split_on_two_ray_workers(tmp_path, shards):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, str(REPO / "jobs" / "localize.py"), "--checkpoint", str(checkpoint(tmp_path / "ckpt")),
-                           "--images", str(shards / "test"), "--out", str(out), "--num-workers", "2", "--batch-size", "2",
-                           "--contact-sheet"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "jobs" / "localize.py"),
+            "--checkpoint",
+            str(checkpoint(tmp_path / "ckpt")),
+            "--images",
+            str(shards / "test"),
+            "--out",
+            str(out),
+            "--num-workers",
+            "2",
+            "--batch-size",
+            "2",
+            "--contact-sheet",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 10 and len({r["image"] for r in rows}) == 10  # each image once, over both ranks
@@ -92,16 +151,47 @@ def test_shard_split_on_two_ray_workers(tmp_path, shards):
 def test_clear_errors(tmp_path, shards, capsys):
     job = _job()
     no_threshold = checkpoint(tmp_path / "none", threshold_index=None)
-    assert job.main(["--checkpoint", str(no_threshold), "--images", str(shards / "test"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        job.main(["--checkpoint", str(no_threshold), "--images", str(shards / "test"), "--out", str(tmp_path / "o")])
+        == 2
+    )
     assert "stores no threshold chosen on val" in capsys.readouterr().err
     ckpt = checkpoint(tmp_path / "ckpt")
-    assert job.main(["--checkpoint", str(ckpt), "--images", str(shards / "test"), "--out", str(tmp_path / "o"), "--threshold", "1.5"]) == 2
+    assert (
+        job.main(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--images",
+                str(shards / "test"),
+                "--out",
+                str(tmp_path / "o"),
+                "--threshold",
+                "1.5",
+            ]
+        )
+        == 2
+    )
     assert "must be in [0, 1)" in capsys.readouterr().err
-    assert job.main(["--checkpoint", str(ckpt), "--images", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        job.main(["--checkpoint", str(ckpt), "--images", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    )
     assert "not a directory" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert job.main(["--checkpoint", str(ckpt), "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
     assert "no image files" in capsys.readouterr().err
     torch.save({"state_dict": {"encoder.weight": torch.zeros(1)}}, tmp_path / "other.pth")
-    assert job.main(["--checkpoint", str(tmp_path / "other.pth"), "--images", str(shards / "test"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        job.main(
+            [
+                "--checkpoint",
+                str(tmp_path / "other.pth"),
+                "--images",
+                str(shards / "test"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "not a released checkpoint" in capsys.readouterr().err

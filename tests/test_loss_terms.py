@@ -78,7 +78,9 @@ def _assert_alive(model, label: str) -> None:
 
         c = model.cfg.caml
         hinge = l2_distance(out["caml_a1"], out["caml_p1"]) - l2_distance(out["caml_a1"], out["caml_n1"]) + c.margin
-        assert (hinge > 0).float().mean().item() > 0.5, f"{label}: eq. 4 hinge active on {(hinge > 0).float().mean():.2f}"
+        assert (hinge > 0).float().mean().item() > 0.5, (
+            f"{label}: eq. 4 hinge active on {(hinge > 0).float().mean():.2f}"
+        )
     if name in ("fmcg", "icl"):  # both masks of eq. 3 non-empty on most images
         assert out["z_valid"].float().mean().item() >= 0.5, f"{label}: eq. 3 masks empty on most images"
 
@@ -103,10 +105,19 @@ def test_every_term_is_alive_under_each_preset(preset, section):
 TRAINS = {  # term -> modules whose parameters it must move (attribute paths)
     "cam": {"cls": ("backbone", "head")},
     "fmcg": {"cls": ("backbone", "head"), "cls_erased": ("backbone", "head"), "cg": ("backbone", "projection")},
-    "icl": {"cls": ("backbone", "head"), "cls_erased": ("backbone", "head"), "cal": ("backbone", "projection"), "fcl": ("backbone",)},
+    "icl": {
+        "cls": ("backbone", "head"),
+        "cls_erased": ("backbone", "head"),
+        "cal": ("backbone", "projection"),
+        "fcl": ("backbone",),
+    },
     "caml": {"cls": ("backbone", "heads", "eca"), "caml": ("backbone", "eca"), "probe": ("probe",)},
-    "c2am": {"neg": ("backbone", "activation_head"), "pos_fg": ("backbone", "activation_head"),
-             "pos_bg": ("backbone", "activation_head"), "cls": ("probe",)},
+    "c2am": {
+        "neg": ("backbone", "activation_head"),
+        "pos_fg": ("backbone", "activation_head"),
+        "pos_bg": ("backbone", "activation_head"),
+        "cls": ("probe",),
+    },
 }
 NEVER = {("caml", "probe"): ("backbone", "eca"), ("c2am", "cls"): ("backbone", "activation_head")}
 
@@ -144,7 +155,9 @@ def test_fmcg_eq5_from_its_own_embeddings():
     z = out["z"].detach()
     z_fg, z_bg, zb_fg, zb_bg = z[:b, 0], z[:b, 1], z[b:, 0], z[b:, 1]
     m = model.cfg.cg.margin
-    per = (_dist(z_fg, zb_fg) - _dist(z_fg, z_bg) + m).clamp_min(0) + (_dist(zb_fg, z_fg) - _dist(zb_fg, zb_bg) + m).clamp_min(0)
+    per = (_dist(z_fg, zb_fg) - _dist(z_fg, z_bg) + m).clamp_min(0) + (
+        _dist(zb_fg, z_fg) - _dist(zb_fg, zb_bg) + m
+    ).clamp_min(0)
     valid = (out["z_valid"][:b] & out["z_valid"][b:]).float()
     assert valid.sum() > 0
     torch.testing.assert_close(terms["cg"].detach(), (per * valid).sum() / valid.sum())
@@ -197,8 +210,10 @@ def test_srd_theta_falls_over_the_epochs_in_the_training_loop():
     from wsol_core.train.loop import train_one_epoch
     from wsol_core.train.optim import build_optimizer, build_scheduler
 
-    cfg = load_config(base={"model": {"backbone": "tiny"}, "method": {"name": "fmcg"}, "train": {"epochs": 4}},
-                      overrides=["method.srd.theta_drop=0.7"])
+    cfg = load_config(
+        base={"model": {"backbone": "tiny"}, "method": {"name": "fmcg"}, "train": {"epochs": 4}},
+        overrides=["method.srd.theta_drop=0.7"],
+    )
     torch.manual_seed(0)
     model = build_method(cfg, 10)
     batches = [_batch()] * 5
@@ -206,7 +221,9 @@ def test_srd_theta_falls_over_the_epochs_in_the_training_loop():
     scheduler = build_scheduler(optimizer, cfg.optim, len(batches), cfg.train.epochs)
     seen = []
     for epoch in range(cfg.train.epochs):
-        metrics = train_one_epoch(model, model, batches, optimizer, scheduler, cfg, torch.device("cpu"), epoch, len(batches), False)
+        metrics = train_one_epoch(
+            model, model, batches, optimizer, scheduler, cfg, torch.device("cpu"), epoch, len(batches), False
+        )
         seen.append(metrics["train/srd_theta"])
         assert 0.0 <= metrics["train/mask_srd_drop_area"] <= 1.0 and metrics["train/loss_cg"] > 0
     # 20 steps, warm-up over the first 6: epoch 1 averages 1, .95, .9, .85, .8; then 0.75, 0.7 x4.

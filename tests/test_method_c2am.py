@@ -151,9 +151,9 @@ def test_positive_loss_eq7_three_images_by_hand():
     a = 0.5
     e = math.exp(-a)
     # Row 1: s12 > s13; row 2: s23 > s21; row 3: s32 > s31.
-    expected = -(
-        math.log(s12) + e * math.log(s13) + e * math.log(s12) + math.log(s23) + e * math.log(s13) + math.log(s23)
-    ) / 6
+    expected = (
+        -(math.log(s12) + e * math.log(s13) + e * math.log(s12) + math.log(s23) + e * math.log(s13) + math.log(s23)) / 6
+    )
     s = cosine_matrix(v, v, EPS)
     assert positive_loss(s, rank_weights(s, a, "row")).item() == pytest.approx(expected, rel=1e-6)
     # alpha = 0: the plain mean of -log s over the 6 ordered pairs.
@@ -361,7 +361,13 @@ def test_param_groups():
 
 @pytest.mark.parametrize(
     ("backbone", "size", "large", "side"),
-    [("tiny", 112, False, 14), ("tiny", 112, True, 28), ("vgg16", 224, False, 14), ("resnet50", 224, False, 14), ("inception_v3", 224, False, 14)],
+    [
+        ("tiny", 112, False, 14),
+        ("tiny", 112, True, 28),
+        ("vgg16", 224, False, 14),
+        ("resnet50", 224, False, 14),
+        ("inception_v3", 224, False, 14),
+    ],
 )
 def test_shapes(backbone, size, large, side):
     torch.manual_seed(0)
@@ -371,7 +377,9 @@ def test_shapes(backbone, size, large, side):
         out = model(images)
         terms = model.losses(out, _batch(images))
     channels = model.backbone.out_channels
-    assert out["raw_maps"].shape == (2, side, side) and out["fg"].shape == (2, channels) and out["logits"].shape == (2, 7)
+    assert (
+        out["raw_maps"].shape == (2, side, side) and out["fg"].shape == (2, channels) and out["logits"].shape == (2, 7)
+    )
     assert set(terms) == {"neg", "pos_fg", "pos_bg", "cls"}
     assert all(t.shape == () and torch.isfinite(t) for t in terms.values())
     if backbone == "tiny":  # the inference path is the same code on every backbone
@@ -432,7 +440,9 @@ def _toy_images(n: int = 8, size: int = 48) -> tuple[torch.Tensor, torch.Tensor]
     for i in range(n):
         side = int(torch.randint(size // 3, size // 2, (1,), generator=g))
         y0, x0 = (int(v) for v in torch.randint(4, size - side - 4, (2,), generator=g))
-        images[i, :, y0 : y0 + side, x0 : x0 + side] = 0.3 * torch.randn(3, side, side, generator=g) + torch.tensor([1.0, -0.5, 1.0]).view(3, 1, 1)
+        images[i, :, y0 : y0 + side, x0 : x0 + side] = 0.3 * torch.randn(3, side, side, generator=g) + torch.tensor(
+            [1.0, -0.5, 1.0]
+        ).view(3, 1, 1)
         masks[i, y0 : y0 + side, x0 : x0 + side] = 1.0
     return images, masks
 

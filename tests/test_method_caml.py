@@ -422,7 +422,13 @@ def test_inference_is_class_agnostic():
 
 @pytest.mark.parametrize(
     ("backbone", "size", "large", "side"),
-    [("tiny", 112, False, 14), ("tiny", 112, True, 28), ("vgg16", 224, False, 14), ("resnet50", 224, False, 14), ("inception_v3", 224, False, 14)],
+    [
+        ("tiny", 112, False, 14),
+        ("tiny", 112, True, 28),
+        ("vgg16", 224, False, 14),
+        ("resnet50", 224, False, 14),
+        ("inception_v3", 224, False, 14),
+    ],
 )
 def test_shapes(backbone, size, large, side):
     model = _build(backbone=backbone, large=large)

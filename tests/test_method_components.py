@@ -74,9 +74,14 @@ def test_drop_mask_region_grows_each_pixel_to_s_by_s():
 @pytest.mark.parametrize(
     ("progress", "fraction", "theta"),
     [
-        (0.0, 1.0, 1.0), (0.5, 1.0, 0.9), (1.0, 1.0, 0.8),  # whole-training schedule
-        (0.25, 0.5, 0.9), (0.5, 0.5, 0.8), (0.9, 0.5, 0.8),  # done at half of training, then flat
-        (-0.1, 1.0, 1.0), (1.5, 1.0, 0.8),  # clamped
+        (0.0, 1.0, 1.0),
+        (0.5, 1.0, 0.9),
+        (1.0, 1.0, 0.8),  # whole-training schedule
+        (0.25, 0.5, 0.9),
+        (0.5, 0.5, 0.8),
+        (0.9, 0.5, 0.8),  # done at half of training, then flat
+        (-0.1, 1.0, 1.0),
+        (1.5, 1.0, 0.8),  # clamped
     ],  # fmt: skip
 )
 def test_linear_schedule_from_one_to_theta_drop(progress, fraction, theta):
@@ -228,7 +233,9 @@ def test_non_local_matches_eq_7_computed_by_loops():
             y[:, i] = sum(w[j] * v[:, j] for j in range(6))
         hy = conv(block.out, y)
         bn = block.bn
-        hy = (hy - bn.running_mean[:, None]) / torch.sqrt(bn.running_var[:, None] + bn.eps) * bn.weight[:, None] + bn.bias[:, None]
+        hy = (hy - bn.running_mean[:, None]) / torch.sqrt(bn.running_var[:, None] + bn.eps) * bn.weight[
+            :, None
+        ] + bn.bias[:, None]
         expected = (flat + hy).reshape(1, 4, 2, 3)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 

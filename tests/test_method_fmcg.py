@@ -248,7 +248,12 @@ def test_cg_embeddings_are_masked_means_through_the_head():
         (["method.cg.enabled=false"], {"cls", "cls_erased"}, True, False),
         (["method.pnl.enabled=false"], {"cls", "cls_erased", "cg"}, False, True),
         (["method.srd.enabled=false"], {"cls", "cls_erased", "cg"}, True, True),
-        (["method.cg.enabled=false", "method.pnl.enabled=false", "method.srd.enabled=false"], {"cls", "cls_erased"}, False, False),
+        (
+            ["method.cg.enabled=false", "method.pnl.enabled=false", "method.srd.enabled=false"],
+            {"cls", "cls_erased"},
+            False,
+            False,
+        ),
     ],
 )
 def test_switches_change_the_terms_and_modules(overrides, terms, has_pnl, has_projection):
@@ -323,7 +328,9 @@ def test_inference_path(mode):
         classes = torch.tensor([1, int(logits[1].argmax()), 3])  # -1: the predicted class
         cam_o = torch.einsum("bc,bchw->bhw", m.head.fc.weight[classes], original)
         cam_e = torch.einsum("bc,bchw->bhw", m.head.fc.weight[classes], erased)
-    expected = {"max": torch.maximum(cam_o, cam_e), "mean": (cam_o + cam_e) / 2, "erased": cam_e, "original": cam_o}[mode]
+    expected = {"max": torch.maximum(cam_o, cam_e), "mean": (cam_o + cam_e) / 2, "erased": cam_e, "original": cam_o}[
+        mode
+    ]
     torch.testing.assert_close(result.logits, logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(result.maps, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(m.localization_maps(images, labels), result.maps)

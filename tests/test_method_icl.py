@@ -87,7 +87,9 @@ def test_bad_config_names_the_field(override, fragments):
 
 def test_bg_drop_negative_needs_the_background_drop():
     with pytest.raises(ConfigError, match=r"method\.cal\.negative.*method\.bg_drop\.enabled"):
-        load_config(base={"method": {"name": "icl"}}, overrides=["method.cal.negative=bg_drop", "method.bg_drop.enabled=false"])
+        load_config(
+            base={"method": {"name": "icl"}}, overrides=["method.cal.negative=bg_drop", "method.bg_drop.enabled=false"]
+        )
     assert build(["method.bg_drop.enabled=false"]).negative == "final"  # "auto" falls back
     assert build().negative == "bg_drop"
 
@@ -118,7 +120,9 @@ def test_both_drops_on_a_hand_made_map_without_non_local():
     assert low[0, 0].flatten().tolist() == [1, 1, 1, 0, 0, 0, 0, 0, 0]  # A < 1.5
     assert m.theta(0.0) == m.theta(1.0) == 0.8  # fixed threshold by default
     scheduled = build(["method.drop.scheduled=true"])
-    assert [scheduled.theta(p) for p in (0.0, 0.15, 0.3, 1.0)] == pytest.approx([1.0, 0.9, 0.8, 0.8])  # warm-up: first 0.3
+    assert [scheduled.theta(p) for p in (0.0, 0.15, 0.3, 1.0)] == pytest.approx(
+        [1.0, 0.9, 0.8, 0.8]
+    )  # warm-up: first 0.3
     region = build(["method.nl.enabled=false", "method.drop.kernel_size=3"]).drop_masks(x, 0.8)[0]
     assert region[0, 0].flatten().tolist() == [0, 0, 0, 0, 1, 1, 0, 1, 1]
 
@@ -220,7 +224,9 @@ def test_fcl_trains_earlier_layers_only():
     images, labels = torch.randn(2, 3, 112, 112), torch.tensor([0, 1])
     out = m(images, progress=0.5)
     assert {"attention_block2", "attention_block3"} <= set(out)
-    torch.testing.assert_close(out["attention_block2"], channel_attention(m.backbone.forward_features(images, until="block2")))
+    torch.testing.assert_close(
+        out["attention_block2"], channel_attention(m.backbone.forward_features(images, until="block2"))
+    )
     loss = m.losses(out, make_batch(images, labels))["fcl"]
     loss.backward()
     assert m.backbone.block1[0].weight.grad.abs().sum() > 0 and m.nl_drop.query.weight.grad.abs().sum() > 0
@@ -290,7 +296,11 @@ def test_inference_path(mode):
         expected = m.head.class_maps(original, classes)
         if mode == "max":
             a = channel_attention(x)
-            erased = m.nl_final(m.backbone.forward_features(x * (1 - drop_mask(a, 0.8, 1)) * (1 - background_mask(a, 0.2)), after="block3"))
+            erased = m.nl_final(
+                m.backbone.forward_features(
+                    x * (1 - drop_mask(a, 0.8, 1)) * (1 - background_mask(a, 0.2)), after="block3"
+                )
+            )
             expected = torch.maximum(expected, m.head.class_maps(erased, classes))
     torch.testing.assert_close(result.logits, logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(result.maps, expected, rtol=1e-4, atol=1e-4)

@@ -80,7 +80,9 @@ def test_state_dict_round_trip_gives_identical_maps(name):
     clone = build(name).eval()
     clone.load_state_dict(method.state_dict())
     batch = make_batch()
-    torch.testing.assert_close(method.localization_maps(batch.images, batch.labels), clone.localization_maps(batch.images, batch.labels))
+    torch.testing.assert_close(
+        method.localization_maps(batch.images, batch.labels), clone.localization_maps(batch.images, batch.labels)
+    )
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
@@ -116,7 +118,11 @@ def test_the_outer_layers_read_the_declared_knobs():
     from wsol_core.reporting import method_switches, switch_name
 
     assert PARAMETERS["theta_drop"] == {"fmcg": "method.srd.theta_drop", "icl": "method.drop.theta_drop"}
-    assert PARAMETERS["margin"] == {"fmcg": "method.cg.margin", "icl": "method.cal.margin", "caml": "method.caml.margin"}
+    assert PARAMETERS["margin"] == {
+        "fmcg": "method.cg.margin",
+        "icl": "method.cal.margin",
+        "caml": "method.caml.margin",
+    }
     assert PARAMETERS["alpha"] == {"c2am": "method.alpha"}
     assert list(ABLATION_VARIANTS) == ["cam", "fmcg", "fmcg-no-srd", "fmcg-no-cg", "fmcg-no-pnl", "icl", "caml", "c2am"]
     assert ABLATION_VARIANTS["fmcg-no-cg"] == ["method.name=fmcg", "method.cg.enabled=false"]

@@ -67,9 +67,7 @@ def test_rescale_boxes_matches_protocol_on_vectors(vectors, vector_boxes):
 
 
 def test_vectors_iou_001_exact_with_box_counts(vectors, vector_boxes):
-    iou, num_boxes = best_iou_per_threshold(
-        vectors["maps"], vector_boxes, vectors["thr_001"], return_num_boxes=True
-    )
+    iou, num_boxes = best_iou_per_threshold(vectors["maps"], vector_boxes, vectors["thr_001"], return_num_boxes=True)
     assert np.array_equal(num_boxes, vectors["nbox_001"])
     assert np.array_equal(iou, vectors["iou_001"])
 
@@ -123,9 +121,7 @@ def test_vectors_pxap(vectors):
 
 
 def _one(map_2d: np.ndarray, boxes, thresholds=THR_01, **kwargs):
-    return best_iou_per_threshold(
-        map_2d[None].astype(np.uint8), [np.asarray(boxes)], thresholds, **kwargs
-    )
+    return best_iou_per_threshold(map_2d[None].astype(np.uint8), [np.asarray(boxes)], thresholds, **kwargs)
 
 
 def test_iou_inclusive_corners():
@@ -172,7 +168,7 @@ def test_ring_gives_outer_and_hole_boxes():
 
 def test_largest_contour_keeps_only_the_biggest_region():
     score = np.zeros((60, 60), np.uint8)
-    score[2:6, 2:6] = 255      # small square
+    score[2:6, 2:6] = 255  # small square
     score[20:50, 20:50] = 255  # big square
     small_gt = [[2, 2, 6, 6]]
     assert np.all(_one(score, small_gt) == 1.0)
@@ -241,9 +237,7 @@ def test_prepare_maps_vs_opencv_bicubic_measured():
     resized = np.stack([cv2.resize(c, (224, 224), interpolation=cv2.INTER_CUBIC) for c in _cams(16, 14, 1)])
     expected = np.stack([reference_normalize(r) for r in resized])
     assert torch.equal(normalize_maps(torch.from_numpy(resized)), torch.from_numpy(expected))
-    assert np.array_equal(
-        prepare_maps(torch.from_numpy(resized)).numpy(), (expected * 255).astype(np.uint8)
-    )
+    assert np.array_equal(prepare_maps(torch.from_numpy(resized)).numpy(), (expected * 255).astype(np.uint8))
 
 
 def test_prepare_maps_constant_and_nan_maps_become_zero():
@@ -408,9 +402,7 @@ def test_pxap_matches_reference_on_random_maps():
     masks = rng.choice(np.array([0, 1, 255], np.uint8), size=(6, 32, 32), p=[0.6, 0.3, 0.1])
     scores[masks == 1] = np.minimum(scores[masks == 1] + 0.3, 1.0)
     thresholds = default_thresholds(0.001)
-    assert pxap(scores, masks, thresholds) == pytest.approx(
-        reference_pxap(scores, masks, thresholds), abs=1e-9
-    )
+    assert pxap(scores, masks, thresholds) == pytest.approx(reference_pxap(scores, masks, thresholds), abs=1e-9)
     acc = PxAPAccumulator(thresholds)
     acc.update(scores, masks)
     clone = PxAPAccumulator(thresholds)
@@ -524,6 +516,16 @@ def test_pxap_bins_of_the_device_path_are_np_histograms(interval):
     acc = PxAPAccumulator(np.arange(0, 1, interval))
     edges = acc._edges
     below = torch.nextafter(edges[:-2], torch.tensor(-1.0, dtype=torch.float64)).clamp(0)
-    scores = torch.cat([torch.rand(50_000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), edges[:-2], below, torch.tensor([0.0, 1.0])])
+    scores = torch.cat(
+        [
+            torch.rand(50_000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)),
+            edges[:-2],
+            below,
+            torch.tensor([0.0, 1.0]),
+        ]
+    )
     for x in (scores, scores.float().double()):
-        np.testing.assert_array_equal(acc._bins(x).numpy(), np.clip(np.searchsorted(edges.numpy(), x.numpy(), side="right") - 1, 0, acc.num_bins - 1))
+        np.testing.assert_array_equal(
+            acc._bins(x).numpy(),
+            np.clip(np.searchsorted(edges.numpy(), x.numpy(), side="right") - 1, 0, acc.num_bins - 1),
+        )

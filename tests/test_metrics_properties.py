@@ -20,18 +20,14 @@ from wsol_core.metrics.reference import reference_best_iou, reference_iou
 cv2 = pytest.importorskip("cv2")
 
 THRESHOLDS = np.arange(0, 1, 0.01)
-SETTINGS = settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
-)
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
 
 @st.composite
 def shape_layer(draw, height: int, width: int) -> np.ndarray:
     """One pattern at one value, drawn at a random place (often touching the border)."""
     kind = draw(
-        st.sampled_from(
-            ["rect", "ring", "nested", "speckle", "hline", "vline", "diagonal", "checker", "noise"]
-        )
+        st.sampled_from(["rect", "ring", "nested", "speckle", "hline", "vline", "diagonal", "checker", "noise"])
     )
     value = draw(st.integers(1, 255))
     layer = np.zeros((height, width), np.uint8)

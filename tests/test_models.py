@@ -142,12 +142,17 @@ def test_backbone_from_a_training_checkpoint(tmp_path):
             p.add_(1.0)  # unlike any fresh initialization
     ckpt = tmp_path / "checkpoint_000002"
     ckpt.mkdir()
-    save_training_state(ckpt, TrainingState(epoch=2, model=trained.state_dict(), optimizer={}, scheduler={}, config=to_dict(cfg)))
+    save_training_state(
+        ckpt, TrainingState(epoch=2, model=trained.state_dict(), optimizer={}, scheduler={}, config=to_dict(cfg))
+    )
 
     # Another method on the same backbone kind starts from the checkpoint's backbone (directory
     # or state.pt), through the config like any pretrained weights; its own head stays fresh.
     for source in (ckpt, ckpt / "state.pt"):
-        started = build_method(load_config(overrides=["method.name=c2am", "model.backbone=tiny", f"model.pretrained={source}"]), num_classes=5)
+        started = build_method(
+            load_config(overrides=["method.name=c2am", "model.backbone=tiny", f"model.pretrained={source}"]),
+            num_classes=5,
+        )
         for key, value in trained.backbone.state_dict().items():
             torch.testing.assert_close(started.backbone.state_dict()[key], value)
 

@@ -12,7 +12,14 @@ import yaml
 from wsol_core.config import load_config, preset_names
 
 PRESETS = preset_names()
-RECIPE_KEYS = ("optim.lr", "optim.weight_decay", "optim.schedule", "data.batch_size", "train.epochs", "model.large_feature_map")
+RECIPE_KEYS = (
+    "optim.lr",
+    "optim.weight_decay",
+    "optim.schedule",
+    "data.batch_size",
+    "train.epochs",
+    "model.large_feature_map",
+)
 
 
 def _raw(name: str) -> dict:

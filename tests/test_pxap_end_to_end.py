@@ -64,17 +64,47 @@ def protocol_layout(root: Path) -> None:
 def test_masks_to_shards_to_training_to_pxap_in_mlflow(tmp_path):
     protocol_layout(tmp_path / "src")
     shards = tmp_path / "shards"
-    convert = [sys.executable, str(REPO / "jobs" / "make_shards.py"), "wsolmeta", "--images", str(tmp_path / "src" / "images"),
-               "--metadata", str(tmp_path / "src" / "metadata" / "OpenImages"), "--masks", str(tmp_path / "src" / "masks"),
-               "--out", str(shards)]
+    convert = [
+        sys.executable,
+        str(REPO / "jobs" / "make_shards.py"),
+        "wsolmeta",
+        "--images",
+        str(tmp_path / "src" / "images"),
+        "--metadata",
+        str(tmp_path / "src" / "metadata" / "OpenImages"),
+        "--masks",
+        str(tmp_path / "src" / "masks"),
+        "--out",
+        str(shards),
+    ]
     done = subprocess.run(convert, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    train = [sys.executable, str(REPO / "jobs" / "train_imagenet.py"), "--name", "pxap", "--method", "cam", "--epochs", "2",
-             "--storage-path", str(tmp_path / "ray"), "--tracking-uri", tracking,
-             "--set", f"data.root={shards}", "--set", "data.batch_size=8", "--set", "eval.batch_size=8",
-             "--set", "eval.num_vis_images=4", "--set", "run.experiment=openimages"]
+    train = [
+        sys.executable,
+        str(REPO / "jobs" / "train_imagenet.py"),
+        "--name",
+        "pxap",
+        "--method",
+        "cam",
+        "--epochs",
+        "2",
+        "--storage-path",
+        str(tmp_path / "ray"),
+        "--tracking-uri",
+        tracking,
+        "--set",
+        f"data.root={shards}",
+        "--set",
+        "data.batch_size=8",
+        "--set",
+        "eval.batch_size=8",
+        "--set",
+        "eval.num_vis_images=4",
+        "--set",
+        "run.experiment=openimages",
+    ]
     env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run(train, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -87,7 +117,10 @@ def test_masks_to_shards_to_training_to_pxap_in_mlflow(tmp_path):
     assert run.info.status == "FINISHED"
     for key in ("val/pxap", "test/pxap"):
         assert 0.0 < metrics[key] <= 100.0, key
-    assert [m.step for m in sorted(client.get_metric_history(run.info.run_id, "val/pxap"), key=lambda m: m.step)] == [1, 2]
+    assert [m.step for m in sorted(client.get_metric_history(run.info.run_id, "val/pxap"), key=lambda m: m.step)] == [
+        1,
+        2,
+    ]
     assert metrics["val/score"] == pytest.approx(metrics["val/pxap"])  # model selection on a mask-only split
     assert not any(k.startswith(("val/maxboxacc", "val/boxacc", "test/maxboxacc", "val/gt_known")) for k in metrics)
     assert "val/top1_acc" in metrics

@@ -30,8 +30,17 @@ STILL_STARTING = re.compile(r"\[wsol\] Ray is still starting: (the machine is bu
 def test_two_jobs_at_once_each_finish_in_their_own_run(tmp_path):
     """Two private Ray instances on one machine: Train's placement-group cleaner in each must
     find its own instance ("Found multiple active Ray instances" before the fix)."""
-    jobs = [subprocess.Popen(job_command(tmp_path, "--method", "cam", name=name, epochs=2), cwd=tmp_path, env=job_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for name in ("left", "right")]
+    jobs = [
+        subprocess.Popen(
+            job_command(tmp_path, "--method", "cam", name=name, epochs=2),
+            cwd=tmp_path,
+            env=job_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name in ("left", "right")
+    ]
     logs = [job.communicate(timeout=900)[0] for job in jobs]
     for job, log in zip(jobs, logs):
         assert job.returncode == 0, log[-4000:]
@@ -40,7 +49,9 @@ def test_two_jobs_at_once_each_finish_in_their_own_run(tmp_path):
         # The one traceback allowed: Ray Train's own warning when its first autoscaler request
         # (5 s timeout) meets a worker process still starting on a loaded machine, which Ray
         # itself calls "safe to ignore" and which has no effect on a fixed local instance.
-        assert log.count("Traceback (most recent call last)") == log.count("Failed to send resource request"), log[-4000:]
+        assert log.count("Traceback (most recent call last)") == log.count("Failed to send resource request"), log[
+            -4000:
+        ]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id])
     assert sorted(run.info.run_name for run in runs) == ["left", "right"]
@@ -52,7 +63,9 @@ class CpuBurners:
     """Busy-loop processes, one per core and as many again (a load of about twice the cores)."""
 
     def __init__(self) -> None:
-        self.burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (psutil.cpu_count() or 1))]
+        self.burners = [
+            subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (psutil.cpu_count() or 1))
+        ]
 
     def stop(self) -> None:
         for burner in self.burners:
@@ -109,8 +122,14 @@ def starved_job(tmp_path: Path, attempts: int):
     env = job_env() | {"WSOL_RAY_START_ATTEMPTS": str(attempts), "WSOL_RAY_START_REPORT_S": "5"}
     burners = CpuBurners()
     try:
-        job = subprocess.Popen(job_command(tmp_path, "--method", "cam", epochs=1), cwd=tmp_path, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        job = subprocess.Popen(
+            job_command(tmp_path, "--method", "cam", epochs=1),
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         freezer = RayletFreezer(job, how_many=1)
         try:
             yield job, freezer, burners
@@ -130,7 +149,9 @@ def test_a_starved_ray_start_says_so_and_is_tried_again(tmp_path):
     assert job.returncode == 0, out[-3000:] + err[-3000:]
     assert not psutil.pid_exists(freezer.frozen[0]), "the failed attempt's raylet was not stopped"
     assert STILL_STARTING.search(err), err[-3000:]
-    assert "(attempt 1 of 2)" in err and "[wsol] Ray did not start (The current node timed out during startup" in err, err[-3000:]
+    assert "(attempt 1 of 2)" in err and "[wsol] Ray did not start (The current node timed out during startup" in err, (
+        err[-3000:]
+    )
     assert "trying again in 5 s (attempt 2 of 2)" in err, err[-3000:]
     _, run = only_run(tmp_path)
     assert run.info.status == "FINISHED"
@@ -154,7 +175,9 @@ def test_the_attempt_count_is_checked(monkeypatch):
     from wsol_core.train.ray_session import ATTEMPTS_ENV, RayStartError, _positive_int
 
     monkeypatch.setenv(ATTEMPTS_ENV, "zero")
-    with pytest.raises(RayStartError, match=r"WSOL_RAY_START_ATTEMPTS='zero': expected a whole number of attempts, at least 1"):
+    with pytest.raises(
+        RayStartError, match=r"WSOL_RAY_START_ATTEMPTS='zero': expected a whole number of attempts, at least 1"
+    ):
         _positive_int(ATTEMPTS_ENV, 3)
     monkeypatch.setenv(ATTEMPTS_ENV, "4")
     assert _positive_int(ATTEMPTS_ENV, 3) == 4

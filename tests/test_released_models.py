@@ -83,13 +83,17 @@ def test_vgg28_without_the_pool4_shift_would_not_load(tmp_path):
     with pytest.raises(ReleasedCheckpointError, match="28x28 layout"):
         convert_released(save(tmp_path, state), large_feature_map=False)
     converted = convert_released(save(tmp_path, state)).state_dict
-    assert "backbone.features.23.weight" not in converted and torch.equal(converted["backbone.features.24.weight"], state["features.23.weight"])
+    assert "backbone.features.23.weight" not in converted and torch.equal(
+        converted["backbone.features.24.weight"], state["features.23.weight"]
+    )
 
 
 @pytest.mark.parametrize("flag, orientation", [(False, 1.0), (True, -1.0)])
 def test_ccam_checkpoint_loads_with_its_orientation(tmp_path, flag, orientation):
     state = reference_state("ccam_resnet50")
-    path = save(tmp_path, {f"module.{k}": v for k, v in state.items()}, "current_epoch.pth", epoch=20, Threshold=0.4, Flag=flag)
+    path = save(
+        tmp_path, {f"module.{k}": v for k, v in state.items()}, "current_epoch.pth", epoch=20, Threshold=0.4, Flag=flag
+    )
     loaded = load_model(str(path))
     assert loaded.source == "ccam" and loaded.cfg.method.name == "c2am" and loaded.cfg.method.concat_stage == "layer3"
     ours = loaded.method.state_dict()

@@ -35,7 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _anchor(method, backbone, dataset, source=None):
-    found = [a for a in ANCHORS if (a.method, a.backbone, a.dataset) == (method, backbone, dataset) and (source is None or a.source == source)]
+    found = [
+        a
+        for a in ANCHORS
+        if (a.method, a.backbone, a.dataset) == (method, backbone, dataset) and (source is None or a.source == source)
+    ]
     assert found, (method, backbone, dataset, source)
     return found[0]
 
@@ -48,22 +52,42 @@ def _anchor(method, backbone, dataset, source=None):
 def test_cam_anchors_are_the_protocol_papers_numbers():
     # Choe et al. (CVPR 2020) CAM MaxBoxAccV2, as reprinted in FMCG Table 5.
     expected = {
-        ("vgg16", "cub"): 63.7, ("resnet50", "cub"): 63.0, ("inception_v3", "cub"): 56.7,
-        ("vgg16", "imagenet"): 60.0, ("resnet50", "imagenet"): 63.7, ("inception_v3", "imagenet"): 63.4,
+        ("vgg16", "cub"): 63.7,
+        ("resnet50", "cub"): 63.0,
+        ("inception_v3", "cub"): 56.7,
+        ("vgg16", "imagenet"): 60.0,
+        ("resnet50", "imagenet"): 63.7,
+        ("inception_v3", "imagenet"): 63.4,
     }
     for (backbone, dataset), value in expected.items():
         assert _anchor("cam", backbone, dataset, "choe2020").maxboxacc_v2 == value
     vgg_cub = _anchor("cam", "vgg16", "cub", "choe2020")
-    assert (vgg_cub.boxacc_v2_iou30 + vgg_cub.boxacc_v2_iou50 + vgg_cub.boxacc_v2_iou70) / 3 == pytest.approx(63.72, abs=0.01)
+    assert (vgg_cub.boxacc_v2_iou30 + vgg_cub.boxacc_v2_iou50 + vgg_cub.boxacc_v2_iou70) / 3 == pytest.approx(
+        63.72, abs=0.01
+    )
 
 
 def test_fmcg_anchors_match_its_tables():
-    table5 = {("vgg16", "cub"): 80.5, ("inception_v3", "cub"): 75.8, ("resnet50", "cub"): 73.3,
-              ("vgg16", "imagenet"): 65.3, ("inception_v3", "imagenet"): 64.8, ("resnet50", "imagenet"): 65.5}
+    table5 = {
+        ("vgg16", "cub"): 80.5,
+        ("inception_v3", "cub"): 75.8,
+        ("resnet50", "cub"): 73.3,
+        ("vgg16", "imagenet"): 65.3,
+        ("inception_v3", "imagenet"): 64.8,
+        ("resnet50", "imagenet"): 65.5,
+    }
     for (backbone, dataset), value in table5.items():
-        rows = [a for a in ANCHORS if (a.method, a.backbone, a.dataset) == ("fmcg", backbone, dataset) and a.maxboxacc_v2 is not None]
+        rows = [
+            a
+            for a in ANCHORS
+            if (a.method, a.backbone, a.dataset) == ("fmcg", backbone, dataset) and a.maxboxacc_v2 is not None
+        ]
         assert rows and rows[0].maxboxacc_v2 == pytest.approx(value, abs=0.05)
-    table6 = {("vgg16", "cub"): (88.54, 65.60), ("resnet50", "imagenet"): (66.46, 52.59), ("inception_v3", "imagenet"): (66.86, 50.63)}
+    table6 = {
+        ("vgg16", "cub"): (88.54, 65.60),
+        ("resnet50", "imagenet"): (66.46, 52.59),
+        ("inception_v3", "imagenet"): (66.86, 50.63),
+    }
     for (backbone, dataset), (gt, top1) in table6.items():
         row = _anchor("fmcg", backbone, dataset, "fmcg_t6")
         assert (row.gt_known_loc, row.top1_loc) == (gt, top1)
@@ -148,11 +172,18 @@ def test_summary_real_data_on_a_known_backbone_but_synthetic_flag_is_not_compara
 
 
 def test_summary_falls_back_to_val_and_computes_the_mean():
-    metrics = {"val/boxacc_v2_iou30": 90.0, "val/boxacc_v2_iou50": 60.0, "val/boxacc_v2_iou70": 30.0, "val/maxboxacc_v2": 60.0}
+    metrics = {
+        "val/boxacc_v2_iou30": 90.0,
+        "val/boxacc_v2_iou50": 60.0,
+        "val/boxacc_v2_iou70": 30.0,
+        "val/maxboxacc_v2": 60.0,
+    }
     summary = build_run_summary(CFG, metrics, "cub", synthetic=False)
     assert summary.split == "val" and summary.run["maxboxacc_v2"] == 60.0
     assert any("validation split" in note for note in summary.notes)
-    summary = build_run_summary(CFG, {"boxacc_v2_iou30": 90.0, "boxacc_v2_iou50": 60.0, "boxacc_v2_iou70": 30.0}, "cub", synthetic=False)
+    summary = build_run_summary(
+        CFG, {"boxacc_v2_iou30": 90.0, "boxacc_v2_iou50": 60.0, "boxacc_v2_iou70": 30.0}, "cub", synthetic=False
+    )
     assert summary.split is None and summary.run["maxboxacc_v2"] == pytest.approx(60.0)
 
 
@@ -161,10 +192,17 @@ def test_summary_shows_v1_and_pxap_and_reads_runs_logged_under_the_old_names():
     header, rows, _ = summary_rows(summary)
     assert "MaxBoxAcc (v1)" in header and "PxAP" in header
     assert rows[0][header.index("MaxBoxAcc (v1)")] == "77.50" and rows[0][header.index("PxAP")] == "–"
-    legacy = {"test/maxboxacc_30": 97.0, "test/maxboxacc_50": 83.0, "test/maxboxacc_70": 45.0, "test/maxboxacc_v2": 75.0}
+    legacy = {
+        "test/maxboxacc_30": 97.0,
+        "test/maxboxacc_50": 83.0,
+        "test/maxboxacc_70": 45.0,
+        "test/maxboxacc_v2": 75.0,
+    }
     old = build_run_summary(CFG, legacy, "cub", synthetic=False)
     assert old.run["boxacc_v2_iou30"] == 97.0 and old.run["boxacc_v2_iou70"] == 45.0 and old.run["maxboxacc_v1"] is None
-    masks_only = build_run_summary({**CFG, "model.backbone": "resnet50"}, {"test/pxap": 61.2, "val/pxap": 60.0}, "openimages", synthetic=False)
+    masks_only = build_run_summary(
+        {**CFG, "model.backbone": "resnet50"}, {"test/pxap": 61.2, "val/pxap": 60.0}, "openimages", synthetic=False
+    )
     assert masks_only.split == "test" and masks_only.run["pxap"] == 61.2 and masks_only.run["maxboxacc_v2"] is None
 
 
@@ -216,8 +254,13 @@ def _params(srd=True, cg=True, pnl=True, seed=0, method="fmcg", **extra):
 
 
 def _metrics(v30, v50, v70, top1, split="test"):
-    return {f"{split}/boxacc_v2_iou30": v30, f"{split}/boxacc_v2_iou50": v50, f"{split}/boxacc_v2_iou70": v70,
-            f"{split}/maxboxacc_v2": (v30 + v50 + v70) / 3, f"{split}/top1_loc": top1}
+    return {
+        f"{split}/boxacc_v2_iou30": v30,
+        f"{split}/boxacc_v2_iou50": v50,
+        f"{split}/boxacc_v2_iou70": v70,
+        f"{split}/maxboxacc_v2": (v30 + v50 + v70) / 3,
+        f"{split}/top1_loc": top1,
+    }
 
 
 def _ablation_records():
@@ -236,19 +279,25 @@ def _ablation_records():
 
 
 def test_switches_and_labels():
-    assert method_switches({"method.pnl.enabled": "False", "method.srd.enabled": "True", "method.cg.enabled": True, "method.name": "fmcg"}) == {
-        "srd": True, "cg": True, "pnl": False}
+    assert method_switches(
+        {"method.pnl.enabled": "False", "method.srd.enabled": "True", "method.cg.enabled": True, "method.name": "fmcg"}
+    ) == {"srd": True, "cg": True, "pnl": False}
     assert switch_label("fmcg", {"srd": True, "cg": False, "pnl": True}) == "FMCG w/o CG"
     assert switch_label("fmcg", {"srd": True, "cg": True, "pnl": True}) == "FMCG (full)"
     assert switch_label("fmcg", {"srd": False, "cg": False, "pnl": False}) == "FMCG w/o SRD, CG, PNL"
     assert switch_label("cam", {}) == "CAM"
-    assert template_label("{method.name} lr={optim.lr} {missing}", {"method.name": "fmcg", "optim.lr": "0.1"}) == "fmcg lr=0.1 ?"
+    assert (
+        template_label("{method.name} lr={optim.lr} {missing}", {"method.name": "fmcg", "optim.lr": "0.1"})
+        == "fmcg lr=0.1 ?"
+    )
 
 
 def test_group_key_ignores_seed_and_bookkeeping():
     assert group_key(_params(seed=0)) == group_key(_params(seed=3, **{"run.name": "other", "data.resolved_root": "/x"}))
     assert group_key(_params(cg=False)) != group_key(_params())
-    assert group_key(_params(), group_by=["method.*.enabled"]) == group_key(_params(**{"optim.lr": "0.1"}), group_by=["method.*.enabled"])
+    assert group_key(_params(), group_by=["method.*.enabled"]) == group_key(
+        _params(**{"optim.lr": "0.1"}), group_by=["method.*.enabled"]
+    )
 
 
 def test_ablation_table_groups_seeds_and_orders_like_the_paper():
@@ -274,10 +323,16 @@ def test_ablation_markdown_and_csv():
     table = build_ablation_table(_ablation_records())
     text = ablation_markdown(table, title="FMCG ablation")
     assert text.startswith("# FMCG ablation")
-    assert "| Method | SRD | CG | PNL | n | IoU 0.3 | IoU 0.5 | IoU 0.7 | Mean (MaxBoxAccV2) | Top-1 Loc | Δ Mean vs full |" in text
+    assert (
+        "| Method | SRD | CG | PNL | n | IoU 0.3 | IoU 0.5 | IoU 0.7 | Mean (MaxBoxAccV2) | Top-1 Loc | Δ Mean vs full |"
+        in text
+    )
     assert "| FMCG w/o CG | ✓ | ✗ | ✓ | 2 | 98.30 ± 0.42 |" in text
     assert "| CAM |  |  |  | 1 | 96.00 |" in text
-    assert "Published reference: FMCG Table 1" in text and "| Ours | ✓ | ✓ | ✓ | 99.00 | 88.63 | 53.88 | 80.50 | 65.60 |" in text
+    assert (
+        "Published reference: FMCG Table 1" in text
+        and "| Ours | ✓ | ✓ | ✓ | 99.00 | 88.63 | 53.88 | 80.50 | 65.60 |" in text
+    )
     assert "Synthetic data" not in text
     rows = list(csv.DictReader(io.StringIO(ablation_csv(table))))
     assert [r["label"] for r in rows] == [row.label for row in table.rows]
@@ -303,11 +358,22 @@ def test_ablation_synthetic_runs_are_flagged_and_labels_disambiguated():
     assert [(row.label, row.n) for row in grouped.rows] == [("fmcg", 2)]
     # A sweep groups by its variant names; two variants with the same switches are told apart
     # by those names, not by a list of the params that differ.
-    named = [RunRecord(r.run_id, {**r.params, "sweep.variant": name}, r.metrics) for r, name in zip(records, ("fmcg", "fmcg-searched"))]
-    no_srd = RunRecord("c", {**records[0].params, "sweep.variant": "fmcg-no-srd", "method.srd.enabled": "False"}, _metrics(90, 50, 20, 30))
+    named = [
+        RunRecord(r.run_id, {**r.params, "sweep.variant": name}, r.metrics)
+        for r, name in zip(records, ("fmcg", "fmcg-searched"))
+    ]
+    no_srd = RunRecord(
+        "c",
+        {**records[0].params, "sweep.variant": "fmcg-no-srd", "method.srd.enabled": "False"},
+        _metrics(90, 50, 20, 30),
+    )
     by_variant = build_ablation_table([*named, no_srd], group_by=["sweep.variant"])
     labels = {row.label: row for row in by_variant.rows}
-    assert set(labels) == {"FMCG (full) [sweep.variant=fmcg-searched]", "FMCG (full) [sweep.variant=fmcg]", "FMCG w/o SRD"}
+    assert set(labels) == {
+        "FMCG (full) [sweep.variant=fmcg-searched]",
+        "FMCG (full) [sweep.variant=fmcg]",
+        "FMCG w/o SRD",
+    }
     # The ablated row is compared with the full configuration it differs from only by its switch
     # (the same lr), not with the other full row.
     paper, searched = labels["FMCG (full) [sweep.variant=fmcg]"], labels["FMCG (full) [sweep.variant=fmcg-searched]"]
@@ -338,7 +404,9 @@ def store(tmp_path_factory):
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     ids = {}
     for record in _ablation_records()[:7]:
-        run_id, _ = start_or_resume_run(uri, "ablation-test", record.run_id, record.run_id, tags={"wsol.method": "fmcg"})
+        run_id, _ = start_or_resume_run(
+            uri, "ablation-test", record.run_id, record.run_id, tags={"wsol.method": "fmcg"}
+        )
         logger = RunLogger(uri, run_id)
         logger.log_params(record.params)
         logger.log_metrics(record.metrics, step=3)
@@ -378,16 +446,32 @@ def test_ablation_cli_by_experiment_and_filter(store, tmp_path, capsys):
 
     uri, ids = store
     cli = _load_cli()
-    rc = cli.main([
-        "--tracking-uri", uri, "--experiment", "ablation-test",
-        "--filter", "params.`method.name` = 'fmcg'", "--output-dir", str(tmp_path / "out"), "--summary-name", "fmcg-ablation",
-    ])
+    rc = cli.main(
+        [
+            "--tracking-uri",
+            uri,
+            "--experiment",
+            "ablation-test",
+            "--filter",
+            "params.`method.name` = 'fmcg'",
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--summary-name",
+            "fmcg-ablation",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "FMCG w/o CG" in out and "logged ablation/ablation.md" in out
     text = (tmp_path / "out" / "ablation.md").read_text()
     rows = list(csv.DictReader(io.StringIO((tmp_path / "out" / "ablation.csv").read_text())))
-    assert [r["label"] for r in rows] == ["FMCG w/o SRD, CG, PNL", "FMCG (full)", "FMCG w/o SRD", "FMCG w/o CG", "FMCG w/o PNL"]
+    assert [r["label"] for r in rows] == [
+        "FMCG w/o SRD, CG, PNL",
+        "FMCG (full)",
+        "FMCG w/o SRD",
+        "FMCG w/o CG",
+        "FMCG w/o PNL",
+    ]
     assert rows[1]["n"] == "2"  # two seeds; the still-running run is left out
     assert ids["full-0"] in rows[1]["run_ids"] and ids["full-1"] in rows[1]["run_ids"]
 
@@ -397,12 +481,29 @@ def test_ablation_cli_by_experiment_and_filter(store, tmp_path, capsys):
     assert len(summary_runs) == 1
     summary = summary_runs[0]
     assert summary.info.run_name == "fmcg-ablation" and summary.info.status == "FINISHED"
-    assert {f.path for f in client.list_artifacts(summary.info.run_id, "ablation")} == {"ablation/ablation.md", "ablation/ablation.csv", "ablation/sources.json"}
+    assert {f.path for f in client.list_artifacts(summary.info.run_id, "ablation")} == {
+        "ablation/ablation.md",
+        "ablation/ablation.csv",
+        "ablation/sources.json",
+    }
     assert Path(client.download_artifacts(summary.info.run_id, "ablation/ablation.md")).read_text() == text
     assert summary.data.params["report.num_runs"] == "7"
 
     # A second report over the same experiment skips the summary run it finds there.
-    assert cli.main(["--tracking-uri", uri, "--experiment", "ablation-test", "--output-dir", str(tmp_path / "again"), "--no-log"]) == 0
+    assert (
+        cli.main(
+            [
+                "--tracking-uri",
+                uri,
+                "--experiment",
+                "ablation-test",
+                "--output-dir",
+                str(tmp_path / "again"),
+                "--no-log",
+            ]
+        )
+        == 0
+    )
     again = (tmp_path / "again" / "ablation.md").read_text()
     assert "a report run" in again and again.count("FMCG (full)") >= 1
 
@@ -411,10 +512,15 @@ def test_ablation_cli_by_run_ids(store, tmp_path, capsys):
     uri, ids = store
     cli = _load_cli()
     chosen = [ids["full-0"], ids["full-1"], ids["nocg-0"]]
-    rc = cli.main(["--tracking-uri", uri, "--run-ids", *chosen, "--output-dir", str(tmp_path), "--no-log", "--switches", "cg"])
+    rc = cli.main(
+        ["--tracking-uri", uri, "--run-ids", *chosen, "--output-dir", str(tmp_path), "--no-log", "--switches", "cg"]
+    )
     assert rc == 0
     rows = list(csv.DictReader(io.StringIO((tmp_path / "ablation.csv").read_text())))
-    assert [(r["label"], r["n"]) for r in rows] == [("FMCG w/o CG", "1"), ("FMCG (full)", "2")]  # all shown switches off = the baseline, first
+    assert [(r["label"], r["n"]) for r in rows] == [
+        ("FMCG w/o CG", "1"),
+        ("FMCG (full)", "2"),
+    ]  # all shown switches off = the baseline, first
     assert "srd_enabled" not in rows[0]
     assert cli.main(["--tracking-uri", uri, "--experiment", "no-such-experiment", "--no-log"]) == 2
     assert "no MLflow experiment" in capsys.readouterr().err
@@ -431,9 +537,11 @@ def test_the_table_is_the_same_from_records_from_their_frame_and_from_mlflow_sea
     from_records = build_ablation_table(records)
     from_frame = build_ablation_table(runs_frame(records))
     assert [(r.label, r.run_ids, r.mean, r.std, r.count) for r in from_frame.rows] == [
-        (r.label, r.run_ids, r.mean, r.std, r.count) for r in from_records.rows]
+        (r.label, r.run_ids, r.mean, r.std, r.count) for r in from_records.rows
+    ]
     assert [(r.run_id, r.params, r.metrics, r.tags) for r in records_from_frame(runs_frame(records))] == [
-        (r.run_id, r.params, r.metrics, r.tags) for r in records]
+        (r.run_id, r.params, r.metrics, r.tags) for r in records
+    ]
 
     uri, ids = store
     monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)

@@ -35,8 +35,14 @@ CONFIG = to_dict(load_config())
 
 
 def state(epoch: int, config: dict | None = None, run_id: str = "run-1") -> TrainingState:
-    return TrainingState(epoch=epoch, model={"w": torch.full((64, 64), float(epoch))}, optimizer={"state": {}, "param_groups": []},
-                         scheduler={}, config=config or CONFIG, mlflow_run_id=run_id)
+    return TrainingState(
+        epoch=epoch,
+        model={"w": torch.full((64, 64), float(epoch))},
+        optimizer={"state": {}, "param_groups": []},
+        scheduler={},
+        config=config or CONFIG,
+        mlflow_run_id=run_id,
+    )
 
 
 def checkpoint(run_dir: Path, epoch: int, **kwargs) -> Path:
@@ -96,12 +102,16 @@ def test_plan_takes_the_newest_good_checkpoint_and_stops_when_none_is(tmp_path):
     assert [p for p, _ in plan.damaged] == [str(third)] and "truncated" in plan.damaged[0][1]
     assert set(plan.present) == {p.name for p in run.iterdir()}
     assert "is damaged" in plan.describe()[0] and "resuming from" in plan.describe()[-1]
-    assert plan_resume(run, CONFIG, resume_from=str(run / "checkpoint_2026-11-30_00-00-01.000000")).checkpoint.epoch == 1
+    assert (
+        plan_resume(run, CONFIG, resume_from=str(run / "checkpoint_2026-11-30_00-00-01.000000")).checkpoint.epoch == 1
+    )
     with pytest.raises(ConfigError, match="run.resume_from: .*truncated"):
         plan_resume(run, CONFIG, resume_from=str(third))
     for directory in run.iterdir():
         truncate(directory)
-    with pytest.raises(ConfigError, match=r"every checkpoint of the run .* is damaged(.|\n)*--resume-from(.|\n)*--no-resume"):
+    with pytest.raises(
+        ConfigError, match=r"every checkpoint of the run .* is damaged(.|\n)*--resume-from(.|\n)*--no-resume"
+    ):
         plan_resume(run, CONFIG)
     assert plan_resume(tmp_path / "never-ran", CONFIG).checkpoint is None
 
@@ -110,7 +120,9 @@ def test_workers_take_the_drivers_choice_unless_their_own_fit_wrote_a_newer_one(
     plan = {"checkpoint": "/runs/a/checkpoint_1", "present": ["checkpoint_1", "checkpoint_2"]}
     assert pick_checkpoint("/runs/a/checkpoint_2", plan) == "/runs/a/checkpoint_1"  # Ray's latest is the damaged one
     assert pick_checkpoint(None, plan) == "/runs/a/checkpoint_1"
-    assert pick_checkpoint("/runs/a/checkpoint_3", plan) == "/runs/a/checkpoint_3"  # written after a failure in this fit
+    assert (
+        pick_checkpoint("/runs/a/checkpoint_3", plan) == "/runs/a/checkpoint_3"
+    )  # written after a failure in this fit
     assert pick_checkpoint(None, {"checkpoint": None, "present": []}) is None
     assert pick_checkpoint("/x/checkpoint_9", None) == "/x/checkpoint_9"
 
@@ -131,8 +143,12 @@ def test_a_write_that_dies_leaves_the_old_file_and_no_temporary(tmp_path):
 def test_evaluate_and_pretrained_name_a_truncated_checkpoint(tmp_path):
     directory = checkpoint(tmp_path, 1)
     truncate(directory)
-    done = subprocess.run([sys.executable, str(REPO / "jobs" / "evaluate.py"), "--checkpoint", str(directory), "--data", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "evaluate.py"), "--checkpoint", str(directory), "--data", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and str(directory / STATE_FILE) in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
     from wsol_core.train.preflight import check_pretrained
@@ -152,12 +168,35 @@ def test_evaluate_and_pretrained_name_a_truncated_checkpoint(tmp_path):
 
 def job(tmp_path: Path, *extra: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     command = [
-        sys.executable, str(REPO / "jobs" / "train_imagenet.py"), "--name", "corr1", "--epochs", "2",
-        "--storage-path", str(tmp_path / "ray"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "--set", "data.synthetic.num_train=64", "--set", "data.synthetic.num_val=16", "--set", "data.synthetic.num_test=16",
-        "--set", "data.synthetic.size=64", "--set", f"data.synthetic.cache_dir={tmp_path / 'data'}",
-        "--set", "data.batch_size=8", "--set", "eval.batch_size=16", "--set", "eval.num_vis_images=0",
-        "--set", "train.keep_best=3", *extra,
+        sys.executable,
+        str(REPO / "jobs" / "train_imagenet.py"),
+        "--name",
+        "corr1",
+        "--epochs",
+        "2",
+        "--storage-path",
+        str(tmp_path / "ray"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--set",
+        "data.synthetic.num_train=64",
+        "--set",
+        "data.synthetic.num_val=16",
+        "--set",
+        "data.synthetic.num_test=16",
+        "--set",
+        "data.synthetic.size=64",
+        "--set",
+        f"data.synthetic.cache_dir={tmp_path / 'data'}",
+        "--set",
+        "data.batch_size=8",
+        "--set",
+        "eval.batch_size=16",
+        "--set",
+        "eval.num_vis_images=0",
+        "--set",
+        "train.keep_best=3",
+        *extra,
     ]
     full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONUNBUFFERED": "1"} | (env or {})
     return subprocess.run(command, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=timeout)
@@ -207,7 +246,11 @@ def test_all_checkpoints_damaged_stops_before_ray_with_the_list(tmp_path):
     second = job(tmp_path)
     assert second.returncode == 2, second.stdout[-3000:] + second.stderr[-3000:]
     assert time.monotonic() - start < 60 and "Started a local Ray instance" not in second.stdout + second.stderr
-    assert "every checkpoint of the run" in second.stderr and "--resume-from" in second.stderr and "--no-resume" in second.stderr
+    assert (
+        "every checkpoint of the run" in second.stderr
+        and "--resume-from" in second.stderr
+        and "--no-resume" in second.stderr
+    )
     for directory in checkpoints:
         assert str(directory) in second.stderr
     fresh = job(tmp_path, "--no-resume", "--epochs", "1")
@@ -220,8 +263,11 @@ def test_all_checkpoints_damaged_stops_before_ray_with_the_list(tmp_path):
 def test_a_kill_during_the_save_leaves_a_run_that_resumes_cleanly(tmp_path):
     marker = tmp_path / "killed"
     inject = {
-        "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "fixtures" / "kill_during_save"), os.environ.get("PYTHONPATH", "")]),
-        "WSOL_TEST_KILL_SAVE_EPOCH": "2", "WSOL_TEST_KILL_SAVE_MARKER": str(marker),
+        "PYTHONPATH": os.pathsep.join(
+            [str(REPO / "tests" / "fixtures" / "kill_during_save"), os.environ.get("PYTHONPATH", "")]
+        ),
+        "WSOL_TEST_KILL_SAVE_EPOCH": "2",
+        "WSOL_TEST_KILL_SAVE_MARKER": str(marker),
     }
     first = job(tmp_path, "--set", "run.max_failures=0", env=inject)
     assert marker.exists(), first.stdout[-3000:] + first.stderr[-3000:]  # the worker died inside torch.save

@@ -15,9 +15,15 @@ pytestmark = pytest.mark.integration
 
 
 def _start(tmp_path, name: str, epochs: int = 3, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(job_command(tmp_path, "--method", "cam", epochs=epochs, name=name), cwd=tmp_path,
-                            env=env or job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        job_command(tmp_path, "--method", "cam", epochs=epochs, name=name),
+        cwd=tmp_path,
+        env=env or job_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _stop(process: subprocess.Popen, tmp_path, name: str, send) -> tuple[str, str]:
@@ -53,8 +59,14 @@ def test_sigterm_marks_the_run_killed_and_the_same_command_resumes_it(tmp_path):
     _, first = only_run(tmp_path)
     assert first.info.status == "KILLED" and "[wsol] stopped by SIGTERM" in err
 
-    result = subprocess.run(job_command(tmp_path, "--method", "cam", epochs=3, name="terminated"), cwd=tmp_path,
-                            env=job_env(), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        job_command(tmp_path, "--method", "cam", epochs=3, name="terminated"),
+        cwd=tmp_path,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     _, run = only_run(tmp_path)
     assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
@@ -71,6 +83,8 @@ def test_a_ray_start_that_fails_marks_the_run_failed(tmp_path):
     _, run = only_run(tmp_path)
     assert run.info.status == "FAILED"
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"[wsol] MLflow run {run.info.run_id} is marked FAILED; to resume it from its newest checkpoint, "
-                           f"run the same command with --name {run.info.run_name}"), result.stderr[-2000:]
+    assert last.startswith(
+        f"[wsol] MLflow run {run.info.run_id} is marked FAILED; to resume it from its newest checkpoint, "
+        f"run the same command with --name {run.info.run_name}"
+    ), result.stderr[-2000:]
     assert "NotADirectoryError" in result.stderr

@@ -35,10 +35,15 @@ def _base(method: str = "fmcg"):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method, names", [
-    ("fmcg", {"theta_drop", "S", "tau_fg", "tau_bg", "margin"}), ("icl", {"theta_drop", "S", "tau_fg", "tau_bg", "margin"}),
-    ("caml", {"margin"}), ("c2am", {"alpha"}),
-])
+@pytest.mark.parametrize(
+    "method, names",
+    [
+        ("fmcg", {"theta_drop", "S", "tau_fg", "tau_bg", "margin"}),
+        ("icl", {"theta_drop", "S", "tau_fg", "tau_bg", "margin"}),
+        ("caml", {"margin"}),
+        ("c2am", {"alpha"}),
+    ],
+)
 def test_default_spaces_are_valid(method, names):
     space = load_space(method)
     assert set(space.searched) == names
@@ -50,7 +55,9 @@ def test_params_pin_and_override():
     assert space.params["theta_drop"].low == 0.6 and space.params["S"].values == [3, 5]
     assert space.pinned == {"margin": 1.5}
     assert "method.cg.margin=1.5" in space.overrides({})
-    cfg = load_config(base=embedded_base(), overrides=space.overrides({"theta_drop": 0.7, "S": 5, "tau_fg": 0.9, "tau_bg": 0.3}))
+    cfg = load_config(
+        base=embedded_base(), overrides=space.overrides({"theta_drop": 0.7, "S": 5, "tau_fg": 0.9, "tau_bg": 0.3})
+    )
     assert (cfg.method.srd.theta_drop, cfg.method.srd.kernel_size, cfg.method.cg.margin) == (0.7, 5, 1.5)
 
 
@@ -83,8 +90,20 @@ def test_bad_space_fails_clearly(method, params, match):
 
 def test_bad_space_exits_before_ray(tmp_path):
     out = subprocess.run(
-        [sys.executable, str(SCRIPT), "--param", "S=4", "--storage-path", str(tmp_path / "ray"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--param",
+            "S=4",
+            "--storage-path",
+            str(tmp_path / "ray"),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path}/m.db",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert out.returncode == 2 and "S = 4 must be an odd" in out.stderr
     assert not (tmp_path / "ray").exists() and "ray.init" not in out.stderr
@@ -105,16 +124,39 @@ def test_settings_and_concurrency():
 # ---------------------------------------------------------------------------------------------
 
 TINY = [
-    "--set", "data.synthetic.num_train=64", "--set", "data.synthetic.num_val=32", "--set", "data.synthetic.num_test=16",
-    "--set", "data.batch_size=16", "--set", "eval.num_vis_images=0",
+    "--set",
+    "data.synthetic.num_train=64",
+    "--set",
+    "data.synthetic.num_val=32",
+    "--set",
+    "data.synthetic.num_test=16",
+    "--set",
+    "data.batch_size=16",
+    "--set",
+    "eval.num_vis_images=0",
 ]
 
 
 def _command(tmp_path: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, str(SCRIPT), *TINY, "--epochs", "2", "--grace-period", "1", "--reduction-factor", "2",
-        "--storage-path", str(tmp_path / "ray"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--name", "s",
-        "--set", f"data.synthetic.cache_dir={tmp_path / 'data'}", *extra,
+        sys.executable,
+        str(SCRIPT),
+        *TINY,
+        "--epochs",
+        "2",
+        "--grace-period",
+        "1",
+        "--reduction-factor",
+        "2",
+        "--storage-path",
+        str(tmp_path / "ray"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+        "--name",
+        "s",
+        "--set",
+        f"data.synthetic.cache_dir={tmp_path / 'data'}",
+        *extra,
     ]
 
 
@@ -127,7 +169,14 @@ def _env() -> dict:
 
 @pytest.mark.integration
 def test_search_end_to_end_nested_runs_and_best_config(tmp_path):
-    out = subprocess.run(_command(tmp_path, "--num-samples", "4", "--tpe-startup-trials", "2"), capture_output=True, text=True, timeout=600, cwd=tmp_path, env=_env())
+    out = subprocess.run(
+        _command(tmp_path, "--num-samples", "4", "--tpe-startup-trials", "2"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=_env(),
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     best_path = tmp_path / "ray" / "s" / "best_config.yaml"
     assert f"best config written to {best_path}" in out.stdout
@@ -141,10 +190,14 @@ def test_search_end_to_end_nested_runs_and_best_config(tmp_path):
     parent = parents[0]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 4
-    assert parent.data.params["space.theta_drop"].startswith("uniform") and parent.data.params["search.metric"] == METRIC
+    assert (
+        parent.data.params["space.theta_drop"].startswith("uniform") and parent.data.params["search.metric"] == METRIC
+    )
     for child in children:
         assert "search.theta_drop" in child.data.params and "method.srd.theta_drop" in child.data.params
-        assert float(child.data.params["method.srd.theta_drop"]) == pytest.approx(float(child.data.params["search.theta_drop"]))
+        assert float(child.data.params["method.srd.theta_drop"]) == pytest.approx(
+            float(child.data.params["search.theta_drop"])
+        )
         history = client.get_metric_history(child.info.run_id, METRIC)
         assert history and {m.step for m in history} <= {1, 2}
         assert client.get_metric_history(child.info.run_id, "train/loss")
@@ -161,8 +214,13 @@ def test_search_end_to_end_nested_runs_and_best_config(tmp_path):
     assert cfg.method.srd.kernel_size == int(best_child.data.params["search.S"])
     # Trials select on val only: no trial ever scored the test split.
     assert not any(key.startswith("test/") for child in children for key in child.data.metrics)
-    help_out = subprocess.run([sys.executable, str(ROOT / "jobs" / "train_imagenet.py"), "--config", str(best_path), "--epochs", "0"],
-                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    help_out = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "train_imagenet.py"), "--config", str(best_path), "--epochs", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert "train.epochs = 0" in help_out.stderr  # parsed the file, then rejected only the override
     assert read_yaml(best_path)["method"]["name"] == "fmcg"
 
@@ -170,7 +228,15 @@ def test_search_end_to_end_nested_runs_and_best_config(tmp_path):
 @pytest.mark.integration
 def test_interrupted_search_is_restored(tmp_path):
     command = _command(tmp_path, "--num-samples", "3", "--max-concurrent-trials", "1")
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=_env(), start_new_session=True)
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+        env=_env(),
+        start_new_session=True,
+    )
     state = tmp_path / "ray" / "s"
     deadline = time.time() + 300
     # Interrupt once the first trial has reported an epoch (its result file has a row).

@@ -73,13 +73,18 @@ def test_targets_arithmetic():
     assert not missed["fmcg_over_cam"]["met"] and not missed["c2am_over_cam_iou70"]["met"]
     assert targets({"fmcg": _row(1, 0, 0)}) == {}
     searched = targets({"cam": _row(30.0, 2.0, 5.0), "fmcg-searched": _row(40.0, 1.0, 9.0)})
-    assert set(searched) == {"fmcg_searched_over_cam"} and searched["fmcg_searched_over_cam"]["gap_beyond_spread"] == pytest.approx(7.0)
+    assert set(searched) == {"fmcg_searched_over_cam"} and searched["fmcg_searched_over_cam"][
+        "gap_beyond_spread"
+    ] == pytest.approx(7.0)
 
 
 def test_bad_variant_exits_before_ray(tmp_path):
     out = subprocess.run(
         [sys.executable, str(SCRIPT), "--variants", "cam,fmcg-typo", "--storage-path", str(tmp_path / "ray")],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert out.returncode == 2 and "fmcg-typo" in out.stderr
     assert not (tmp_path / "ray").exists()
@@ -90,11 +95,34 @@ def test_ablation_sweep_end_to_end(tmp_path):
     out_json = tmp_path / "ablation.json"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     command = [
-        sys.executable, str(SCRIPT), "--variants", "cam,fmcg", "--seeds", "0,1", "--epochs", "2",
-        "--set", "data.synthetic.num_train=64", "--set", "data.synthetic.num_val=32", "--set", "data.synthetic.num_test=24",
-        "--set", "data.synthetic.size=64", "--set", "data.batch_size=16", "--set", "eval.num_vis_images=0",
-        "--set", f"data.synthetic.cache_dir={tmp_path / 'data'}", "--storage-path", str(tmp_path / "ray"),
-        "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--out", str(out_json),
+        sys.executable,
+        str(SCRIPT),
+        "--variants",
+        "cam,fmcg",
+        "--seeds",
+        "0,1",
+        "--epochs",
+        "2",
+        "--set",
+        "data.synthetic.num_train=64",
+        "--set",
+        "data.synthetic.num_val=32",
+        "--set",
+        "data.synthetic.num_test=24",
+        "--set",
+        "data.synthetic.size=64",
+        "--set",
+        "data.batch_size=16",
+        "--set",
+        "eval.num_vis_images=0",
+        "--set",
+        f"data.synthetic.cache_dir={tmp_path / 'data'}",
+        "--storage-path",
+        str(tmp_path / "ray"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+        "--out",
+        str(out_json),
     ]
     out = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -108,10 +136,19 @@ def test_ablation_sweep_end_to_end(tmp_path):
     parent = client.get_run(result["mlflow"]["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["wsol.sweep"] == "true"
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "ablation")} == {
-        "ablation/ablation.md", "ablation/ablation_test.csv", "ablation/ablation_test_best.csv"}
-    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        "ablation/ablation.md",
+        "ablation/ablation_test.csv",
+        "ablation/ablation_test_best.csv",
+    }
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     assert sorted((c.data.tags["wsol.sweep.variant"], c.data.params["train.seed"]) for c in children) == [
-        ("cam", "0"), ("cam", "1"), ("fmcg", "0"), ("fmcg", "1")]
+        ("cam", "0"),
+        ("cam", "1"),
+        ("fmcg", "0"),
+        ("fmcg", "1"),
+    ]
     for name, row in result["rows"].items():
         runs = [c for c in children if c.data.tags["wsol.sweep.variant"] == name]
         assert sorted(row["run_ids"]) == sorted(c.info.run_id for c in runs)
@@ -127,15 +164,25 @@ def test_ablation_sweep_end_to_end(tmp_path):
         top = max(m.value for m in history)
         assert child.data.metrics["test_best/epoch"] in {m.step for m in history if m.value == top}
         if child.data.metrics["test_best/epoch"] == 2:  # the last epoch: the same model as the final test score
-            assert child.data.metrics["test_best/maxboxacc_v2"] == pytest.approx(child.data.metrics["test/maxboxacc_v2"])
+            assert child.data.metrics["test_best/maxboxacc_v2"] == pytest.approx(
+                child.data.metrics["test/maxboxacc_v2"]
+            )
     assert set(result["rows_best_val_checkpoint"]) == {"cam", "fmcg"}
 
 
 def test_variant_from_a_search_best_config_takes_its_method_only(tmp_path):
     from wsol_core.config import dump_yaml
 
-    searched = load_config(overrides=["method.name=fmcg", "method.srd.theta_drop=0.7", "method.srd.kernel_size=5",
-                                      "method.cg.enabled=false", "data.synthetic.num_train=256", "train.epochs=9"])
+    searched = load_config(
+        overrides=[
+            "method.name=fmcg",
+            "method.srd.theta_drop=0.7",
+            "method.srd.kernel_size=5",
+            "method.cg.enabled=false",
+            "data.synthetic.num_train=256",
+            "train.epochs=9",
+        ]
+    )
     path = tmp_path / "best_config.yaml"
     path.write_text(dump_yaml(searched))
     variants = parse_variants("cam,fmcg-searched", [f"fmcg-searched=@{path}"])

@@ -22,27 +22,48 @@ REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "train_imagenet.py"
 
 EPOCH_KEYS = [
-    "train/loss", "train/lr", "train/images_per_s", "train/data_wait",
-    "val/top1_acc", "val/boxacc_v2_iou30", "val/boxacc_v2_iou50", "val/boxacc_v2_iou70",
-    "val/maxboxacc_v2", "val/gt_known_loc", "val/top1_loc",
+    "train/loss",
+    "train/lr",
+    "train/images_per_s",
+    "train/data_wait",
+    "val/top1_acc",
+    "val/boxacc_v2_iou30",
+    "val/boxacc_v2_iou50",
+    "val/boxacc_v2_iou70",
+    "val/maxboxacc_v2",
+    "val/gt_known_loc",
+    "val/top1_loc",
 ]
 
 
 def job_command(tmp_path: Path, *extra: str, name: str = "job", epochs: int = 2) -> list[str]:
     return [
-        sys.executable, str(JOB),
-        "--name", name,
-        "--epochs", str(epochs),
-        "--storage-path", str(tmp_path / "ray"),
-        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "--set", "data.synthetic.num_train=64",
-        "--set", "data.synthetic.num_val=24",
-        "--set", "data.synthetic.num_test=24",
-        "--set", "data.synthetic.size=64",
-        "--set", f"data.synthetic.cache_dir={tmp_path / 'data'}",
-        "--set", "data.batch_size=8",
-        "--set", "eval.batch_size=16",
-        "--set", "eval.num_vis_images=4",
+        sys.executable,
+        str(JOB),
+        "--name",
+        name,
+        "--epochs",
+        str(epochs),
+        "--storage-path",
+        str(tmp_path / "ray"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--set",
+        "data.synthetic.num_train=64",
+        "--set",
+        "data.synthetic.num_val=24",
+        "--set",
+        "data.synthetic.num_test=24",
+        "--set",
+        "data.synthetic.size=64",
+        "--set",
+        f"data.synthetic.cache_dir={tmp_path / 'data'}",
+        "--set",
+        "data.batch_size=8",
+        "--set",
+        "eval.batch_size=16",
+        "--set",
+        "eval.num_vis_images=4",
         *extra,
     ]
 
@@ -54,8 +75,17 @@ def job_env() -> dict[str, str]:
     return env
 
 
-def run_job(tmp_path: Path, *extra: str, name: str = "job", epochs: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(job_command(tmp_path, *extra, name=name, epochs=epochs), cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=timeout)
+def run_job(
+    tmp_path: Path, *extra: str, name: str = "job", epochs: int = 2, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        job_command(tmp_path, *extra, name=name, epochs=epochs),
+        cwd=tmp_path,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result
 
@@ -88,7 +118,13 @@ def test_two_workers_train_and_record_everything_in_mlflow(tmp_path):
     for key in ("test/maxboxacc_v2", "test/boxacc_v2_iou70", "test/gt_known_loc", "test/top1_loc"):
         assert key in metrics, key
     assert 0.0 <= metrics["val/maxboxacc_v2"] <= 100.0
-    assert abs(metrics["val/maxboxacc_v2"] - (metrics["val/boxacc_v2_iou30"] + metrics["val/boxacc_v2_iou50"] + metrics["val/boxacc_v2_iou70"]) / 3) < 1e-9
+    assert (
+        abs(
+            metrics["val/maxboxacc_v2"]
+            - (metrics["val/boxacc_v2_iou30"] + metrics["val/boxacc_v2_iou50"] + metrics["val/boxacc_v2_iou70"]) / 3
+        )
+        < 1e-9
+    )
     assert 0.0 <= metrics["train/data_wait"] <= 1.0 and metrics["train/images_per_s"] > 0
     # What the loss terms use, per epoch: the masks (area; on val also the share inside the GT
     # boxes, all-reduced over both workers), theta_d as SRD saw it, FMCG's three inference maps.
@@ -96,7 +132,9 @@ def test_two_workers_train_and_record_everything_in_mlflow(tmp_path):
         assert 0.0 < metrics[key] < 1.0, key
     for key in ("val/mask_cg_fg_in_box", "val/mask_cg_bg_in_box", "val/mask_srd_drop_in_box"):
         assert 0.0 < metrics[key] <= 1.0, key
-    theta = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/srd_theta"), key=lambda m: m.step)]
+    theta = [
+        m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/srd_theta"), key=lambda m: m.step)
+    ]
     assert len(theta) == 2 and 0.8 < theta[0] < 1.0 and theta[1] == pytest.approx(0.8)  # warm-up over the first 0.3
     for mode in ("erased", "original", "max"):
         assert 0.0 <= metrics[f"val/maxboxacc_v2_map_{mode}"] <= 100.0, mode
@@ -121,8 +159,18 @@ def test_two_workers_train_and_record_everything_in_mlflow(tmp_path):
 
     # The offline evaluator scores the final checkpoint, and the MLflow model URI works too.
     out = tmp_path / "eval.json"
-    evaluate = [sys.executable, str(REPO / "jobs" / "evaluate.py"), "--checkpoint", f"runs:/{run.info.run_id}/model",
-                "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--split", "test", "--out", str(out)]
+    evaluate = [
+        sys.executable,
+        str(REPO / "jobs" / "evaluate.py"),
+        "--checkpoint",
+        f"runs:/{run.info.run_id}/model",
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--split",
+        "test",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(evaluate, cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     import json
@@ -130,7 +178,14 @@ def test_two_workers_train_and_record_everything_in_mlflow(tmp_path):
     offline = json.loads(out.read_text())
     # Same weights, same thresholds (the protocol's 0.001 step in both): the same score, although
     # training evaluated on 2 DDP ranks with padding and this runs in one process.
-    for key in ("test/maxboxacc_v2", "test/boxacc_v2_iou70", "test/maxboxacc_v1", "test/gt_known_loc", "test/top1_loc", "test/loc_threshold"):
+    for key in (
+        "test/maxboxacc_v2",
+        "test/boxacc_v2_iou70",
+        "test/maxboxacc_v1",
+        "test/gt_known_loc",
+        "test/top1_loc",
+        "test/loc_threshold",
+    ):
         assert offline[key] == pytest.approx(metrics[key], abs=1e-6), key
 
     # The published figures: v1 beside V2, Loc read on test at the threshold val chose.
@@ -154,9 +209,22 @@ def test_two_workers_train_and_record_everything_in_mlflow(tmp_path):
     (pictures / "damaged.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (pictures / "notes.txt").write_text("not an image")
     found = tmp_path / "found"
-    localize = [sys.executable, str(REPO / "jobs" / "localize.py"), "--checkpoint", f"runs:/{run.info.run_id}/model",
-                "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--images", str(tmp_path / "pictures"),
-                "--out", str(found), "--contact-sheet", "--save-maps", "--batch-size", "8"]
+    localize = [
+        sys.executable,
+        str(REPO / "jobs" / "localize.py"),
+        "--checkpoint",
+        f"runs:/{run.info.run_id}/model",
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--images",
+        str(tmp_path / "pictures"),
+        "--out",
+        str(found),
+        "--contact-sheet",
+        "--save-maps",
+        "--batch-size",
+        "8",
+    ]
     done = subprocess.run(localize, cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     good = sorted(p.name for p in pictures.glob("*.jpg") if p.name != "damaged.jpg")
@@ -191,8 +259,15 @@ def _wait_for_checkpoint(run_dir: Path, process: subprocess.Popen, timeout: floa
 
 
 def test_killed_worker_resumes_from_checkpoint_and_finishes(tmp_path):
-    process = subprocess.Popen(job_command(tmp_path, "--method", "cam", epochs=3), cwd=tmp_path, env=job_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        job_command(tmp_path, "--method", "cam", epochs=3),
+        cwd=tmp_path,
+        env=job_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         _wait_for_checkpoint(tmp_path / "ray" / "job", process)
         workers = [p for p in _descendants(process.pid) if "RayTrainWorker" in " ".join(p.cmdline())]
@@ -211,8 +286,15 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(tmp_path):
 
 def test_interrupted_driver_resumes_the_same_run(tmp_path):
     command = job_command(tmp_path, "--method", "cam", epochs=3, name="resumable")
-    process = subprocess.Popen(command, cwd=tmp_path, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
+    process = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env=job_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         _wait_for_checkpoint(tmp_path / "ray" / "resumable", process)
     finally:
@@ -232,8 +314,14 @@ def test_interrupted_driver_resumes_the_same_run(tmp_path):
 
 
 def test_bad_option_fails_before_ray_starts(tmp_path):
-    result = subprocess.run([sys.executable, str(JOB), "--set", "method.srd.theta_drop=1.5"], cwd=tmp_path, env=job_env(),
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(JOB), "--set", "method.srd.theta_drop=1.5"],
+        cwd=tmp_path,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "method.srd.theta_drop" in result.stderr and "1.5" in result.stderr
     assert "Ray" not in result.stdout and not (tmp_path / "mlflow.db").exists()

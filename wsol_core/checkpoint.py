@@ -84,7 +84,13 @@ def capture_rng_states() -> dict[str, Any]:
     np_state = np.random.get_state()
     states: dict[str, Any] = {
         "python": [version, list(mt_state), gauss],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -180,8 +186,13 @@ class CheckpointInfo:
     loc_threshold: float | None = None
 
 
-def verify_checkpoint(directory: str | Path, *, config: dict[str, Any] | None = None, mlflow_run_id: str | None = None,
-                      read_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> CheckpointInfo:
+def verify_checkpoint(
+    directory: str | Path,
+    *,
+    config: dict[str, Any] | None = None,
+    mlflow_run_id: str | None = None,
+    read_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> CheckpointInfo:
     """Check one checkpoint directory before resuming from it.
 
     The manifest's size and SHA-256 must match ``state.pt`` (a checkpoint written before
@@ -207,7 +218,9 @@ def verify_checkpoint(directory: str | Path, *, config: dict[str, Any] | None = 
             raise DamagedCheckpointError(manifest_path, f"unreadable ({exc})") from None
         size = path.stat().st_size
         if size != manifest.get("size"):
-            raise DamagedCheckpointError(path, f"{size} bytes, its manifest says {manifest.get('size')} (truncated or overwritten)")
+            raise DamagedCheckpointError(
+                path, f"{size} bytes, its manifest says {manifest.get('size')} (truncated or overwritten)"
+            )
         if file_sha256(path) != manifest.get("sha256"):
             raise DamagedCheckpointError(path, "SHA-256 differs from its manifest (corrupted)")
     state = load_training_state(directory)
@@ -218,13 +231,17 @@ def verify_checkpoint(directory: str | Path, *, config: dict[str, Any] | None = 
         theirs, ours = _comparable(stored), _comparable(read(config))
         differing = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         shown = ", ".join(f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in differing[:5])
-        raise DamagedCheckpointError(path, f"was written with another config ({shown}); pass --no-resume or a new --name")
+        raise DamagedCheckpointError(
+            path, f"was written with another config ({shown}); pass --no-resume or a new --name"
+        )
     if mlflow_run_id is not None and state.mlflow_run_id and state.mlflow_run_id != mlflow_run_id:
         raise DamagedCheckpointError(path, f"belongs to MLflow run {state.mlflow_run_id}, not {mlflow_run_id}")
     return CheckpointInfo(directory, state.epoch, state.mlflow_run_id, fingerprint, state.loc_threshold)
 
 
-def load_model_weights(source: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_model_weights(
+    source: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Model weights and config from a checkpoint directory or a ``state.pt`` file."""
     path = Path(source)
     state = load_training_state(path if path.is_dir() else path.parent, map_location)

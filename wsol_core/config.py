@@ -33,8 +33,14 @@ from wsol_core.config_fields import ConfigError, MethodConfig, flatten_dict, spe
 
 
 def _describe_range(meta: dict) -> str:
-    low = f"[{meta['ge']}" if meta.get("ge") is not None else (f"({meta['gt']}" if meta.get("gt") is not None else "(-inf")
-    high = f"{meta['le']}]" if meta.get("le") is not None else (f"{meta['lt']})" if meta.get("lt") is not None else "inf)")
+    low = (
+        f"[{meta['ge']}"
+        if meta.get("ge") is not None
+        else (f"({meta['gt']}" if meta.get("gt") is not None else "(-inf")
+    )
+    high = (
+        f"{meta['le']}]" if meta.get("le") is not None else (f"{meta['lt']})" if meta.get("lt") is not None else "inf)")
+    )
     return f"{low}, {high}"
 
 
@@ -140,7 +146,9 @@ class DataConfig:
             if 0 < value < 8:
                 raise ConfigError(f"{path}.{name} = {value} must be 0 (automatic) or at least 8")
         if self.decode == "device" and self.loader == "dali":
-            raise ConfigError(f"{path}.decode = device applies to the torch loader; {path}.loader = dali decodes on the GPU itself")
+            raise ConfigError(
+                f"{path}.decode = device applies to the torch loader; {path}.loader = dali decodes on the GPU itself"
+            )
         resize, crop = self.resolved_sizes()
         if crop > resize and not self.random_resized_crop:
             raise ConfigError(
@@ -399,7 +407,9 @@ def parse_override(text: str) -> dict:
 
 
 def preset_names() -> list[str]:
-    return sorted(p.name[: -len(".yaml")] for p in resources.files("wsol_core.presets").iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name[: -len(".yaml")] for p in resources.files("wsol_core.presets").iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def read_yaml(source: str | Path) -> dict:

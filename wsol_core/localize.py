@@ -96,7 +96,10 @@ def folder_batches(root: Path, batch_size: int, num_threads: int) -> tuple[int, 
     """The number of images and an iterator of ``(names, uint8 images, sizes, failures)``."""
     paths = list_images(root)
     loader = torch.utils.data.DataLoader(
-        FolderImages(root, paths), batch_size=batch_size, num_workers=num_threads, collate_fn=_collate,
+        FolderImages(root, paths),
+        batch_size=batch_size,
+        num_workers=num_threads,
+        collate_fn=_collate,
     )
 
     def batches():
@@ -137,7 +140,9 @@ def boxes_at(map_uint8: np.ndarray, threshold: float, width: int, height: int) -
     return to_original(largest, width, height), [to_original(b, width, height) for b in every]
 
 
-def overlay(image: Image.Image, score_map: np.ndarray, box: list[int], boxes: list[list[int]], label: str) -> Image.Image:
+def overlay(
+    image: Image.Image, score_map: np.ndarray, box: list[int], boxes: list[list[int]], label: str
+) -> Image.Image:
     """The map (jet, alpha 0.5) over the image at its own size, every box thin, the main box thick."""
     import matplotlib
 
@@ -178,7 +183,22 @@ class OutputWriter:
         self.jsonl = (out / "predictions.jsonl").open("w")
         self.csv_file = (out / "predictions.csv").open("w", newline="")
         self.csv = csv.writer(self.csv_file)
-        self.csv.writerow(["image", "width", "height", "class_index", "class_name", "score", "threshold", "x0", "y0", "x1", "y1", "num_boxes"])
+        self.csv.writerow(
+            [
+                "image",
+                "width",
+                "height",
+                "class_index",
+                "class_name",
+                "score",
+                "threshold",
+                "x0",
+                "y0",
+                "x1",
+                "y1",
+                "num_boxes",
+            ]
+        )
         self.pictures: list[Path] = []
 
     @staticmethod
@@ -187,7 +207,9 @@ class OutputWriter:
 
     def add(self, p: Prediction, score_map: np.ndarray, picture: Image.Image | None) -> None:
         self.jsonl.write(json.dumps(asdict(p)) + "\n")
-        self.csv.writerow([p.image, p.width, p.height, p.class_index, p.class_name, p.score, p.threshold, *p.box, len(p.boxes)])
+        self.csv.writerow(
+            [p.image, p.width, p.height, p.class_index, p.class_name, p.score, p.threshold, *p.box, len(p.boxes)]
+        )
         stem = self.file_stem(p.image)
         if self.save_maps:
             (self.out / "maps").mkdir(exist_ok=True)
@@ -208,7 +230,9 @@ class OutputWriter:
 
 
 @torch.no_grad()
-def localize_batch(method, images: torch.Tensor, sizes: list[tuple[int, int]], threshold: float, class_names: list[str] | None):
+def localize_batch(
+    method, images: torch.Tensor, sizes: list[tuple[int, int]], threshold: float, class_names: list[str] | None
+):
     """Predictions and normalized ``[224, 224]`` maps for a normalized batch."""
     result = method.inference(images, None)
     maps = prepare_float_maps(result.maps.float())  # [B, 224, 224] in [0, 1], the protocol's normalization
@@ -228,9 +252,19 @@ def localize_batch(method, images: torch.Tensor, sizes: list[tuple[int, int]], t
 
 
 def localize_folder(
-    method, root: Path, out: Path, *, threshold: float, device: torch.device, batch_size: int = 32,
-    num_threads: int = 2, overlays: bool = True, sheet: bool = False, save_maps: bool = False,
-    class_names: list[str] | None = None, progress: bool = True,
+    method,
+    root: Path,
+    out: Path,
+    *,
+    threshold: float,
+    device: torch.device,
+    batch_size: int = 32,
+    num_threads: int = 2,
+    overlays: bool = True,
+    sheet: bool = False,
+    save_maps: bool = False,
+    class_names: list[str] | None = None,
+    progress: bool = True,
 ) -> Summary:
     """Localize every image under ``root`` into ``out``; returns the summary (also written)."""
     from tqdm import tqdm
@@ -265,9 +299,21 @@ def localize_folder(
 
 
 def localize_shards(
-    method, split_dir: Path, out: Path, *, threshold: float, device: torch.device, options, batch_size: int = 32,
-    rank: int = 0, world_size: int = 1, overlays: bool = True, sheet: bool = False, save_maps: bool = False,
-    class_names: list[str] | None = None, progress: bool = True,
+    method,
+    split_dir: Path,
+    out: Path,
+    *,
+    threshold: float,
+    device: torch.device,
+    options,
+    batch_size: int = 32,
+    rank: int = 0,
+    world_size: int = 1,
+    overlays: bool = True,
+    sheet: bool = False,
+    save_maps: bool = False,
+    class_names: list[str] | None = None,
+    progress: bool = True,
 ) -> Summary:
     """Localize this rank's share of a shard split (the evaluation loader; corrupt samples are
     skipped and counted by it when ``data.skip_corrupt`` is on)."""
@@ -276,22 +322,38 @@ def localize_shards(
     from wsol_core.data.loader import build_loader
     from wsol_core.viz import denormalize
 
-    loader = build_loader(split_dir, split_kind="eval", rank=rank, world_size=world_size, device=device, options=options, batch_size=batch_size)
+    loader = build_loader(
+        split_dir,
+        split_kind="eval",
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        options=options,
+        batch_size=batch_size,
+    )
     writer = OutputWriter(out, overlays=overlays, save_maps=save_maps)
     summary = Summary(threshold=threshold, device=str(device))
     start = time.perf_counter()
     bar = tqdm(total=len(loader), unit="batch", disable=not progress, desc=f"localize rank {rank}")
     for batch in loader:
         batch = batch.to(device)
-        keep = (~batch.is_padding).nonzero().squeeze(1).tolist() if batch.is_padding is not None else list(range(len(batch)))
+        keep = (
+            (~batch.is_padding).nonzero().squeeze(1).tolist()
+            if batch.is_padding is not None
+            else list(range(len(batch)))
+        )
         sizes = [tuple(int(v) for v in batch.orig_sizes[i].tolist()) for i in keep]
         results, maps = localize_batch(method, batch.images[keep], sizes, threshold, class_names)
         pictures = denormalize(batch.images[keep]) if overlays else [None] * len(keep)
         for j, i in enumerate(keep):
             width, height = sizes[j]
             cls, cname, score, box, boxes = results[j]
-            picture = Image.fromarray(pictures[j]).resize((width, height), Image.Resampling.BILINEAR) if overlays else None
-            writer.add(Prediction(batch.keys[i], width, height, cls, cname, score, threshold, box, boxes), maps[j], picture)
+            picture = (
+                Image.fromarray(pictures[j]).resize((width, height), Image.Resampling.BILINEAR) if overlays else None
+            )
+            writer.add(
+                Prediction(batch.keys[i], width, height, cls, cname, score, threshold, box, boxes), maps[j], picture
+            )
             summary.localized += 1
         summary.images += len(keep)
         bar.update(1)
@@ -300,7 +362,12 @@ def localize_shards(
     for shard, key, reason in loader.skipped.examples:
         summary.skipped.append({"image": f"{Path(shard).name}:{key}", "reason": reason})
     if loader.skipped.total > len(loader.skipped.examples):
-        summary.skipped.append({"image": "...", "reason": f"{loader.skipped.total - len(loader.skipped.examples)} more: {loader.skipped.summary()}"})
+        summary.skipped.append(
+            {
+                "image": "...",
+                "reason": f"{loader.skipped.total - len(loader.skipped.examples)} more: {loader.skipped.summary()}",
+            }
+        )
     summary.seconds = time.perf_counter() - start
     summary.images_per_s = summary.localized / max(summary.seconds, 1e-9)
     writer.close(summary, sheet)
@@ -336,4 +403,13 @@ def merge_rank_outputs(out: Path, rank_dirs: list[Path], sheet: bool) -> Summary
     return merged
 
 
-__all__ = ["Prediction", "Summary", "boxes_at", "list_images", "localize_folder", "localize_shards", "merge_rank_outputs", "to_original"]
+__all__ = [
+    "Prediction",
+    "Summary",
+    "boxes_at",
+    "list_images",
+    "localize_folder",
+    "localize_shards",
+    "merge_rank_outputs",
+    "to_original",
+]

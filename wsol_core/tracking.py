@@ -37,14 +37,19 @@ def resolve_tracking_uri(uri: str = "") -> str:
     if not uri:
         return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+        return f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
     return uri
 
 
 def git_commit(path: str | Path | None = None) -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=path or Path(__file__).parent, capture_output=True, text=True, timeout=10, check=True
+            ["git", "rev-parse", "HEAD"],
+            cwd=path or Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -66,7 +71,7 @@ def ensure_store(tracking_uri: str) -> None:
         return
     import fcntl
 
-    db = Path(tracking_uri[len("sqlite:///"):])
+    db = Path(tracking_uri[len("sqlite:///") :])
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{db}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
@@ -95,11 +100,18 @@ def find_run(tracking_uri: str, experiment: str, run_key: str):
     client = MlflowClient(tracking_uri)
     experiment_id = get_or_create_experiment(client, experiment)
     escaped = run_key.replace("'", "\\'")
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{escaped}'", max_results=1, order_by=["attributes.start_time DESC"])
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{RUN_KEY_TAG}` = '{escaped}'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
     return runs[0] if runs else None
 
 
-def start_or_resume_run(tracking_uri: str, experiment: str, run_key: str, run_name: str, tags: Mapping[str, str] | None = None) -> tuple[str, bool]:
+def start_or_resume_run(
+    tracking_uri: str, experiment: str, run_key: str, run_name: str, tags: Mapping[str, str] | None = None
+) -> tuple[str, bool]:
     """The id of the run with ``run_key`` in ``experiment`` (marked running again), or of a new one."""
     found = find_run(tracking_uri, experiment, run_key)  # first: it prepares the store under its lock
     client = MlflowClient(tracking_uri)
@@ -206,7 +218,9 @@ class RunLogger:
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            self._system_monitor = SystemMetricsMonitor(self.run_id, resume_logging=True, tracking_uri=self.tracking_uri)
+            self._system_monitor = SystemMetricsMonitor(
+                self.run_id, resume_logging=True, tracking_uri=self.tracking_uri
+            )
             self._system_monitor.start()
         except Exception as err:  # psutil missing, or an unsupported platform: keep training
             log.warning("MLflow system metrics unavailable: %s", err)

@@ -93,7 +93,9 @@ def cam_overlay_grid(
     return figure
 
 
-def threshold_curves(thresholds: np.ndarray, curves: dict[int, np.ndarray], best: dict[int, float] | None = None) -> Figure:
+def threshold_curves(
+    thresholds: np.ndarray, curves: dict[int, np.ndarray], best: dict[int, float] | None = None
+) -> Figure:
     """Box accuracy (%) against the CAM threshold, one line per IoU criterion."""
     figure, ax = plt.subplots(figsize=(6, 4))
     for delta, accuracy in sorted(curves.items()):

@@ -21,7 +21,9 @@ class _Hidden(importlib.abc.MetaPathFinder):
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname.split(".")[0] in self.names or fullname in self.names:
-            raise ModuleNotFoundError(f"No module named {fullname!r} (hidden: not on the GPU machine for this tier)", name=fullname)
+            raise ModuleNotFoundError(
+                f"No module named {fullname!r} (hidden: not on the GPU machine for this tier)", name=fullname
+            )
         return None
 
 

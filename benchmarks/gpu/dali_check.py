@@ -58,11 +58,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    cfg = load_config(overrides=[
-        f"method.name={args.method}", f"model.backbone={args.backbone}", f"data.synthetic.size={args.size}",
-        f"data.synthetic.num_val={args.num_val}", f"data.synthetic.num_train={args.batch}", "data.synthetic.num_test=1",
-        f"data.num_threads={args.threads}", f"eval.batch_size={args.batch}",
-    ])
+    cfg = load_config(
+        overrides=[
+            f"method.name={args.method}",
+            f"model.backbone={args.backbone}",
+            f"data.synthetic.size={args.size}",
+            f"data.synthetic.num_val={args.num_val}",
+            f"data.synthetic.num_train={args.batch}",
+            "data.synthetic.num_test=1",
+            f"data.num_threads={args.threads}",
+            f"eval.batch_size={args.batch}",
+        ]
+    )
     start = time.perf_counter()
     root = resolve_data_root(cfg.data)
     prepare_s = time.perf_counter() - start
@@ -71,8 +78,14 @@ def main(argv: list[str] | None = None) -> dict:
     runs: dict = {}
     for name, overrides in PATHS.items():
         try:
-            loader = build_loader(root / "val", split_kind="eval", device=device, options=loader_options(cfg),
-                                  batch_size=args.batch, **overrides)
+            loader = build_loader(
+                root / "val",
+                split_kind="eval",
+                device=device,
+                options=loader_options(cfg),
+                batch_size=args.batch,
+                **overrides,
+            )
             images, maps = {}, {}
             t0 = time.perf_counter()
             for batch in loader:
@@ -81,12 +94,27 @@ def main(argv: list[str] | None = None) -> dict:
                     if not batch.is_padding[i]:
                         images[key], maps[key] = batch.images[i].float().cpu(), m[i].cpu()
             seconds = time.perf_counter() - t0
-            outcome = evaluate_split(method, build_loader(root / "val", split_kind="eval", device=device,
-                                                          options=loader_options(cfg), batch_size=args.batch, **overrides),
-                                     cfg.eval, split="val")
-            runs[name] = {"backend": loader.backend, "reason": getattr(loader, "backend_reason", ""), "images": images,
-                          "maps": maps, "seconds": seconds,
-                          "metrics": {k: outcome.metrics[f"val/{k}"] for k in ("maxboxacc_v2", "gt_known_loc")}}
+            outcome = evaluate_split(
+                method,
+                build_loader(
+                    root / "val",
+                    split_kind="eval",
+                    device=device,
+                    options=loader_options(cfg),
+                    batch_size=args.batch,
+                    **overrides,
+                ),
+                cfg.eval,
+                split="val",
+            )
+            runs[name] = {
+                "backend": loader.backend,
+                "reason": getattr(loader, "backend_reason", ""),
+                "images": images,
+                "maps": maps,
+                "seconds": seconds,
+                "metrics": {k: outcome.metrics[f"val/{k}"] for k in ("maxboxacc_v2", "gt_known_loc")},
+            }
             loader.close()
         except Exception as exc:  # DALI missing or failing: the other paths still report
             runs[name] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -100,16 +128,23 @@ def main(argv: list[str] | None = None) -> dict:
         pix = torch.stack([(run["images"][k] - exact["images"][k]).abs() for k in keys])
         mp = torch.stack([(run["maps"][k] - exact["maps"][k]).abs() for k in keys])
         report[name] = {
-            "backend": run["backend"], "why": run["reason"], "images": len(keys),
+            "backend": run["backend"],
+            "why": run["reason"],
+            "images": len(keys),
             "images_per_s_with_model": round(len(keys) / run["seconds"], 1),
-            "pixel_max_diff": float(pix.max()), "pixel_mean_diff": float(pix.mean()),
-            "map_max_diff": float(mp.max()), "map_mean_diff": float(mp.mean()),
+            "pixel_max_diff": float(pix.max()),
+            "pixel_mean_diff": float(pix.mean()),
+            "map_max_diff": float(mp.max()),
+            "map_mean_diff": float(mp.mean()),
             **run["metrics"],
             "maxboxacc_v2_diff_points": run["metrics"]["maxboxacc_v2"] - exact["metrics"]["maxboxacc_v2"],
         }
-        print(f"{name:>20}: pixels max {report[name]['pixel_max_diff']:.3f} mean {report[name]['pixel_mean_diff']:.4f}; "
-              f"maps max {report[name]['map_max_diff']:.3f} mean {report[name]['map_mean_diff']:.4f}; "
-              f"MaxBoxAccV2 {run['metrics']['maxboxacc_v2']:.2f}", flush=True)
+        print(
+            f"{name:>20}: pixels max {report[name]['pixel_max_diff']:.3f} mean {report[name]['pixel_mean_diff']:.4f}; "
+            f"maps max {report[name]['map_max_diff']:.3f} mean {report[name]['map_mean_diff']:.4f}; "
+            f"MaxBoxAccV2 {run['metrics']['maxboxacc_v2']:.2f}",
+            flush=True,
+        )
     payload = {
         "benchmark": "gpu_dali_check",
         "machine": machine_info(args.device),

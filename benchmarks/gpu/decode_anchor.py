@@ -86,14 +86,20 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "gpu_decode_anchor",
         "machine": machine_info(args.device),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "pictures": {"count": len(files), "size": [500, 375], "mean_kb": round(float(np.mean([len(b) for b in files])) / 1000, 1),
-                     "prepare_s": round(prepare_s, 1)},
+        "pictures": {
+            "count": len(files),
+            "size": [500, 375],
+            "mean_kb": round(float(np.mean([len(b) for b in files])) / 1000, 1),
+            "prepare_s": round(prepare_s, 1),
+        },
         **results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"decode on {device}: {results['decode_images_per_s']:.0f} img/s, with resize + crop "
-          f"{results['decode_resize_crop_images_per_s']:.0f} img/s; CPU 1 thread {results['cpu_one_thread_decode_images_per_s']:.0f} img/s")
+    print(
+        f"decode on {device}: {results['decode_images_per_s']:.0f} img/s, with resize + crop "
+        f"{results['decode_resize_crop_images_per_s']:.0f} img/s; CPU 1 thread {results['cpu_one_thread_decode_images_per_s']:.0f} img/s"
+    )
     return payload
 
 

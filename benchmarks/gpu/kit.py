@@ -90,8 +90,9 @@ def repo_transfer_bytes() -> int:
     """What travels with every call besides the part: tracked and untracked, not ignored files."""
     import subprocess
 
-    names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
-                           check=True).stdout.split(b"\0")
+    names = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True
+    ).stdout.split(b"\0")
     return sum((REPO / n.decode()).stat().st_size for n in names if n and (REPO / n.decode()).is_file())
 
 
@@ -110,18 +111,26 @@ def write_plan(kit: Path = KIT) -> dict:
             raise KitError(f"the parts of {bundle} do not add up to it: run prepare.sh again")
         for p in parts:
             if p.stat().st_size + repo_bytes > TRANSFER_LIMIT:
-                raise KitError(f"{p} ({p.stat().st_size} bytes) and the repository ({repo_bytes} bytes) exceed one 64 MiB transfer")
+                raise KitError(
+                    f"{p} ({p.stat().st_size} bytes) and the repository ({repo_bytes} bytes) exceed one 64 MiB transfer"
+                )
         stage = kit / "stage" / group
-        wrong_abi = sorted(str(f.relative_to(stage)) for f in stage.rglob("*.cpython-*.so") if "cpython-312-" not in f.name) \
-            if stage.exists() else []
+        wrong_abi = (
+            sorted(str(f.relative_to(stage)) for f in stage.rglob("*.cpython-*.so") if "cpython-312-" not in f.name)
+            if stage.exists()
+            else []
+        )
         if wrong_abi:
-            raise KitError(f"{group}: extensions for another Python than the GPU machine's 3.12 remain: {wrong_abi[:3]}")
+            raise KitError(
+                f"{group}: extensions for another Python than the GPU machine's 3.12 remain: {wrong_abi[:3]}"
+            )
         versions_file = kit / f"{group}.versions"
         plan["bundles"][group] = {
             "bytes": bundle.stat().st_size,
             "sha256": sha256(bundle),
             "unpacked_bytes": sum(f.stat().st_size for f in (kit / "stage" / group).rglob("*") if f.is_file())
-            if (kit / "stage" / group).exists() else None,
+            if (kit / "stage" / group).exists()
+            else None,
             "packages": versions_file.read_text().split() if versions_file.exists() else [],
             "parts": [{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256(p)} for p in parts],
         }
@@ -136,12 +145,16 @@ def describe(plan: dict) -> str:
     calls = 0
     for group, bundle in plan["bundles"].items():
         sizes = ", ".join(f"{p['name']} {p['bytes'] / 2**20:.1f} MiB" for p in bundle["parts"])
-        lines.append(f"{group}: {len(bundle['packages'])} packages, {bundle['bytes'] / 2**20:.1f} MiB compressed "
-                     f"in {len(bundle['parts'])} parts ({sizes})")
+        lines.append(
+            f"{group}: {len(bundle['packages'])} packages, {bundle['bytes'] / 2**20:.1f} MiB compressed "
+            f"in {len(bundle['parts'])} parts ({sizes})"
+        )
         calls += len(bundle["parts"])
     lines.append(f"repository per call: {plan['repo_bytes'] / 2**20:.2f} MiB")
-    lines.append(f"calls: {calls} carrying parts (the last one also installs), then 1 measuring: {calls + 1} in all; "
-                 f"without tier4: {len(plan['bundles'].get('base', {}).get('parts', [])) + 1}")
+    lines.append(
+        f"calls: {calls} carrying parts (the last one also installs), then 1 measuring: {calls + 1} in all; "
+        f"without tier4: {len(plan['bundles'].get('base', {}).get('parts', [])) + 1}"
+    )
     return "\n".join(lines)
 
 
@@ -182,8 +195,10 @@ def stash(part: Path, kit: Path = KIT, store: Path = STORE) -> Path:
     if not part.exists():
         raise KitError(f"{part} did not arrive: name it in the call's carry")
     if part.stat().st_size != entry["bytes"] or sha256(part) != entry["sha256"]:
-        raise KitError(f"{part} arrived damaged ({part.stat().st_size} bytes, {entry['bytes']} expected, or a SHA-256 "
-                       "mismatch): carry it again")
+        raise KitError(
+            f"{part} arrived damaged ({part.stat().st_size} bytes, {entry['bytes']} expected, or a SHA-256 "
+            "mismatch): carry it again"
+        )
     (store / "parts").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(part, store / "parts" / part.name)
     (store / "plan.json").write_text(json.dumps(plan))
@@ -223,8 +238,9 @@ def install(store: Path = STORE, groups: tuple[str, ...] | None = None) -> dict:
         (store / f"{group}.installed").write_text("\n".join(bundle["packages"]) + "\n")
         report["installed"].append(group)
         report["seconds"][group] = round(time.perf_counter() - start, 2)
-    (store / "env.sh").write_text(f'export PYTHONPATH="{site}${{PYTHONPATH:+:$PYTHONPATH}}"\n'
-                                  f'export PATH="{site}/bin:$PATH"\n')
+    (store / "env.sh").write_text(
+        f'export PYTHONPATH="{site}${{PYTHONPATH:+:$PYTHONPATH}}"\nexport PATH="{site}/bin:$PATH"\n'
+    )
     return report
 
 
@@ -250,15 +266,31 @@ def rehearse(kit: Path = KIT, record: bool = False) -> dict:
         sys.path.insert(0, str(REPO))
         from benchmarks._common import machine_info, write_result
 
-        bundles = {g: {"packages": b["packages"], "compressed_mib": round(b["bytes"] / 2**20, 1),
-                       "unpacked_mib": round((b["unpacked_bytes"] or 0) / 2**20, 1),
-                       "parts_mib": [round(p["bytes"] / 2**20, 1) for p in b["parts"]]} for g, b in plan["bundles"].items()}
+        bundles = {
+            g: {
+                "packages": b["packages"],
+                "compressed_mib": round(b["bytes"] / 2**20, 1),
+                "unpacked_mib": round((b["unpacked_bytes"] or 0) / 2**20, 1),
+                "parts_mib": [round(p["bytes"] / 2**20, 1) for p in b["parts"]],
+            }
+            for g, b in plan["bundles"].items()
+        }
         parts = sum(len(b["parts"]) for b in plan["bundles"].values())
-        write_result("gpu_kit", {"benchmark": "gpu_kit", "machine": machine_info("cpu"), "bundles": bundles,
-                                 "repo_mib": round(plan["repo_bytes"] / 2**20, 2),
-                                 "calls": {"all_tiers": parts + 1, "without_tier4": len(plan["bundles"]["base"]["parts"]) + 1,
-                                           "tier1_only": 1},
-                                 "rehearsal": timings})
+        write_result(
+            "gpu_kit",
+            {
+                "benchmark": "gpu_kit",
+                "machine": machine_info("cpu"),
+                "bundles": bundles,
+                "repo_mib": round(plan["repo_bytes"] / 2**20, 2),
+                "calls": {
+                    "all_tiers": parts + 1,
+                    "without_tier4": len(plan["bundles"]["base"]["parts"]) + 1,
+                    "tier1_only": 1,
+                },
+                "rehearsal": timings,
+            },
+        )
     return timings
 
 
@@ -268,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("versions").add_argument("group", choices=GROUPS)
     sub.add_parser("plan")
     sub.add_parser("prune").add_argument("stage", type=Path)
-    sub.add_parser("rehearse").add_argument("--record", action="store_true", help="also write benchmarks/results/gpu_kit.json")
+    sub.add_parser("rehearse").add_argument(
+        "--record", action="store_true", help="also write benchmarks/results/gpu_kit.json"
+    )
     sub.add_parser("stash").add_argument("parts", nargs="+", type=Path)
     inst = sub.add_parser("install")
     inst.add_argument("--only", default="", help="comma-separated bundles (default: every complete one)")
@@ -278,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
             versions = lock_versions(wheel_names()[args.group])
             print("\n".join(f"{n}=={v}" for n, v in versions.items()))
         elif args.command == "prune":
-            print(f"pruned {prune_other_pythons(args.stage) / 2**20:.1f} MiB of extensions for other Pythons from {args.stage}")
+            print(
+                f"pruned {prune_other_pythons(args.stage) / 2**20:.1f} MiB of extensions for other Pythons from {args.stage}"
+            )
         elif args.command == "plan":
             print(describe(write_plan()))
         elif args.command == "rehearse":

@@ -68,43 +68,230 @@ def plan(dry: bool, cores: int) -> list[Step]:
         eval_args = ["--num-maps", "64", "--batch-size", "32", "--fast-only", "--chunk", "32"]
         decode_args = ["--unique", "6", "--batch", "3", "--rounds", "1"]
         dali_args = ["--backbone", "tiny", "--size", "64", "--num-val", "16", "--batch", "8"]
-        pipe_args = ["--num-images", "48", "--unique", "6", "--batch-size", "8", "--synthetic-images", "8", "--warmup", "1"]
-        tput_args = ["--backbone", "tiny", "--method", "cam", "--synthetic-size", "64", "--num-train", "48", "--batch-size", "8"]
-        job_args = ["--backbone", "tiny", "--method", "cam", "--epochs", "1", "--num-workers", "1", "--batch-size", "8",
-                    "--set", "data.synthetic.size=64", "--set", "data.synthetic.num_train=32", "--set", "data.synthetic.num_val=16",
-                    "--set", "data.synthetic.num_test=16", "--set", "data.synthetic.classes=4"]
+        pipe_args = [
+            "--num-images",
+            "48",
+            "--unique",
+            "6",
+            "--batch-size",
+            "8",
+            "--synthetic-images",
+            "8",
+            "--warmup",
+            "1",
+        ]
+        tput_args = [
+            "--backbone",
+            "tiny",
+            "--method",
+            "cam",
+            "--synthetic-size",
+            "64",
+            "--num-train",
+            "48",
+            "--batch-size",
+            "8",
+        ]
+        job_args = [
+            "--backbone",
+            "tiny",
+            "--method",
+            "cam",
+            "--epochs",
+            "1",
+            "--num-workers",
+            "1",
+            "--batch-size",
+            "8",
+            "--set",
+            "data.synthetic.size=64",
+            "--set",
+            "data.synthetic.num_train=32",
+            "--set",
+            "data.synthetic.num_val=16",
+            "--set",
+            "data.synthetic.num_test=16",
+            "--set",
+            "data.synthetic.classes=4",
+        ]
     else:
-        step_args = ["--backbones", "resnet50,vgg16,inception_v3", "--batches", "64,128", "--steps", "10", "--warmup", "3"]
+        step_args = [
+            "--backbones",
+            "resnet50,vgg16,inception_v3",
+            "--batches",
+            "64,128",
+            "--steps",
+            "10",
+            "--warmup",
+            "3",
+        ]
         compiled = ["--backbones", "resnet50", "--batches", "128", "--compiled-methods", "cam,fmcg,icl,caml,c2am"]
         eval_args = ["--num-maps", "50000", "--fast-only"]
         decode_args = []
         dali_args = ["--num-val", "512"]
         pipe_args = ["--num-images", "4096", "--unique", "256", "--batch-size", "256", "--synthetic-images", "200"]
-        tput_args = ["--backbone", "resnet50", "--method", "cam,fmcg", "--synthetic-size", "256", "--num-train", "2048",
-                     "--batch-size", "128"]
-        job_args = ["--backbone", "resnet50", "--method", "fmcg", "--epochs", "1", "--num-workers", "1", "--batch-size", "64",
-                    "--cpus-per-worker", threads, "--set", "data.synthetic.size=256", "--set", "data.synthetic.num_train=2048",
-                    "--set", "data.synthetic.num_val=256", "--set", "data.synthetic.num_test=256", "--use-gpu"]
-    gpu_tests = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py") if "pytest.mark.gpu" in p.read_text())
+        tput_args = [
+            "--backbone",
+            "resnet50",
+            "--method",
+            "cam,fmcg",
+            "--synthetic-size",
+            "256",
+            "--num-train",
+            "2048",
+            "--batch-size",
+            "128",
+        ]
+        job_args = [
+            "--backbone",
+            "resnet50",
+            "--method",
+            "fmcg",
+            "--epochs",
+            "1",
+            "--num-workers",
+            "1",
+            "--batch-size",
+            "64",
+            "--cpus-per-worker",
+            threads,
+            "--set",
+            "data.synthetic.size=256",
+            "--set",
+            "data.synthetic.num_train=2048",
+            "--set",
+            "data.synthetic.num_val=256",
+            "--set",
+            "data.synthetic.num_test=256",
+            "--use-gpu",
+        ]
+    gpu_tests = sorted(
+        str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py") if "pytest.mark.gpu" in p.read_text()
+    )
     return [
-        Step(1, "train_step_eager", [f"{bench}/gpu/train_step.py", "--device", dev, "--modes", "eager", *step_args,
-                                     "--out", "{json}", "--deadline", "{deadline}"], 170, TIER1_HIDDEN),
-        Step(1, "evaluator_50k_maps", [f"{bench}/eval_speed.py", "--device", dev, *eval_args, "--out", "{json}"], 60, TIER1_HIDDEN),
-        Step(1, "decode_anchor", [f"{bench}/gpu/decode_anchor.py", "--device", dev, *decode_args, "--out", "{json}"], 40, TIER1_HIDDEN),
-        Step(2, "dali_vs_exact", [f"{bench}/gpu/dali_check.py", "--device", dev, "--threads", threads, *dali_args, "--out", "{json}"],
-             60, TIER23_HIDDEN, needs=("nvidia.dali", "webdataset")),
-        Step(2, "input_pipeline", [f"{bench}/input_pipeline.py", "--device", dev, "--threads", threads, *pipe_args,
-                                   "--workdir", "{tmp}", "--out", "{json}"], 60, TIER23_HIDDEN, needs=("nvidia.dali", "webdataset")),
-        Step(2, "train_throughput", [f"{bench}/train_throughput.py", "--device", dev, "--threads", threads, *tput_args,
-                                     "--set", "data.decode=device", "--out", "{json}"], 90, TIER23_HIDDEN,
-             needs=("nvidia.dali", "webdataset")),
-        Step(3, "pytest_gpu", ["-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "--junitxml", "{tmp}/junit.xml",
-                               *gpu_tests], 60, TIER23_HIDDEN, needs=("webdataset",)),
-        Step(4, "train_job", ["jobs/train_imagenet.py", *job_args, "--name", "gpu-check", "--storage-path", "{tmp}/ray",
-                              "--tracking-uri", "sqlite:///{tmp}/mlflow.db", "--experiment", "gpu-check"], 120,
-             needs=("ray", "mlflow", "nvidia.dali", "webdataset")),
-        Step(1, "train_step_compiled", [f"{bench}/gpu/train_step.py", "--device", dev, "--modes", "compiled", *step_args, *compiled,
-                                        "--out", "{json}", "--deadline", "{deadline}"], 150, TIER1_HIDDEN),
+        Step(
+            1,
+            "train_step_eager",
+            [
+                f"{bench}/gpu/train_step.py",
+                "--device",
+                dev,
+                "--modes",
+                "eager",
+                *step_args,
+                "--out",
+                "{json}",
+                "--deadline",
+                "{deadline}",
+            ],
+            170,
+            TIER1_HIDDEN,
+        ),
+        Step(
+            1,
+            "evaluator_50k_maps",
+            [f"{bench}/eval_speed.py", "--device", dev, *eval_args, "--out", "{json}"],
+            60,
+            TIER1_HIDDEN,
+        ),
+        Step(
+            1,
+            "decode_anchor",
+            [f"{bench}/gpu/decode_anchor.py", "--device", dev, *decode_args, "--out", "{json}"],
+            40,
+            TIER1_HIDDEN,
+        ),
+        Step(
+            2,
+            "dali_vs_exact",
+            [f"{bench}/gpu/dali_check.py", "--device", dev, "--threads", threads, *dali_args, "--out", "{json}"],
+            60,
+            TIER23_HIDDEN,
+            needs=("nvidia.dali", "webdataset"),
+        ),
+        Step(
+            2,
+            "input_pipeline",
+            [
+                f"{bench}/input_pipeline.py",
+                "--device",
+                dev,
+                "--threads",
+                threads,
+                *pipe_args,
+                "--workdir",
+                "{tmp}",
+                "--out",
+                "{json}",
+            ],
+            60,
+            TIER23_HIDDEN,
+            needs=("nvidia.dali", "webdataset"),
+        ),
+        Step(
+            2,
+            "train_throughput",
+            [
+                f"{bench}/train_throughput.py",
+                "--device",
+                dev,
+                "--threads",
+                threads,
+                *tput_args,
+                "--set",
+                "data.decode=device",
+                "--out",
+                "{json}",
+            ],
+            90,
+            TIER23_HIDDEN,
+            needs=("nvidia.dali", "webdataset"),
+        ),
+        Step(
+            3,
+            "pytest_gpu",
+            ["-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "--junitxml", "{tmp}/junit.xml", *gpu_tests],
+            60,
+            TIER23_HIDDEN,
+            needs=("webdataset",),
+        ),
+        Step(
+            4,
+            "train_job",
+            [
+                "jobs/train_imagenet.py",
+                *job_args,
+                "--name",
+                "gpu-check",
+                "--storage-path",
+                "{tmp}/ray",
+                "--tracking-uri",
+                "sqlite:///{tmp}/mlflow.db",
+                "--experiment",
+                "gpu-check",
+            ],
+            120,
+            needs=("ray", "mlflow", "nvidia.dali", "webdataset"),
+        ),
+        Step(
+            1,
+            "train_step_compiled",
+            [
+                f"{bench}/gpu/train_step.py",
+                "--device",
+                dev,
+                "--modes",
+                "compiled",
+                *step_args,
+                *compiled,
+                "--out",
+                "{json}",
+                "--deadline",
+                "{deadline}",
+            ],
+            150,
+            TIER1_HIDDEN,
+        ),
     ]
 
 
@@ -147,17 +334,25 @@ def summarize(steps: dict) -> dict:
         out["resnet50_cam_over_anchors"] = anchors
     ev = result("evaluator_50k_maps")
     if ev:
-        out["evaluator"] = {"maps": ev.get("num_maps"), "thresholds": ev.get("num_thresholds"),
-                            "seconds": ev.get("end_to_end", {}).get("seconds"),
-                            "under_10_s": (ev.get("end_to_end", {}).get("seconds") or 1e9) < 10}
+        out["evaluator"] = {
+            "maps": ev.get("num_maps"),
+            "thresholds": ev.get("num_thresholds"),
+            "seconds": ev.get("end_to_end", {}).get("seconds"),
+            "under_10_s": (ev.get("end_to_end", {}).get("seconds") or 1e9) < 10,
+        }
     dec = result("decode_anchor")
     if dec:
         out["decode_img_s"] = {k: round(v, 1) for k, v in dec.items() if k.endswith("images_per_s")}
     paths = result("dali_vs_exact").get("paths")
     if paths:
-        out["inputs_vs_exact"] = {n: {k: v for k, v in p.items() if k in ("backend", "pixel_max_diff", "map_mean_diff",
-                                                                         "maxboxacc_v2_diff_points", "error")}
-                                  for n, p in paths.items()}
+        out["inputs_vs_exact"] = {
+            n: {
+                k: v
+                for k, v in p.items()
+                if k in ("backend", "pixel_max_diff", "map_mean_diff", "maxboxacc_v2_diff_points", "error")
+            }
+            for n, p in paths.items()
+        }
     if steps.get("pytest_gpu", {}).get("tests"):
         out["gpu_tests"] = steps["pytest_gpu"]["tests"]
     return out
@@ -199,7 +394,11 @@ def run(args) -> dict:
 
     save()
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
+    env = dict(
+        os.environ,
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+    )
     if args.dry_run:
         env.setdefault("XDG_CACHE_HOME", str(work / "cache"))
     for step in steps:
@@ -210,7 +409,9 @@ def run(args) -> dict:
         if step.tier not in wanted_tiers:
             record["status"] = "not asked for"
         elif missing:
-            record["status"] = f"skipped: {', '.join(missing)} not installed (carry its bundle: benchmarks/gpu/carry.md)"
+            record["status"] = (
+                f"skipped: {', '.join(missing)} not installed (carry its bundle: benchmarks/gpu/carry.md)"
+            )
         elif left < 15:
             record["status"] = "skipped: time budget spent"
         else:
@@ -218,16 +419,28 @@ def run(args) -> dict:
             step_dir.mkdir()
             json_path = step_dir / "result.json"
             limit = min(step.cap_s * (args.cap_scale or 1.0), left - 5)
-            argv = [a.replace("{json}", str(json_path)).replace("{tmp}", str(step_dir))
-                    .replace("{deadline}", str(time.time() + limit - 5)) for a in step.argv]
+            argv = [
+                a.replace("{json}", str(json_path))
+                .replace("{tmp}", str(step_dir))
+                .replace("{deadline}", str(time.time() + limit - 5))
+                for a in step.argv
+            ]
             prefix = [str(HERE / "_hide.py"), step.hidden] if step.hidden else []
             cmd = [args.python, *prefix, *argv]
             log.write(f"\n===== tier {step.tier} {step.name} (limit {limit:.0f} s): {' '.join(cmd)}\n")
             log.flush()
             t0 = time.time()
             try:
-                proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, timeout=limit, start_new_session=True)
+                proc = subprocess.run(
+                    cmd,
+                    cwd=REPO,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    timeout=limit,
+                    start_new_session=True,
+                )
                 rc, output = proc.returncode, proc.stdout
                 record["status"] = "ok" if rc == 0 else f"failed (exit {rc})"
             except subprocess.TimeoutExpired as exc:
@@ -247,8 +460,11 @@ def run(args) -> dict:
             if step.name == "pytest_gpu":
                 record["tests"] = _junit_counts(step_dir / "junit.xml")
         report["summary"] = summarize(report["steps"])
-        print(f"tier {step.tier} {step.name:>20}: {record['status']}" + (f" ({record['seconds']} s)" if "seconds" in record else ""),
-              flush=True)
+        print(
+            f"tier {step.tier} {step.name:>20}: {record['status']}"
+            + (f" ({record['seconds']} s)" if "seconds" in record else ""),
+            flush=True,
+        )
         save()
     shutil.rmtree(work, ignore_errors=True)
     report["finished"] = True

@@ -51,7 +51,7 @@ ANCHORS = {
         "source": "MLPerf Training ResNet-50 results, about 7,940 img/s per H200 (closed division, heavily tuned, DALI + MXNet)",
     },
     "note": "the protocol's ResNet50 keeps layer4 at stride 1 (14x14 maps at 224 px), about 1.3x the "
-            "standard network's FLOPs, and adds the method's head and losses: expect a lower rate",
+    "standard network's FLOPs, and adds the method's head and losses: expect a lower rate",
 }
 
 
@@ -63,8 +63,14 @@ def _batch(batch_size: int, size: int, num_classes: int, device: torch.device, c
     labels = torch.randint(0, num_classes, (batch_size,), generator=g).to(device)
     boxes = torch.tensor([[size * 0.2, size * 0.2, size * 0.8, size * 0.8]]).repeat(batch_size, 1, 1).to(device)
     sizes = torch.full((batch_size, 2), size, dtype=torch.int64, device=device)
-    return Batch(images, labels, [f"b{i}" for i in range(batch_size)], sizes, boxes,
-                 torch.ones(batch_size, dtype=torch.int64, device=device))
+    return Batch(
+        images,
+        labels,
+        [f"b{i}" for i in range(batch_size)],
+        sizes,
+        boxes,
+        torch.ones(batch_size, dtype=torch.int64, device=device),
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -177,7 +183,11 @@ def main(argv: list[str] | None = None) -> dict:
             for batch_size in (int(b) for b in args.batches.split(",")):
                 cam_ms = None
                 for name in methods:
-                    if mode == "compiled" and args.compiled_methods and name not in args.compiled_methods.split(",") + ["cam"]:
+                    if (
+                        mode == "compiled"
+                        and args.compiled_methods
+                        and name not in args.compiled_methods.split(",") + ["cam"]
+                    ):
                         continue
                     row = {"mode": mode, "backbone": backbone, "batch": batch_size, "method": name}
                     if args.deadline and time.time() > args.deadline - args.reserve:

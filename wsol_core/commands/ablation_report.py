@@ -42,17 +42,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default="", metavar="URI")
     select = parser.add_argument_group("which runs")
     select.add_argument("--experiment", action="append", default=[], help="experiment name or id; repeatable")
-    select.add_argument("--filter", default="", metavar="STRING", help="MLflow search filter, e.g. \"params.`method.name` = 'fmcg'\"")
-    select.add_argument("--run-ids", nargs="+", default=[], metavar="ID", help="explicit run ids (with or instead of --experiment)")
-    select.add_argument("--include-unfinished", action="store_true", help="also runs that are not FINISHED (searched runs only)")
+    select.add_argument(
+        "--filter", default="", metavar="STRING", help="MLflow search filter, e.g. \"params.`method.name` = 'fmcg'\""
+    )
+    select.add_argument(
+        "--run-ids", nargs="+", default=[], metavar="ID", help="explicit run ids (with or instead of --experiment)"
+    )
+    select.add_argument(
+        "--include-unfinished", action="store_true", help="also runs that are not FINISHED (searched runs only)"
+    )
     table = parser.add_argument_group("the table")
     table.add_argument("--split", default="test", choices=["test", "val"], help="which split's metrics (default: test)")
-    table.add_argument("--columns", default=",".join(ABLATION_COLUMNS), help="metric names without split prefix (default: %(default)s)")
-    table.add_argument("--group-by", action="append", default=[], metavar="PARAM", help="group only by these params (fnmatch patterns; repeatable or comma-separated)")
-    table.add_argument("--ignore-param", action="append", default=[], metavar="PARAM",
-                       help=f"params that do not split groups, added to the defaults {', '.join(DEFAULT_GROUP_IGNORE)}")
-    table.add_argument("--switches", default="", help="switch names to show, in order, e.g. srd,cg,pnl (default: every method.<x>.enabled found)")
-    table.add_argument("--label", default="", metavar="TEMPLATE", help="row label from params, e.g. '{method.name} theta={method.srd.theta_drop}'")
+    table.add_argument(
+        "--columns", default=",".join(ABLATION_COLUMNS), help="metric names without split prefix (default: %(default)s)"
+    )
+    table.add_argument(
+        "--group-by",
+        action="append",
+        default=[],
+        metavar="PARAM",
+        help="group only by these params (fnmatch patterns; repeatable or comma-separated)",
+    )
+    table.add_argument(
+        "--ignore-param",
+        action="append",
+        default=[],
+        metavar="PARAM",
+        help=f"params that do not split groups, added to the defaults {', '.join(DEFAULT_GROUP_IGNORE)}",
+    )
+    table.add_argument(
+        "--switches",
+        default="",
+        help="switch names to show, in order, e.g. srd,cg,pnl (default: every method.<x>.enabled found)",
+    )
+    table.add_argument(
+        "--label",
+        default="",
+        metavar="TEMPLATE",
+        help="row label from params, e.g. '{method.name} theta={method.srd.theta_drop}'",
+    )
     table.add_argument("--title", default="", help="table title (default: from the runs)")
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", default="ablation_report", metavar="DIR")
@@ -74,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not records:
-        print(f"error: no runs matched in {tracking_uri} (experiments {args.experiment}, filter {args.filter!r}, ids {args.run_ids})", file=sys.stderr)
+        print(
+            f"error: no runs matched in {tracking_uri} (experiments {args.experiment}, filter {args.filter!r}, ids {args.run_ids})",
+            file=sys.stderr,
+        )
         return 1
 
     result = build_ablation_table(
@@ -100,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     (output / "ablation.md").write_text(markdown, encoding="utf-8")
     (output / "ablation.csv").write_text(csv_text, encoding="utf-8")
     print(markdown)
-    print(f"[wsol] wrote {output / 'ablation.md'} and {output / 'ablation.csv'} ({len(result.rows)} rows from {sum(r.n for r in result.rows)} runs)")
+    print(
+        f"[wsol] wrote {output / 'ablation.md'} and {output / 'ablation.csv'} ({len(result.rows)} rows from {sum(r.n for r in result.rows)} runs)"
+    )
 
     if not args.no_log:
         experiment = args.summary_experiment or (args.experiment[0] if args.experiment else "")
@@ -114,8 +147,14 @@ def main(argv: list[str] | None = None) -> int:
             csv_text,
             source_ids,
             run_name=args.summary_name,
-            params={"report.split": args.split, "report.filter": args.filter or "-", "report.experiments": ",".join(args.experiment) or "-", "report.num_runs": len(source_ids)},
+            params={
+                "report.split": args.split,
+                "report.filter": args.filter or "-",
+                "report.experiments": ",".join(args.experiment) or "-",
+                "report.num_runs": len(source_ids),
+            },
         )
-        print(f"[wsol] logged ablation/ablation.md and ablation/ablation.csv into run {run_id} of experiment {experiment!r} ({tracking_uri})")
+        print(
+            f"[wsol] logged ablation/ablation.md and ablation/ablation.csv into run {run_id} of experiment {experiment!r} ({tracking_uri})"
+        )
     return 0
-

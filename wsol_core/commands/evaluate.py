@@ -32,12 +32,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=int, default=0, help="Ray Train workers (0: this process)")
     parser.add_argument("--use-gpu", action="store_true")
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
-    parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI (for models:/ and runs:/ URIs and logging)")
+    parser.add_argument(
+        "--tracking-uri", default="", help="MLflow tracking URI (for models:/ and runs:/ URIs and logging)"
+    )
     parser.add_argument("--log-to-mlflow", default="", metavar="RUN_ID", help="log the metrics into this MLflow run")
     parser.add_argument("--out", default="", help="write the metrics as JSON here")
-    parser.add_argument("--layout", default="auto", choices=["auto", "wsolevaluation", "ccam"], help="layout of a released checkpoint file")
     parser.add_argument(
-        "--loc-threshold", default="auto",
+        "--layout",
+        default="auto",
+        choices=["auto", "wsolevaluation", "ccam"],
+        help="layout of a released checkpoint file",
+    )
+    parser.add_argument(
+        "--loc-threshold",
+        default="auto",
         help="where GT-known / Top-k Loc are read: auto (the model's val threshold, else a val split beside --data's split), self, or a value in [0, 1)",
     )
     args = parser.parse_args(argv)
@@ -53,13 +61,24 @@ def main(argv: list[str] | None = None) -> int:
         tracking_uri = resolve_tracking_uri(args.tracking_uri) if (args.tracking_uri or args.log_to_mlflow) else ""
         root = Path(args.data) if args.data else None
         if root is None:
-            loaded = load_model(args.checkpoint, tracking_uri=tracking_uri, overrides=args.overrides, layout=args.layout)
+            loaded = load_model(
+                args.checkpoint, tracking_uri=tracking_uri, overrides=args.overrides, layout=args.layout
+            )
             if loaded.source != "project":
-                raise ValueError(f"{args.checkpoint} is a released {loaded.source} checkpoint: pass --data (it carries no data location)")
+                raise ValueError(
+                    f"{args.checkpoint} is a released {loaded.source} checkpoint: pass --data (it carries no data location)"
+                )
             root = resolve_data_root(loaded.cfg.data)
         metrics = evaluate_checkpoint(
-            args.checkpoint, root / args.split, split=args.split, interval=args.interval, overrides=args.overrides,
-            num_workers=args.num_workers, use_gpu=args.use_gpu, tracking_uri=tracking_uri, layout=args.layout,
+            args.checkpoint,
+            root / args.split,
+            split=args.split,
+            interval=args.interval,
+            overrides=args.overrides,
+            num_workers=args.num_workers,
+            use_gpu=args.use_gpu,
+            tracking_uri=tracking_uri,
+            layout=args.layout,
             loc_threshold=args.loc_threshold,
         )
     except (ConfigError, FileNotFoundError, ValueError, ReleasedCheckpointError) as err:
@@ -76,4 +95,3 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_to_mlflow:
         RunLogger(tracking_uri, args.log_to_mlflow).log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=0)
     return 0
-

@@ -35,7 +35,9 @@ from wsol_core.train.ray_session import RayStartError, init_ray, report_start_fa
 def resolve_threshold(asked: str, stored: float | None, source: str) -> float:
     if asked == "auto":
         if stored is None:
-            raise ValueError(f"{source} stores no threshold chosen on val (a released checkpoint?): pass --threshold VALUE")
+            raise ValueError(
+                f"{source} stores no threshold chosen on val (a released checkpoint?): pass --threshold VALUE"
+            )
         return stored
     value = float(asked)
     if not 0 <= value < 1:
@@ -69,29 +71,53 @@ def localize_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     loaded = load_model(config["checkpoint"], overrides=config["overrides"], device=device, layout=config["layout"])
     summary = localize_shards(
-        loaded.method, Path(config["images"]), Path(config["out"]) / f"rank_{rank}", threshold=config["threshold"],
-        device=device, options=eval_loader_options(loaded.cfg), batch_size=config["batch_size"], rank=rank,
-        world_size=context.get_world_size(), overlays=config["overlays"], save_maps=config["save_maps"],
-        class_names=config["class_names"], progress=rank == 0,
+        loaded.method,
+        Path(config["images"]),
+        Path(config["out"]) / f"rank_{rank}",
+        threshold=config["threshold"],
+        device=device,
+        options=eval_loader_options(loaded.cfg),
+        batch_size=config["batch_size"],
+        rank=rank,
+        world_size=context.get_world_size(),
+        overlays=config["overlays"],
+        save_maps=config["save_maps"],
+        class_names=config["class_names"],
+        progress=rank == 0,
     )
     ray.train.report({"localized": summary.localized})
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint dir, state.pt, MLflow model URI, or a released checkpoint file")
+    parser.add_argument(
+        "--checkpoint", required=True, help="checkpoint dir, state.pt, MLflow model URI, or a released checkpoint file"
+    )
     parser.add_argument("--images", required=True, help="a folder of pictures or a shard split directory")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--threshold", default="auto", help="CAM threshold in [0, 1) (default: the one chosen on val, stored with the model)")
+    parser.add_argument(
+        "--threshold",
+        default="auto",
+        help="CAM threshold in [0, 1) (default: the one chosen on val, stored with the model)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-threads", type=int, default=2, help="image decoding workers (folder input)")
-    parser.add_argument("--num-workers", type=int, default=0, help="Ray Train workers for shard input (0: this process)")
+    parser.add_argument(
+        "--num-workers", type=int, default=0, help="Ray Train workers for shard input (0: this process)"
+    )
     parser.add_argument("--use-gpu", action="store_true", help="run on the GPU (CUDA) when there is one")
     parser.add_argument("--no-overlays", action="store_true")
     parser.add_argument("--contact-sheet", action="store_true")
     parser.add_argument("--save-maps", action="store_true", help="also write the normalized maps as .npy")
-    parser.add_argument("--class-names", default="", help="a text file, one class name per line (default: the run's manifest)")
-    parser.add_argument("--layout", default="auto", choices=["auto", "wsolevaluation", "ccam"], help="layout of a released checkpoint file")
+    parser.add_argument(
+        "--class-names", default="", help="a text file, one class name per line (default: the run's manifest)"
+    )
+    parser.add_argument(
+        "--layout",
+        default="auto",
+        choices=["auto", "wsolevaluation", "ccam"],
+        help="layout of a released checkpoint file",
+    )
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI (for runs:/ and models:/ URIs)")
     args = parser.parse_args(argv)
@@ -117,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         threshold = resolve_threshold(args.threshold, loaded.loc_threshold, args.checkpoint)
         names = class_names_for(loaded, args.class_names)
         shards = (images / "dataset.json").is_file()
-        print(f"[wsol] {loaded.source} model {loaded.cfg.method.name}/{loaded.cfg.model.backbone} on {device}; threshold {threshold:.3f}"
-              + (f"; {loaded.note}" if loaded.note else ""), flush=True)
+        print(
+            f"[wsol] {loaded.source} model {loaded.cfg.method.name}/{loaded.cfg.model.backbone} on {device}; threshold {threshold:.3f}"
+            + (f"; {loaded.note}" if loaded.note else ""),
+            flush=True,
+        )
         if shards and args.num_workers > 0:
             init_ray()  # before any ray import: it decides how workers start
             from wsol_core.train.trainer import inference_trainer
@@ -127,24 +156,49 @@ def main(argv: list[str] | None = None) -> int:
             inference_trainer(
                 localize_worker,
                 {
-                    "checkpoint": checkpoint, "images": str(images.resolve()), "out": str(out.resolve()), "threshold": threshold,
-                    "overrides": args.overrides, "layout": args.layout, "batch_size": args.batch_size,
-                    "overlays": not args.no_overlays, "save_maps": args.save_maps, "class_names": names,
+                    "checkpoint": checkpoint,
+                    "images": str(images.resolve()),
+                    "out": str(out.resolve()),
+                    "threshold": threshold,
+                    "overrides": args.overrides,
+                    "layout": args.layout,
+                    "batch_size": args.batch_size,
+                    "overlays": not args.no_overlays,
+                    "save_maps": args.save_maps,
+                    "class_names": names,
                 },
-                num_workers=args.num_workers, use_gpu=args.use_gpu, purpose="localize",
+                num_workers=args.num_workers,
+                use_gpu=args.use_gpu,
+                purpose="localize",
             ).fit()
             summary = merge_rank_outputs(out, sorted(out.glob("rank_*")), args.contact_sheet)
         elif shards:
             summary = localize_shards(
-                loaded.method, images, out, threshold=threshold, device=device, options=eval_loader_options(loaded.cfg),
-                batch_size=args.batch_size, overlays=not args.no_overlays, sheet=args.contact_sheet, save_maps=args.save_maps,
+                loaded.method,
+                images,
+                out,
+                threshold=threshold,
+                device=device,
+                options=eval_loader_options(loaded.cfg),
+                batch_size=args.batch_size,
+                overlays=not args.no_overlays,
+                sheet=args.contact_sheet,
+                save_maps=args.save_maps,
                 class_names=names,
             )
         else:
             summary = localize_folder(
-                loaded.method, images, out, threshold=threshold, device=device, batch_size=args.batch_size,
-                num_threads=args.num_threads, overlays=not args.no_overlays, sheet=args.contact_sheet,
-                save_maps=args.save_maps, class_names=names,
+                loaded.method,
+                images,
+                out,
+                threshold=threshold,
+                device=device,
+                batch_size=args.batch_size,
+                num_threads=args.num_threads,
+                overlays=not args.no_overlays,
+                sheet=args.contact_sheet,
+                save_maps=args.save_maps,
+                class_names=names,
             )
     except (ConfigError, FileNotFoundError, ValueError, ReleasedCheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -152,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     except RayStartError as err:  # a busy machine, said plainly: no internal traceback
         return report_start_failure(err)
     print(json.dumps({k: v for k, v in summary.__dict__.items() if k != "skipped"} | {"skipped": len(summary.skipped)}))
-    print(f"[wsol] {summary.localized} of {summary.images} images localized into {out} ({len(summary.skipped)} skipped), {summary.images_per_s:.1f} img/s")
+    print(
+        f"[wsol] {summary.localized} of {summary.images} images localized into {out} ({len(summary.skipped)} skipped), {summary.images_per_s:.1f} img/s"
+    )
     return 0
-

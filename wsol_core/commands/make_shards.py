@@ -30,16 +30,28 @@ def _bytes(text: str) -> int | None:
     return int(float(t[:-1] if t[-1] in "kmg" else t) * mult)
 
 
-def _add_writer_options(p: argparse.ArgumentParser, *, default_bytes: str = "1G", default_samples: int | None = None) -> None:
+def _add_writer_options(
+    p: argparse.ArgumentParser, *, default_bytes: str = "1G", default_samples: int | None = None
+) -> None:
     g = p.add_argument_group("shards")
-    g.add_argument("--shard-bytes", type=_bytes, default=_bytes(default_bytes), metavar="SIZE",
-                   help=f"max bytes per shard, e.g. 1G, 200M; 0 for none (default {default_bytes})")
+    g.add_argument(
+        "--shard-bytes",
+        type=_bytes,
+        default=_bytes(default_bytes),
+        metavar="SIZE",
+        help=f"max bytes per shard, e.g. 1G, 200M; 0 for none (default {default_bytes})",
+    )
     g.add_argument("--shard-samples", type=int, default=default_samples, metavar="N", help="max samples per shard")
     g.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="writer processes (default: all cores)")
-    g.add_argument("--seed", type=int, default=0,
-                   help="seed of the training-split shuffle (synthetic: also of the pictures)")
-    g.add_argument("--shuffle", choices=["auto", "yes", "no"], default="auto",
-                   help="shuffle the sample order (auto: training splits only)")
+    g.add_argument(
+        "--seed", type=int, default=0, help="seed of the training-split shuffle (synthetic: also of the pictures)"
+    )
+    g.add_argument(
+        "--shuffle",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="shuffle the sample order (auto: training splits only)",
+    )
     g.add_argument("--jpeg-quality", type=int, default=95, help="quality for images that must be re-encoded")
     g.add_argument("--no-verify-decode", action="store_true", help="do not fully decode every source image")
     g.add_argument("--skip-corrupt", action="store_true", help="skip bad source images (listed in dataset.json)")
@@ -88,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("wsolmeta", help="the evaluation protocol's metadata layout (CUB, ImageNet, OpenImages)")
     p.add_argument("--images", required=True, help="image root the metadata paths are relative to")
-    p.add_argument("--metadata", required=True, help="metadata folder with one sub-folder per split (e.g. metadata/CUB)")
+    p.add_argument(
+        "--metadata", required=True, help="metadata folder with one sub-folder per split (e.g. metadata/CUB)"
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--splits", nargs="*", help="splits to convert (default: every folder with an image_ids.txt)")
     p.add_argument("--masks", default=None, help="root of the PxAP mask paths (default: --images)")
@@ -119,8 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=128, help="image side in pixels")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--unlabeled", action="store_true", help="labels -1 (co-localization)")
-    p.add_argument("--upright", action="store_true", help="creatures in a canonical pose (see wsol_core/data/synthetic.py)")
-    p.add_argument("--body-texture", action="store_true", help="every body wears the same checker texture (see wsol_core/data/synthetic.py)")
+    p.add_argument(
+        "--upright", action="store_true", help="creatures in a canonical pose (see wsol_core/data/synthetic.py)"
+    )
+    p.add_argument(
+        "--body-texture",
+        action="store_true",
+        help="every body wears the same checker texture (see wsol_core/data/synthetic.py)",
+    )
     _add_writer_options(p, default_bytes="0", default_samples=1000)
 
     p = sub.add_parser("index", help="rebuild the DALI index files of a split directory")
@@ -152,9 +172,16 @@ def main(argv: list[str] | None = None) -> int:
 
         names = Path(args.class_names).read_text().splitlines() if args.class_names else ()
         results = convert_wsolmeta(
-            args.images, args.metadata, args.out, splits=args.splits, dataset=args.dataset,
-            masks_root=args.masks, split_images=_split_roots(args.split_images),
-            num_classes=args.num_classes, class_names=[n for n in names if n.strip()], options=options,
+            args.images,
+            args.metadata,
+            args.out,
+            splits=args.splits,
+            dataset=args.dataset,
+            masks_root=args.masks,
+            split_images=_split_roots(args.split_images),
+            num_classes=args.num_classes,
+            class_names=[n for n in names if n.strip()],
+            options=options,
         )
     elif args.command == "cub":
         from wsol_core.data.converters import convert_cub
@@ -165,14 +192,27 @@ def main(argv: list[str] | None = None) -> int:
 
         if not args.train and not args.val:
             parser.error("imagenet needs --train and/or --val")
-        results = convert_imagenet(args.train, args.val, args.boxes, args.out,
-                                   synset_words=args.synset_words, options=options)
+        results = convert_imagenet(
+            args.train, args.val, args.boxes, args.out, synset_words=args.synset_words, options=options
+        )
     else:
         from wsol_core.data.synthetic import SyntheticConfig, write_synthetic
 
-        config = SyntheticConfig(size=args.size, num_classes=args.classes, unlabeled=args.unlabeled, upright=args.upright, body_texture=args.body_texture)
-        results = write_synthetic(args.out, num_train=args.num_train, num_val=args.num_val, num_test=args.num_test,
-                                  config=config, seed=args.seed, options=options)
+        config = SyntheticConfig(
+            size=args.size,
+            num_classes=args.classes,
+            unlabeled=args.unlabeled,
+            upright=args.upright,
+            body_texture=args.body_texture,
+        )
+        results = write_synthetic(
+            args.out,
+            num_train=args.num_train,
+            num_val=args.num_val,
+            num_test=args.num_test,
+            config=config,
+            seed=args.seed,
+            options=options,
+        )
     _report(results)
     return 0
-

@@ -32,16 +32,39 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_options(parser)
     group = parser.add_argument_group("search")
-    group.add_argument("--space", action="append", default=[], metavar="FILE", help="search space YAML over the method's default; repeatable")
-    group.add_argument("--param", action="append", default=[], metavar="NAME=SPEC", help="theta_drop=0.6:0.9 (range), S=3,5 (choice), tau_fg=0.8 (pin); repeatable")
+    group.add_argument(
+        "--space",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="search space YAML over the method's default; repeatable",
+    )
+    group.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=SPEC",
+        help="theta_drop=0.6:0.9 (range), S=3,5 (choice), tau_fg=0.8 (pin); repeatable",
+    )
     group.add_argument("--num-samples", type=int, default=8, help="trials (default 8)")
-    group.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped (default 1)")
+    group.add_argument(
+        "--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped (default 1)"
+    )
     group.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA reduction factor (default 2)")
-    group.add_argument("--max-concurrent-trials", type=int, default=0, help="default: as many as the cluster's CPUs/GPUs fit")
-    group.add_argument("--tpe-startup-trials", type=int, default=0, help="random trials before TPE models the space (default: a third, >= 2)")
+    group.add_argument(
+        "--max-concurrent-trials", type=int, default=0, help="default: as many as the cluster's CPUs/GPUs fit"
+    )
+    group.add_argument(
+        "--tpe-startup-trials",
+        type=int,
+        default=0,
+        help="random trials before TPE models the space (default: a third, >= 2)",
+    )
     group.add_argument("--search-seed", type=int, default=0, help="TPE sampler seed")
     group.add_argument("--top-k", type=int, default=5, help="rows of the top-trials table")
-    group.add_argument("--ray-address", default=None, help="Ray cluster address (default: the job's cluster, else a local instance)")
+    group.add_argument(
+        "--ray-address", default=None, help="Ray cluster address (default: the job's cluster, else a local instance)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
@@ -69,12 +92,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n[wsol] {err or 'interrupted; the same command resumes the search'}", file=sys.stderr)
         return 130
     print()
-    print(f"[wsol] search {outcome.name!r} {'(restored) ' if outcome.restored else ''}finished in {elapsed(start)}: "
-          f"{len(outcome.trials)} trials, {len(outcome.early_stopped)} stopped early by ASHA")
-    print(f"[wsol] best {METRIC} = {outcome.best_score:.2f} with " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in outcome.best_params.items()))
+    print(
+        f"[wsol] search {outcome.name!r} {'(restored) ' if outcome.restored else ''}finished in {elapsed(start)}: "
+        f"{len(outcome.trials)} trials, {len(outcome.early_stopped)} stopped early by ASHA"
+    )
+    print(
+        f"[wsol] best {METRIC} = {outcome.best_score:.2f} with "
+        + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in outcome.best_params.items())
+    )
     print(f"[wsol] best config written to {outcome.best_config_path}")
     print(f"[wsol] train it with: python jobs/train_imagenet.py --config {outcome.best_config_path}")
-    print(f"[wsol] MLflow parent run {outcome.parent_run_id} in experiment {outcome.experiment!r}; open the dashboard with:")
+    print(
+        f"[wsol] MLflow parent run {outcome.parent_run_id} in experiment {outcome.experiment!r}; open the dashboard with:"
+    )
     print(f"    uv run mlflow ui --backend-store-uri {outcome.tracking_uri} --host 127.0.0.1 --port 5000")
     return 0
-

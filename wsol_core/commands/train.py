@@ -21,8 +21,12 @@ from wsol_core.config import ConfigError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_options(parser)
-    parser.add_argument("--ray-address", default=None, help="Ray cluster address (default: the job's cluster, else a local instance)")
-    parser.add_argument("--register-model", default="", metavar="NAME", help="also register the final model in the MLflow registry")
+    parser.add_argument(
+        "--ray-address", default=None, help="Ray cluster address (default: the job's cluster, else a local instance)"
+    )
+    parser.add_argument(
+        "--register-model", default="", metavar="NAME", help="also register the final model in the MLflow registry"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -46,13 +50,20 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"[wsol] finished {outcome.run_name!r} ({'resumed' if outcome.resumed else 'new'} run)")
     for split in ("val", "test"):
-        shown = [(label, metrics[f"{split}/{key}"]) for key, label in
-                 (("maxboxacc_v2", "MaxBoxAccV2"), ("maxboxacc_v1", "MaxBoxAcc v1"), ("gt_known_loc", "GT-known Loc"), ("top1_loc", "Top-1 Loc"), ("pxap", "PxAP"))
-                 if f"{split}/{key}" in metrics]
+        shown = [
+            (label, metrics[f"{split}/{key}"])
+            for key, label in (
+                ("maxboxacc_v2", "MaxBoxAccV2"),
+                ("maxboxacc_v1", "MaxBoxAcc v1"),
+                ("gt_known_loc", "GT-known Loc"),
+                ("top1_loc", "Top-1 Loc"),
+                ("pxap", "PxAP"),
+            )
+            if f"{split}/{key}" in metrics
+        ]
         if shown:
             print(f"[wsol] {split} " + ", ".join(f"{label} = {value:.2f}" for label, value in shown))
     print(f"[wsol] checkpoints: {outcome.checkpoint_path}")
     print(f"[wsol] MLflow run {outcome.mlflow_run_id} in experiment {outcome.experiment!r}; open the dashboard with:")
     print(f"    {outcome.dashboard_command()}")
     return 0
-

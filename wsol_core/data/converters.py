@@ -151,7 +151,9 @@ def convert_wsolmeta(
     The number of classes is the largest label + 1 over the converted splits unless given.
     """
     metadata_dir = Path(metadata_dir)
-    names = list(splits) if splits else sorted(p.name for p in metadata_dir.iterdir() if (p / "image_ids.txt").is_file())
+    names = (
+        list(splits) if splits else sorted(p.name for p in metadata_dir.iterdir() if (p / "image_ids.txt").is_file())
+    )
     if not names:
         raise FileNotFoundError(f"{metadata_dir}: no split folder with an image_ids.txt")
     per_split = {}
@@ -166,8 +168,16 @@ def convert_wsolmeta(
     for split, (records, has_masks) in per_split.items():
         labeled = all(r.label >= 0 for r in records)
         results[split] = write_split(
-            out_dir, split, records, _materializer(options), dataset=dataset or metadata_dir.name,
-            num_classes=k, class_names=class_names, labeled=labeled, has_masks=has_masks, options=options,
+            out_dir,
+            split,
+            records,
+            _materializer(options),
+            dataset=dataset or metadata_dir.name,
+            num_classes=k,
+            class_names=class_names,
+            labeled=labeled,
+            has_masks=has_masks,
+            options=options,
         )
     return results
 
@@ -204,7 +214,9 @@ def cub_records(root: str | Path) -> tuple[dict[str, list[SourceRecord]], list[s
             raise ValueError(f"{root}: image {image_num} ({rel}) lacks a label or a train/test flag")
         label = int(labels[image_num][0]) - 1  # the release is 1-based
         if not 0 <= label < len(class_names):
-            raise ValueError(f"{root / 'image_class_labels.txt'}: class {label + 1} of image {image_num} is not in classes.txt")
+            raise ValueError(
+                f"{root / 'image_class_labels.txt'}: class {label + 1} of image {image_num} is not in classes.txt"
+            )
         box: tuple[tuple[float, float, float, float], ...] = ()
         if image_num in boxes:
             x, y, w, h = (float(v) for v in boxes[image_num])
@@ -215,12 +227,22 @@ def cub_records(root: str | Path) -> tuple[dict[str, list[SourceRecord]], list[s
     return out, class_names
 
 
-def convert_cub(root: str | Path, out_dir: str | Path, *, options: WriterOptions = WriterOptions()) -> dict[str, WriteResult]:
+def convert_cub(
+    root: str | Path, out_dir: str | Path, *, options: WriterOptions = WriterOptions()
+) -> dict[str, WriteResult]:
     """Convert the raw CUB-200-2011 release (train and test splits)."""
     per_split, class_names = cub_records(root)
     return {
-        split: write_split(out_dir, split, records, _materializer(options), dataset="CUB-200-2011",
-                           num_classes=len(class_names), class_names=class_names, options=options)
+        split: write_split(
+            out_dir,
+            split,
+            records,
+            _materializer(options),
+            dataset="CUB-200-2011",
+            num_classes=len(class_names),
+            class_names=class_names,
+            options=options,
+        )
         for split, records in per_split.items()
         if records
     }
@@ -231,7 +253,9 @@ def convert_cub(root: str | Path, out_dir: str | Path, *, options: WriterOptions
 # ---------------------------------------------------------------------------------------------
 
 
-def parse_voc_xml(path: str | Path) -> tuple[tuple[int, int] | None, list[tuple[str, tuple[float, float, float, float]]]]:
+def parse_voc_xml(
+    path: str | Path,
+) -> tuple[tuple[int, int] | None, list[tuple[str, tuple[float, float, float, float]]]]:
     """``(width, height)`` (None when absent or zero) and ``[(synset, (x0, y0, x1, y1)), ...]``."""
     try:
         tree = ET.parse(path)
@@ -345,8 +369,16 @@ def convert_imagenet(
                 words[wnid] = text.strip()
         names = [f"{s} {words[s]}" if s in words else s for s in synsets]
     return {
-        split: write_split(out_dir, split, records, _materializer(options), dataset="ILSVRC2012",
-                           num_classes=len(synsets), class_names=names, options=options)
+        split: write_split(
+            out_dir,
+            split,
+            records,
+            _materializer(options),
+            dataset="ILSVRC2012",
+            num_classes=len(synsets),
+            class_names=names,
+            options=options,
+        )
         for split, records in per_split.items()
         if records
     }

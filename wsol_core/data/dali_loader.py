@@ -135,7 +135,9 @@ class _HostFeeder:
             outs = self.reader.run()
         except Exception as exc:
             shards = ", ".join(s.tar.name for s in loader.split.shards)
-            raise ShardError(loader.split.root, None, f"DALI's webdataset reader failed on one of [{shards}]: {exc}") from exc
+            raise ShardError(
+                loader.split.root, None, f"DALI's webdataset reader failed on one of [{shards}]: {exc}"
+            ) from exc
         img_tl, json_tl, cls_tl = outs[0], outs[1], outs[2]
         mask_tl = ignore_tl = None
         if loader.load_masks:
@@ -171,7 +173,9 @@ class _HostFeeder:
             try:
                 if img_info is None or img.size == 0:
                     raise ShardError(tar, key, "missing image (jpg/png) member")
-                problem = encoded_image_problem(img.tobytes(), img_info[3], entropy=loader.options.jpeg_check == "strict")
+                problem = encoded_image_problem(
+                    img.tobytes(), img_info[3], entropy=loader.options.jpeg_check == "strict"
+                )
                 if problem:
                     raise ShardError(tar, key, problem)
                 metas[j] = parse_meta(
@@ -261,7 +265,9 @@ class DaliLoader:
         self._epoch = int(epoch)
 
     def plan(self) -> EpochPlan:
-        return EpochPlan(self.split.num_samples, self.options.batch_size, self.rank, self.world_size, self._epoch, self.kind)
+        return EpochPlan(
+            self.split.num_samples, self.options.batch_size, self.rank, self.world_size, self._epoch, self.kind
+        )
 
     def __len__(self) -> int:
         return self.plan().num_batches
@@ -346,7 +352,9 @@ class DaliLoader:
         pipe = Pipeline(
             batch_size=plan.batch_size,
             num_threads=max(1, opts.num_threads),
-            device_id=(self.device.index if self.device.index is not None else torch.cuda.current_device()) if self._gpu else None,
+            device_id=(self.device.index if self.device.index is not None else torch.cuda.current_device())
+            if self._gpu
+            else None,
             prefetch_queue_depth=opts.prefetch,
             seed=plan.seed(opts.seed, 100 + rebuild),
         )
@@ -423,8 +431,12 @@ class DaliLoader:
         feeder.pending.clear()
         feeder.replay = deque(pending)
         self.decode_rebuilds += 1
-        log.warning("rebuilding the DALI decode pipeline after %d undecodable samples (%d counted as skipped; the others are "
-                    "repeats or batches read ahead past the epoch)", len(culprits), counted)
+        log.warning(
+            "rebuilding the DALI decode pipeline after %d undecodable samples (%d counted as skipped; the others are "
+            "repeats or batches read ahead past the epoch)",
+            len(culprits),
+            counted,
+        )
         return self._decode_pipeline(plan, feeder, self.decode_rebuilds)
 
     # -- outputs -----------------------------------------------------------------------------------

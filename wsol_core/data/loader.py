@@ -114,13 +114,25 @@ def build_loader(
     if opts.backend == "dali" or (opts.backend == "auto" and ok):
         from wsol_core.data.dali_loader import DaliLoader
 
-        loader: WsolLoader = DaliLoader(split, split_kind=split_kind, rank=rank, world_size=world_size, device=device, options=opts)
+        loader: WsolLoader = DaliLoader(
+            split, split_kind=split_kind, rank=rank, world_size=world_size, device=device, options=opts
+        )
         reason = why
     else:
         from wsol_core.data.torch_loader import TorchLoader
 
-        loader = TorchLoader(split, split_kind=split_kind, rank=rank, world_size=world_size, device=device, options=opts)
+        loader = TorchLoader(
+            split, split_kind=split_kind, rank=rank, world_size=world_size, device=device, options=opts
+        )
         reason = "asked for" if opts.backend == "torch" else why + "; using the torch fallback"
     loader.backend_reason = reason  # type: ignore[attr-defined]
-    log.info("input pipeline for %s (%s, rank %d/%d): %s - %s", split_dir, split_kind, rank, world_size, loader.backend, reason)
+    log.info(
+        "input pipeline for %s (%s, rank %d/%d): %s - %s",
+        split_dir,
+        split_kind,
+        rank,
+        world_size,
+        loader.backend,
+        reason,
+    )
     return loader

@@ -201,17 +201,16 @@ def verify_split(
             raise ShardError(
                 tar,
                 None,
-                f"missing DALI index file {idx.name}; rebuild it with "
-                f"`python jobs/make_shards.py index {root}`",
+                f"missing DALI index file {idx.name}; rebuild it with `python jobs/make_shards.py index {root}`",
             )
         size = tar.stat().st_size
         if mode != "none" and info.bytes and size != info.bytes:
-            raise ShardError(tar, None, f"size {size} bytes differs from dataset.json ({info.bytes}); truncated or replaced?")
+            raise ShardError(
+                tar, None, f"size {size} bytes differs from dataset.json ({info.bytes}); truncated or replaced?"
+            )
         samples = read_index(idx)
         if len(samples) != info.num_samples:
-            raise ShardError(
-                tar, None, f"index lists {len(samples)} samples but dataset.json says {info.num_samples}"
-            )
+            raise ShardError(tar, None, f"index lists {len(samples)} samples but dataset.json says {info.num_samples}")
         if mode != "none":
             for s in samples:
                 if s.end > size:

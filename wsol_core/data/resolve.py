@@ -30,7 +30,9 @@ def synthetic_cache_root(cfg: SyntheticDataConfig) -> Path:
 
 def synthetic_dataset_dir(cfg: SyntheticDataConfig) -> Path:
     # Options added later join the key only when set, so existing caches keep their key.
-    key = json.dumps({k: v for k, v in asdict(cfg).items() if k != "cache_dir" and (v or k not in LATER_OPTIONS)}, sort_keys=True)
+    key = json.dumps(
+        {k: v for k, v in asdict(cfg).items() if k != "cache_dir" and (v or k not in LATER_OPTIONS)}, sort_keys=True
+    )
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return synthetic_cache_root(cfg) / f"synthetic-{cfg.size}px-{cfg.classes}c-{digest}"
 
@@ -50,7 +52,9 @@ def ensure_synthetic(cfg: SyntheticDataConfig) -> Path:
                 num_train=cfg.num_train,
                 num_val=cfg.num_val,
                 num_test=cfg.num_test,
-                config=SyntheticConfig(size=cfg.size, num_classes=cfg.classes, upright=cfg.upright, body_texture=cfg.body_texture),
+                config=SyntheticConfig(
+                    size=cfg.size, num_classes=cfg.classes, upright=cfg.upright, body_texture=cfg.body_texture
+                ),
                 seed=cfg.seed,
             )
     return root

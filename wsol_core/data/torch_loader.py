@@ -130,8 +130,17 @@ def _split_range(start: int, stop: int, parts: int) -> list[tuple[int, int]]:
 class _ShardStream(IterableDataset):
     """Yields chunks of transformed samples of this rank's slice; one contiguous run per worker."""
 
-    def __init__(self, split: VerifiedSplit, kind: SplitKind, rank: int, world_size: int, batch_size: int,
-                 options: LoaderOptions, load_masks: bool, epoch_value) -> None:
+    def __init__(
+        self,
+        split: VerifiedSplit,
+        kind: SplitKind,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        options: LoaderOptions,
+        load_masks: bool,
+        epoch_value,
+    ) -> None:
         super().__init__()
         self.split = split
         self.kind = kind
@@ -144,8 +153,9 @@ class _ShardStream(IterableDataset):
         self._index_cache: dict[str, list[IndexedSample]] = {}  # per worker process
 
     def plan(self) -> EpochPlan:
-        return EpochPlan(self.split.num_samples, self.batch_size, self.rank, self.world_size,
-                         int(self.epoch_value.value), self.kind)
+        return EpochPlan(
+            self.split.num_samples, self.batch_size, self.rank, self.world_size, int(self.epoch_value.value), self.kind
+        )
 
     def __iter__(self) -> Iterator[list[_Item]]:
         info = get_worker_info()
@@ -188,7 +198,9 @@ class _ShardStream(IterableDataset):
                         if sample is None:
                             raise ShardError(seg.tar, expected, "tar ends before this sample: truncated tar?")
                         if sample["__key__"] != expected:
-                            raise ShardError(seg.tar, expected, f"tar holds {sample['__key__']!r} where the index says {expected!r}")
+                            raise ShardError(
+                                seg.tar, expected, f"tar holds {sample['__key__']!r} where the index says {expected!r}"
+                            )
                         sample["__shard__"] = seg.tar
                         yield sample
                         n += 1
@@ -213,26 +225,43 @@ class _ShardStream(IterableDataset):
             problem = encoded_image_problem(data, ext)
             if problem:
                 raise ShardError(shard, key, problem)
-            meta = parse_meta(sample.get("json"), sample.get("cls"), shard=shard, key=key,
-                              labeled=manifest.labeled, num_classes=manifest.num_classes)
+            meta = parse_meta(
+                sample.get("json"),
+                sample.get("cls"),
+                shard=shard,
+                key=key,
+                labeled=manifest.labeled,
+                num_classes=manifest.num_classes,
+            )
             try:
                 pil = Image.open(io.BytesIO(data))  # reads the header only
                 size = pil.size
             except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... on bad data
                 raise ShardError(shard, key, f"cannot decode image ({type(exc).__name__}: {exc})") from None
             if size != (meta.width, meta.height):
-                raise ShardError(shard, key, f"image is {size[0]}x{size[1]} but its json says {meta.width}x{meta.height}")
+                raise ShardError(
+                    shard, key, f"image is {size[0]}x{size[1]} but its json says {meta.width}x{meta.height}"
+                )
             geometry = self._geometry(meta.height, meta.width, rng, kind)
             mask = None
             if self.load_masks:
-                mask = protocol_mask(sample.get("mask.png"), sample.get("ignore.png"), size=self.options.mask_size, shard=shard, key=key)
+                mask = protocol_mask(
+                    sample.get("mask.png"), sample.get("ignore.png"), size=self.options.mask_size, shard=shard, key=key
+                )
             strict = pil.format == "JPEG" and self.options.jpeg_check == "strict"
             if self.options.decode == "device" and pil.format == "JPEG":
                 problem = jpeg_entropy_problem(data) if strict else None
                 if problem:
                     raise ShardError(shard, key, problem)
-                return _Item(None, meta, mask, None, encoded=torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                             geometry=geometry, shard=shard)
+                return _Item(
+                    None,
+                    meta,
+                    mask,
+                    None,
+                    encoded=torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                    geometry=geometry,
+                    shard=shard,
+                )
             try:
                 # A strict decode's pixels are PIL's own (format.decode_jpeg_strict), so checking
                 # the entropy data costs nothing here; None: a CMYK JPEG, converted by PIL.
@@ -261,7 +290,9 @@ class _ShardStream(IterableDataset):
         if kind == "eval":
             return _Geometry(None, (c, c), None, False)
         if self.options.random_resized_crop:
-            pre_crop: tuple[int, int, int, int] | None = _rrc_params(height, width, self.options.rrc_scale, self.options.rrc_ratio, rng)
+            pre_crop: tuple[int, int, int, int] | None = _rrc_params(
+                height, width, self.options.rrc_scale, self.options.rrc_ratio, rng
+            )
             resize, post_crop = (c, c), None
         else:
             pre_crop, resize = None, (r, r)
@@ -292,7 +323,9 @@ def _apply_tensor(chw: torch.Tensor, g: _Geometry) -> torch.Tensor:
     if g.pre_crop is not None:
         top, left, h, w = g.pre_crop
         chw = chw[:, top : top + h, left : left + w]
-    x = torch.nn.functional.interpolate(chw[None].float(), size=g.resize, mode="bilinear", antialias=True, align_corners=False)[0]
+    x = torch.nn.functional.interpolate(
+        chw[None].float(), size=g.resize, mode="bilinear", antialias=True, align_corners=False
+    )[0]
     if g.post_crop is not None:
         top, left, h, w = g.post_crop
         x = x[:, top : top + h, left : left + w]
@@ -301,8 +334,9 @@ def _apply_tensor(chw: torch.Tensor, g: _Geometry) -> torch.Tensor:
     return x.round_().clamp_(0, 255)
 
 
-def _rrc_params(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
-                rng: random.Random) -> tuple[int, int, int, int]:
+def _rrc_params(
+    height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float], rng: random.Random
+) -> tuple[int, int, int, int]:
     """torchvision's RandomResizedCrop parameters, drawn from our seeded generator."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -345,8 +379,16 @@ class TorchLoader:
 
     backend = "torch"
 
-    def __init__(self, split: VerifiedSplit, *, split_kind: SplitKind, rank: int, world_size: int,
-                 device: torch.device, options: LoaderOptions) -> None:
+    def __init__(
+        self,
+        split: VerifiedSplit,
+        *,
+        split_kind: SplitKind,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        options: LoaderOptions,
+    ) -> None:
         self.split = split
         self.kind = split_kind
         self.rank = rank
@@ -358,7 +400,9 @@ class TorchLoader:
         workers = options.num_threads
         ctx = multiprocessing.get_context(options.worker_start) if workers > 0 else multiprocessing.get_context()
         self._epoch = ctx.Value("q", 0, lock=False)
-        self._dataset = _ShardStream(split, split_kind, rank, world_size, options.batch_size, options, self.load_masks, self._epoch)
+        self._dataset = _ShardStream(
+            split, split_kind, rank, world_size, options.batch_size, options, self.load_masks, self._epoch
+        )
         self._loader = DataLoader(
             self._dataset,
             batch_size=None,

@@ -29,7 +29,14 @@ import yaml
 from wsol_core.config import Config, ConfigError, dump_yaml, flatten, load_config, to_dict
 from wsol_core.experiments.space import SearchSpace, validate_space
 from wsol_core.experiments.summary import record_summary
-from wsol_core.experiments.trials import TIME_ATTR, Experiment, TrialSetup, derive_max_concurrent, train_in_trial, trial_trainable
+from wsol_core.experiments.trials import (
+    TIME_ATTR,
+    Experiment,
+    TrialSetup,
+    derive_max_concurrent,
+    train_in_trial,
+    trial_trainable,
+)
 
 METRIC = "val/score"  # the training loop's SCORE_KEY: val MaxBoxAccV2 (val PxAP on mask-only data)
 MODE = "max"
@@ -53,11 +60,15 @@ class SearchSettings:
         if self.grace_period < 1:
             raise ConfigError(f"--grace-period = {self.grace_period} must be at least 1 epoch")
         if self.grace_period > epochs:
-            raise ConfigError(f"--grace-period = {self.grace_period} is longer than train.epochs = {epochs}: ASHA could never stop a trial")
+            raise ConfigError(
+                f"--grace-period = {self.grace_period} is longer than train.epochs = {epochs}: ASHA could never stop a trial"
+            )
         if not self.reduction_factor > 1:
             raise ConfigError(f"--reduction-factor = {self.reduction_factor} must be above 1")
         if self.max_concurrent_trials < 0:
-            raise ConfigError(f"--max-concurrent-trials = {self.max_concurrent_trials} must be >= 0 (0 derives it from the resources)")
+            raise ConfigError(
+                f"--max-concurrent-trials = {self.max_concurrent_trials} must be >= 0 (0 derives it from the resources)"
+            )
         if not self.name or "/" in self.name:
             raise ConfigError(f"--name {self.name!r} must be a non-empty name without '/'")
 
@@ -80,7 +91,9 @@ class SearchOutcome:
         return [t for t in self.trials if t["status"] == "early_stopped"]
 
 
-def run_search(cfg: Config, space: SearchSpace, settings: SearchSettings, *, ray_address: str | None = None) -> SearchOutcome:
+def run_search(
+    cfg: Config, space: SearchSpace, settings: SearchSettings, *, ray_address: str | None = None
+) -> SearchOutcome:
     """Validate, start (or restore) the Tune experiment, record it in MLflow, export the best."""
     if cfg.method.name != space.method:
         raise ConfigError(f"the space is for {space.method!r} but method.name = {cfg.method.name!r}")
@@ -89,7 +102,14 @@ def run_search(cfg: Config, space: SearchSpace, settings: SearchSettings, *, ray
     if not space.searched:
         raise ConfigError("search space: every parameter is pinned; nothing to search")
 
-    exp = Experiment.open(cfg, settings.name, settings.storage_path, "search", "search", {"wsol.method": space.method, "wsol.search": "true"})
+    exp = Experiment.open(
+        cfg,
+        settings.name,
+        settings.storage_path,
+        "search",
+        "search",
+        {"wsol.method": space.method, "wsol.search": "true"},
+    )
     parent = exp.parent
     fixed = load_config(base=to_dict(cfg), overrides=space.overrides({}))  # the pinned values applied
     parent.log_params(
@@ -146,8 +166,11 @@ def run_search(cfg: Config, space: SearchSpace, settings: SearchSettings, *, ray
             run_config=tune.RunConfig(name=settings.name, storage_path=exp.storage, verbose=1),
         )
 
-    print(f"[wsol] search {settings.name!r}: MLflow parent run {exp.parent_run_id} ({'resumed' if exp.parent_resumed else 'new'}); "
-          f"{settings.num_samples} trials, up to {max_concurrent} at a time", flush=True)
+    print(
+        f"[wsol] search {settings.name!r}: MLflow parent run {exp.parent_run_id} ({'resumed' if exp.parent_resumed else 'new'}); "
+        f"{settings.num_samples} trials, up to {max_concurrent} at a time",
+        flush=True,
+    )
     results, restored = exp.run(trainable, new_tuner)
     exp.stop_if_interrupted(results, settings.num_samples)
     trials = collect_trials(results, space, cfg.train.epochs)
@@ -221,9 +244,17 @@ def collect_trials(results, space: SearchSpace, epochs: int) -> list[dict[str, A
             status = "early_stopped"
         else:
             status = "not_run"
-        trials.append({"trial_id": trial_id, "params": params, "score": score, "epochs": done, "status": status, "path": result.path})
+        trials.append(
+            {
+                "trial_id": trial_id,
+                "params": params,
+                "score": score,
+                "epochs": done,
+                "status": status,
+                "path": result.path,
+            }
+        )
     return trials
-
 
 
 def close_child_runs(exp: Experiment, trials: list[dict[str, Any]]) -> None:
@@ -232,7 +263,9 @@ def close_child_runs(exp: Experiment, trials: list[dict[str, Any]]) -> None:
 
     client = MlflowClient(exp.tracking_uri)
     experiment = client.get_experiment_by_name(exp.experiment)
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{exp.parent_run_id}'", max_results=1000)
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{exp.parent_run_id}'", max_results=1000
+    )
     by_trial = {r.data.tags.get("wsol.search.trial_id"): r for r in runs}
     for trial in trials:
         run = by_trial.get(str(trial["trial_id"]))
@@ -242,8 +275,12 @@ def close_child_runs(exp: Experiment, trials: list[dict[str, Any]]) -> None:
         client.set_tag(run.info.run_id, "wsol.search.status", trial["status"])
         client.set_tag(run.info.run_id, "wsol.search.epochs", str(trial["epochs"]))
         if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, status="FAILED" if trial["status"] == "error" else ("KILLED" if trial["status"] == "early_stopped" else "FINISHED"))
-
+            client.set_terminated(
+                run.info.run_id,
+                status="FAILED"
+                if trial["status"] == "error"
+                else ("KILLED" if trial["status"] == "early_stopped" else "FINISHED"),
+            )
 
 
 def elapsed(start: float) -> str:

@@ -38,7 +38,6 @@ def method_parameters(method: str) -> dict[str, str]:
     return {name: fields[method] for name, fields in PARAMETERS.items() if method in fields}
 
 
-
 @dataclass
 class Param:
     name: str
@@ -166,7 +165,9 @@ def load_space(method: str, files: list[str | Path] = (), params: list[str] = ()
     (``NAME=SPEC``); validated against the method's config fields."""
     allowed = method_parameters(method)
     if not allowed:
-        raise ConfigError(f"method {method!r} has none of the searchable parameters {list(PARAMETERS)}; choose fmcg, icl, caml or c2am")
+        raise ConfigError(
+            f"method {method!r} has none of the searchable parameters {list(PARAMETERS)}; choose fmcg, icl, caml or c2am"
+        )
     raw: dict[str, tuple[Any, str]] = {}
     sources = [default_space_file(method)] if default_space_file(method).is_file() else []
     for source in [*sources, *files]:
@@ -194,7 +195,9 @@ def load_space(method: str, files: list[str | Path] = (), params: list[str] = ()
         if name not in PARAMETERS:
             raise ConfigError(f"{origin}: unknown parameter {name!r}; searchable parameters are {list(PARAMETERS)}")
         if name not in allowed:
-            raise ConfigError(f"{origin}: parameter {name!r} is not used by method {method!r}; it searches {list(allowed)}")
+            raise ConfigError(
+                f"{origin}: parameter {name!r} is not used by method {method!r}; it searches {list(allowed)}"
+            )
         space.params[name] = parse_param(name, spec, origin)
     return space
 
@@ -205,9 +208,13 @@ def validate_space(space: SearchSpace, base: Config) -> None:
     if "S" in p:
         for value in p["S"].extremes():
             if isinstance(value, float) and not value.is_integer() or int(value) % 2 != 1 or value < 1:
-                raise ConfigError(f"search space: S = {value!r} must be an odd positive integer (the region stays centred)")
+                raise ConfigError(
+                    f"search space: S = {value!r} must be an odd positive integer (the region stays centred)"
+                )
         if p["S"].kind in ("uniform", "loguniform"):
-            raise ConfigError("search space: S must be a choice of odd integers (e.g. [1, 3, 5, 7]), not a continuous range")
+            raise ConfigError(
+                "search space: S must be a choice of odd integers (e.g. [1, 3, 5, 7]), not a continuous range"
+            )
     if "tau_fg" in p or "tau_bg" in p:
         fields = method_parameters(space.method)
         fg = p["tau_fg"].extremes() if "tau_fg" in p else [_get(base, fields["tau_fg"])]
@@ -230,7 +237,9 @@ def validate_space(space: SearchSpace, base: Config) -> None:
             try:
                 load_config(base=to_dict(base), overrides=space.overrides(sample))
             except ConfigError as err:
-                raise ConfigError(f"search space: {name} = {value!r} ({param.describe()}) is invalid for method {space.method!r}: {err}") from None
+                raise ConfigError(
+                    f"search space: {name} = {value!r} ({param.describe()}) is invalid for method {space.method!r}: {err}"
+                ) from None
 
 
 def _show(p: dict[str, Param], name: str, value: Any) -> str:
@@ -244,10 +253,8 @@ def _get(cfg: Config, dotted: str) -> Any:
     return obj
 
 
-
 def embedded_base() -> dict:
     """The search's lowest config layer (``wsol_core/spaces/base.yaml``): small synthetic data, the
     tiny backbone, FMCG, one worker per trial, a few epochs."""
     path = SPACES_DIR / "base.yaml"
     return copy.deepcopy(yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
-

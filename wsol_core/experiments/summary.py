@@ -9,7 +9,9 @@ from wsol_core.experiments.space import SearchSpace
 from wsol_core.tracking import RunLogger
 
 
-def record_summary(parent: RunLogger, top: list[dict], trials: list[dict], space: SearchSpace, best_path: Path, best: dict, metric: str) -> None:
+def record_summary(
+    parent: RunLogger, top: list[dict], trials: list[dict], space: SearchSpace, best_path: Path, best: dict, metric: str
+) -> None:
     """Log the search's outcome into its parent run: ``top_trials.json`` / ``.md`` (the best
     ``top`` trials by ``metric``), ``score_vs_params.png`` (each searched parameter against the
     score, by how the trial ended, the best circled), ``best_config.yaml`` and ``best.*`` tags."""
@@ -31,7 +33,14 @@ def record_summary(parent: RunLogger, top: list[dict], trials: list[dict], space
     header = ["rank", "trial_id", metric, "epochs", "status", *space.searched]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, t in enumerate(top):
-        row = [i + 1, t["trial_id"], f"{t['score']:.3f}", t["epochs"], t["status"], *(fmt(t["params"].get(n)) for n in space.searched)]
+        row = [
+            i + 1,
+            t["trial_id"],
+            f"{t['score']:.3f}",
+            t["epochs"],
+            t["status"],
+            *(fmt(t["params"].get(n)) for n in space.searched),
+        ]
         lines.append("| " + " | ".join(str(v) for v in row) + " |")
     parent.log_text("\n".join(lines) + "\n", "top_trials.md")
 
@@ -52,12 +61,22 @@ def record_summary(parent: RunLogger, top: list[dict], trials: list[dict], space
     parent.log_figure(fig, "score_vs_params.png")
     plt.close(fig)
     parent.log_artifact(best_path)
-    parent.log_metrics({f"best/{metric}": best["score"], "search/trials": len(trials),
-                        "search/early_stopped": sum(t["status"] == "early_stopped" for t in trials)}, step=0)
-    parent.set_tags({"wsol.search.best_trial": best["trial_id"], "wsol.search.best_config": str(best_path),
-                     **{f"best.{k}": fmt(v) for k, v in best["params"].items()}})
+    parent.log_metrics(
+        {
+            f"best/{metric}": best["score"],
+            "search/trials": len(trials),
+            "search/early_stopped": sum(t["status"] == "early_stopped" for t in trials),
+        },
+        step=0,
+    )
+    parent.set_tags(
+        {
+            "wsol.search.best_trial": best["trial_id"],
+            "wsol.search.best_config": str(best_path),
+            **{f"best.{k}": fmt(v) for k, v in best["params"].items()},
+        }
+    )
 
 
 def fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-

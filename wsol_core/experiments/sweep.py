@@ -98,7 +98,11 @@ def run_sweep_trial(config: dict[str, Any], setup: TrialSetup, variants: dict[st
         cfg,
         setup,
         run_name=f"{variant}-seed{seed}",
-        tags={"wsol.method": cfg.method.name, "wsol.sweep.variant": variant, "wsol.sweep.trial": ray.tune.get_context().get_trial_name()},
+        tags={
+            "wsol.method": cfg.method.name,
+            "wsol.sweep.variant": variant,
+            "wsol.sweep.trial": ray.tune.get_context().get_trial_name(),
+        },
         extra_params={"sweep.variant": variant},
     )
 
@@ -132,21 +136,31 @@ def run_sweep(base: Config, settings: SweepSettings, *, ray_address: str | None 
         return tune.Tuner(
             trainable,
             # seeds vary fastest, so the first results cover every variant once early on
-            param_space={"variant": tune.grid_search(list(settings.variants)), "seed": tune.grid_search(list(settings.seeds))},
+            param_space={
+                "variant": tune.grid_search(list(settings.variants)),
+                "seed": tune.grid_search(list(settings.seeds)),
+            },
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
             run_config=tune.RunConfig(name=settings.name, storage_path=exp.storage, verbose=1),
         )
 
     total = len(settings.variants) * len(settings.seeds)
-    print(f"[wsol] sweep {settings.name!r}: MLflow parent run {exp.parent_run_id} ({'resumed' if exp.parent_resumed else 'new'}); "
-          f"{total} trials ({len(settings.variants)} variants x {len(settings.seeds)} seeds), up to {max_concurrent} at a time", flush=True)
+    print(
+        f"[wsol] sweep {settings.name!r}: MLflow parent run {exp.parent_run_id} ({'resumed' if exp.parent_resumed else 'new'}); "
+        f"{total} trials ({len(settings.variants)} variants x {len(settings.seeds)} seeds), up to {max_concurrent} at a time",
+        flush=True,
+    )
     results, restored = exp.run(trainable, new_tuner)
     exp.stop_if_interrupted(results, total)
 
-    outcome = SweepOutcome(settings.name, str(exp.directory), restored, exp.parent_run_id, exp.tracking_uri, exp.experiment)
+    outcome = SweepOutcome(
+        settings.name, str(exp.directory), restored, exp.parent_run_id, exp.tracking_uri, exp.experiment
+    )
     for result in results:
         if result.error is not None:
-            outcome.failed.append(f"{result.config.get('variant')} seed {result.config.get('seed')}: {type(result.error).__name__}: {result.error}")
+            outcome.failed.append(
+                f"{result.config.get('variant')} seed {result.config.get('seed')}: {type(result.error).__name__}: {result.error}"
+            )
     if settings.score_best_checkpoint and settings.split == "test":
         score_best_checkpoints(outcome, exp.directory, exp.data_root, base.eval.cam_curve_interval)
     _report(outcome, settings, parent)
@@ -176,7 +190,11 @@ def score_best_checkpoints(outcome: SweepOutcome, sweep_dir: Path, data_root: Pa
 
     client = MlflowClient(outcome.tracking_uri)
     exp = client.get_experiment_by_name(outcome.experiment)
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{outcome.parent_run_id}' and attributes.status = 'FINISHED'", max_results=5000)
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{outcome.parent_run_id}' and attributes.status = 'FINISHED'",
+        max_results=5000,
+    )
     for run in runs:
         if f"{BEST_SPLIT}/maxboxacc_v2" in run.data.metrics:
             continue
@@ -191,13 +209,19 @@ def score_best_checkpoints(outcome: SweepOutcome, sweep_dir: Path, data_root: Pa
         tied = sorted(m.step for m in history if m.value == top)
         best_epoch = next((epoch for epoch in tied if epoch in kept), None)
         if best_epoch is None:
-            print(f"[wsol] {run.info.run_name}: no checkpoint of best val epoch {tied} in {train_dir} (kept: {sorted(kept)}); "
-                  "best-checkpoint score skipped", flush=True)
+            print(
+                f"[wsol] {run.info.run_name}: no checkpoint of best val epoch {tied} in {train_dir} (kept: {sorted(kept)}); "
+                "best-checkpoint score skipped",
+                flush=True,
+            )
             continue
         metrics = evaluate_checkpoint(str(kept[best_epoch]), data_root / "test", split="test", interval=interval)
         logged = {f"{BEST_SPLIT}/{k.split('/', 1)[1]}": v for k, v in metrics.items() if k.startswith("test/")}
         client.log_batch(run.info.run_id, metrics=_metric_list({**logged, f"{BEST_SPLIT}/epoch": float(best_epoch)}))
-        print(f"[wsol] {run.info.run_name}: best val epoch {best_epoch}, test MaxBoxAccV2 {logged[f'{BEST_SPLIT}/maxboxacc_v2']:.2f}", flush=True)
+        print(
+            f"[wsol] {run.info.run_name}: best val epoch {best_epoch}, test MaxBoxAccV2 {logged[f'{BEST_SPLIT}/maxboxacc_v2']:.2f}",
+            flush=True,
+        )
 
 
 def _metric_list(values: dict[str, float]):
@@ -228,13 +252,20 @@ def _report(outcome: SweepOutcome, settings: SweepSettings, parent) -> None:
     table = build_ablation_table(records, split=settings.split, columns=settings.columns, group_by=["sweep.variant"])
     variant_of = {rid: name for name, ids in outcome.run_ids.items() for rid in ids}
     outcome.table = table
-    outcome.markdown = ablation_markdown(table, title=f"Ablation: sweep {settings.name}, last-epoch model on {settings.split}")
+    outcome.markdown = ablation_markdown(
+        table, title=f"Ablation: sweep {settings.name}, last-epoch model on {settings.split}"
+    )
     tables = {settings.split: table}
     if any(f"{BEST_SPLIT}/maxboxacc_v2" in r.metrics for r in records):
-        outcome.best_table = build_ablation_table(records, split=BEST_SPLIT, columns=settings.columns, group_by=["sweep.variant"])
+        outcome.best_table = build_ablation_table(
+            records, split=BEST_SPLIT, columns=settings.columns, group_by=["sweep.variant"]
+        )
         tables[BEST_SPLIT] = outcome.best_table
         outcome.markdown += "\n\n" + ablation_markdown(
-            outcome.best_table, title=f"Ablation: sweep {settings.name}, best-val checkpoint on test", paper_reference=False)
+            outcome.best_table,
+            title=f"Ablation: sweep {settings.name}, best-val checkpoint on test",
+            paper_reference=False,
+        )
     parent.log_text(outcome.markdown, "ablation/ablation.md")
     metrics = {}
     for split, tab in tables.items():

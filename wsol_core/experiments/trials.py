@@ -85,13 +85,20 @@ class Experiment:
         tracking_uri = resolve_tracking_uri(cfg.run.tracking_uri)
         experiment = cfg.run.experiment or f"{data['dataset']}-{kind}"
         parent_id, resumed = start_or_resume_run(
-            tracking_uri, experiment, str(Path(storage) / name), run_name=name,
+            tracking_uri,
+            experiment,
+            str(Path(storage) / name),
+            run_name=name,
             tags={"mlflow.source.git.commit": git_commit(), **tags},
         )
-        return cls(name, storage, data_root, tracking_uri, experiment, RunLogger(tracking_uri, parent_id), resumed, what)
+        return cls(
+            name, storage, data_root, tracking_uri, experiment, RunLogger(tracking_uri, parent_id), resumed, what
+        )
 
     def trial_setup(self, config: Config) -> TrialSetup:
-        return TrialSetup(config, self.data_root, self.tracking_uri, self.experiment, self.parent_run_id, self.directory)
+        return TrialSetup(
+            config, self.data_root, self.tracking_uri, self.experiment, self.parent_run_id, self.directory
+        )
 
     def run(self, trainable, new_tuner: Callable[[], Any]) -> tuple[Any, bool]:
         """Restore the Tune experiment from its folder, or build it with ``new_tuner()``; fit it.
@@ -101,7 +108,9 @@ class Experiment:
         restored = tune.Tuner.can_restore(str(self.directory))
         if restored:
             print(f"[wsol] restoring the {self.what} in {self.directory}", flush=True)
-            tuner = tune.Tuner.restore(str(self.directory), trainable=trainable, resume_unfinished=True, resume_errored=True)
+            tuner = tune.Tuner.restore(
+                str(self.directory), trainable=trainable, resume_unfinished=True, resume_errored=True
+            )
         else:
             tuner = new_tuner()
         return fit_recorded(tuner, self.parent), restored
@@ -111,7 +120,9 @@ class Experiment:
         KILLED and raise ``KeyboardInterrupt`` with the way to resume."""
         if interrupted(results, expected):
             self.parent.finish("KILLED")
-            raise KeyboardInterrupt(f"the {self.what} was interrupted; run the same command again to resume it from {self.directory}")
+            raise KeyboardInterrupt(
+                f"the {self.what} was interrupted; run the same command again to resume it from {self.directory}"
+            )
 
 
 def interrupted(results, expected: int) -> bool:
@@ -153,7 +164,9 @@ def trial_trainable(function, setup: TrialSetup, **fixed: Any):
     return tune.with_resources(tune.with_parameters(function, setup=setup, **fixed), {"CPU": 0, "memory": 64 * 1024**2})
 
 
-def train_in_trial(cfg: Config, setup: TrialSetup, *, run_name: str, tags: dict[str, str], extra_params: dict[str, Any]) -> None:
+def train_in_trial(
+    cfg: Config, setup: TrialSetup, *, run_name: str, tags: dict[str, str], extra_params: dict[str, Any]
+) -> None:
     """Train ``cfg`` inside the current Tune trial, as a nested MLflow run of ``setup``'s parent.
 
     The child run's key and the Train run's name are the trial id, so a restored trial resumes its
@@ -175,11 +188,18 @@ def train_in_trial(cfg: Config, setup: TrialSetup, *, run_name: str, tags: dict[
     )
     logger = RunLogger(setup.tracking_uri, run_id)
     logger.log_params({**flatten(cfg), **extra_params, "data.resolved_root": str(setup.data_root)})
-    context = RunContext(config=cfg, data_root=setup.data_root, tracking_uri=setup.tracking_uri, mlflow_run_id=run_id, progress="bar")
+    context = RunContext(
+        config=cfg, data_root=setup.data_root, tracking_uri=setup.tracking_uri, mlflow_run_id=run_id, progress="bar"
+    )
     # Ray restarts a trial's workers itself (run.max_failures); one kept checkpoint, the best by
     # val score (Ray also keeps the latest), is what the sweeps' best-checkpoint scoring reads.
-    placement = RunPlacement(name=trial_id, storage_path=setup.train_storage, keep_checkpoints=1,
-                             max_failures=cfg.run.max_failures, callbacks=(TuneReportCallback(),))
+    placement = RunPlacement(
+        name=trial_id,
+        storage_path=setup.train_storage,
+        keep_checkpoints=1,
+        max_failures=cfg.run.max_failures,
+        callbacks=(TuneReportCallback(),),
+    )
     try:
         training_trainer(context, placement).fit()
     except Exception:

@@ -76,7 +76,9 @@ def build_method(cfg: Config, num_classes: int) -> WSOLMethod:
     """Backbone (with pretrained weights when configured) + method, from a validated config."""
     from wsol_core.models import build_backbone
 
-    backbone = build_backbone(cfg.model.backbone, large_feature_map=cfg.model.large_feature_map, pretrained=cfg.model.pretrained)
+    backbone = build_backbone(
+        cfg.model.backbone, large_feature_map=cfg.model.large_feature_map, pretrained=cfg.model.pretrained
+    )
     method = method_class(cfg.method.name)(backbone, num_classes, cfg.method)
     if backbone.protocol_classifier_init:
         init_protocol_classifiers(method)

@@ -66,7 +66,9 @@ class WSOLMethod(nn.Module):
         self.num_classes = num_classes
         self.cfg = cfg
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None, progress: float = 0.0) -> dict[str, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor | None = None, progress: float = 0.0
+    ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def losses(self, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:

@@ -129,7 +129,9 @@ class C2AMConfig(MethodConfig):
     pos_bg_weight: float = spec(1.0, ge=0.0)
     # A backbone stage whose output is concatenated to the final features ("" = none).
     concat_stage: str = ""
-    head_init: Literal["default", "kaiming_normal", "kaiming_uniform", "normal", "uniform", "xavier_uniform"] = "default"
+    head_init: Literal["default", "kaiming_normal", "kaiming_uniform", "normal", "uniform", "xavier_uniform"] = (
+        "default"
+    )
     # When the loop calls calibrate_orientation (see the module docstring).
     orientation_check: Literal["epoch_end", "step", "first_eval"] = "epoch_end"
     orientation_check_step: int = spec(300, ge=0, doc="global step of the check (orientation_check = step)")
@@ -154,7 +156,6 @@ class C2AMConfig(MethodConfig):
 # ---------------------------------------------------------------------------------------------
 # The paper's terms, as functions of tensors (unit-tested against hand computations)
 # ---------------------------------------------------------------------------------------------
-
 
 
 def fg_bg_representations(
@@ -261,7 +262,9 @@ class C2AM(WSOLMethod):
         channels = backbone.out_channels
         if cfg.concat_stage:
             if cfg.concat_stage == backbone.stage_names[-1]:
-                raise ValueError(f"method.concat_stage = {cfg.concat_stage!r} is the final stage; choose an earlier one of {backbone.stage_names[:-1]}")
+                raise ValueError(
+                    f"method.concat_stage = {cfg.concat_stage!r} is the final stage; choose an earlier one of {backbone.stage_names[:-1]}"
+                )
             channels += backbone.stage_channels(cfg.concat_stage)  # ValueError naming the stages
         # Sec. 3.1: phi = 3x3 conv + BN; the sigmoid follows in _activation. No conv bias (BN).
         self.activation_head = nn.Conv2d(channels, 1, kernel_size=3, padding=1, bias=False)
@@ -298,7 +301,9 @@ class C2AM(WSOLMethod):
         logits = self.bn_head(self.activation_head(features))
         return torch.sigmoid(logits.float())[:, 0]
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None, progress: float = 0.0) -> dict[str, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor | None = None, progress: float = 0.0
+    ) -> dict[str, torch.Tensor]:
         """Training forward (labels are ignored by the maps). Outputs: ``raw_maps`` (P before the
         orientation, ``[B, h, w]``), ``fg`` / ``bg`` (eq. 1, ``[B, C]`` float32) and, with the
         probe, ``logits`` from detached features."""

@@ -33,7 +33,9 @@ class CAM(WSOLMethod):
         super().__init__(backbone, num_classes, cfg)
         self.head = CAMHead(backbone.out_channels, num_classes)
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None, progress: float = 0.0) -> dict[str, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor | None = None, progress: float = 0.0
+    ) -> dict[str, torch.Tensor]:
         features = self.backbone(images)
         return {"logits": self.head(features), "features": features}
 

@@ -196,7 +196,9 @@ class PTAPConfig:
 
     def validate(self, path: str) -> None:
         if self.eca_kernel != 0 and self.eca_kernel % 2 != 1:
-            raise ConfigError(f"{path}.eca_kernel = {self.eca_kernel!r} must be 0 (adaptive) or an odd positive integer")
+            raise ConfigError(
+                f"{path}.eca_kernel = {self.eca_kernel!r} must be 0 (adaptive) or an odd positive integer"
+            )
 
 
 @dataclass
@@ -290,7 +292,6 @@ class CAMLConfig(MethodConfig):
 # ---------------------------------------------------------------------------------------------
 # PTAP (eq. 1-2)
 # ---------------------------------------------------------------------------------------------
-
 
 
 def eca_kernel_size(channels: int, gamma: float = 2.0, b: float = 1.0) -> int:
@@ -497,7 +498,9 @@ class CAML(WSOLMethod):
 
     # -- the interface -------------------------------------------------------------------------
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None, progress: float = 0.0) -> dict[str, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor | None = None, progress: float = 0.0
+    ) -> dict[str, torch.Tensor]:
         """Training forward (Fig. 3): draw per-image pretext labels, build the transformed views,
         run originals + views through the backbone in one pass, PTAP maps (eq. 1-2), pretext
         logits (eq. 6) and the eq. 3-4 triplets. ``labels`` and ``progress`` are not used.
@@ -515,10 +518,14 @@ class CAML(WSOLMethod):
         src = images[:m]
         views, view_ops = [], []
         for names in plan:
-            ops = [(self.transforms[n], torch.randint(self.transforms[n].num_classes, (m,), device=device)) for n in names]
+            ops = [
+                (self.transforms[n], torch.randint(self.transforms[n].num_classes, (m,), device=device)) for n in names
+            ]
             views.append(apply_ops(src, ops))
             view_ops.append(ops)
-        channels_last = images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+        channels_last = (
+            images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+        )
         batch = torch.cat([images, *views], dim=0)
         batch = batch.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 

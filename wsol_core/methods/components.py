@@ -145,7 +145,9 @@ def resolve_stage(backbone: Backbone, stage: str, field: str) -> str:
     """``""`` -> the backbone's default drop stage; an unknown name is a :class:`ConfigError`."""
     stage = stage or backbone.default_drop_stage
     if stage not in backbone.stage_names:
-        raise ConfigError(f"{field} = {stage!r} is not a stage of {type(backbone).__name__}; stages are {list(backbone.stage_names)}")
+        raise ConfigError(
+            f"{field} = {stage!r} is not a stage of {type(backbone).__name__}; stages are {list(backbone.stage_names)}"
+        )
     return stage
 
 
@@ -227,7 +229,9 @@ def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return (F.interpolate(mask.float(), size=size, mode="bilinear", align_corners=False) >= 0.5).float()
 
 
-def masked_pool(features: torch.Tensor, masks: torch.Tensor, mode: Literal["masked_mean", "gap"] = "masked_mean") -> torch.Tensor:
+def masked_pool(
+    features: torch.Tensor, masks: torch.Tensor, mode: Literal["masked_mean", "gap"] = "masked_mean"
+) -> torch.Tensor:
     """FMCG eq. 4 (``F_fg = F * M_fg``, ``F_bg = F * M_bg``) pooled to one vector per mask.
 
     ``features`` ``[B, C, h, w]``, ``masks`` ``[B, K, h, w]`` -> ``[B, K, C]`` float32.
@@ -279,7 +283,9 @@ def triplet_term(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.T
     return F.relu(d_pos - d_neg + margin)
 
 
-def info_nce_term(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
+def info_nce_term(
+    anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """InfoNCE (van den Oord et al.; FMCG Table 4 "w InfoNCE"), per row.
 
     ``-log( exp(a.p / t) / (exp(a.p / t) + sum_k exp(a.n_k / t)) )`` with unit vectors
@@ -416,7 +422,9 @@ class DualBranchMethod(WSOLMethod):
         }
 
     @staticmethod
-    def _classification_losses(outputs: dict[str, torch.Tensor], batch: Batch, w_orig: float, w_erased: float) -> dict[str, torch.Tensor]:
+    def _classification_losses(
+        outputs: dict[str, torch.Tensor], batch: Batch, w_orig: float, w_erased: float
+    ) -> dict[str, torch.Tensor]:
         """The two cross-entropy terms of FMCG eq. 1: ``L_cls^orig`` and ``L_cls^erased``."""
         return {
             "cls": w_orig * F.cross_entropy(outputs["logits"].float(), batch.labels),

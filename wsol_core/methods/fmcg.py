@@ -140,8 +140,13 @@ class FMCGWeights:
 
 @dataclass
 class FMCGConfig(MethodConfig):
-    TUNABLE: ClassVar[dict[str, str]] = {"theta_drop": "srd.theta_drop", "S": "srd.kernel_size", "tau_fg": "cg.tau_fg",
-                                         "tau_bg": "cg.tau_bg", "margin": "cg.margin"}
+    TUNABLE: ClassVar[dict[str, str]] = {
+        "theta_drop": "srd.theta_drop",
+        "S": "srd.kernel_size",
+        "tau_fg": "cg.tau_fg",
+        "tau_bg": "cg.tau_bg",
+        "margin": "cg.margin",
+    }
     SWITCHES: ClassVar[dict[str, str]] = {"srd": "SRD", "cg": "CG", "pnl": "PNL"}
     ABLATED: ClassVar[tuple[str, ...]] = ("srd", "cg", "pnl")  # Table 1 (Sec. 4.2)
 
@@ -161,7 +166,11 @@ class FMCG(DualBranchMethod):
         super().__init__(backbone, num_classes, cfg)
         self.stage = resolve_stage(backbone, cfg.srd.stage, "method.srd.stage")
         channels = backbone.out_channels
-        self.pnl = PairwiseNonLocal(channels, cfg.pnl.reduction, cfg.pnl.zero_init, cfg.pnl.scaled) if cfg.pnl.enabled else None
+        self.pnl = (
+            PairwiseNonLocal(channels, cfg.pnl.reduction, cfg.pnl.zero_init, cfg.pnl.scaled)
+            if cfg.pnl.enabled
+            else None
+        )
         self.projection = ProjectionHead(channels, cfg.cg.hidden_dim, cfg.cg.embed_dim) if cfg.cg.enabled else None
         self.head = CAMHead(channels, num_classes)
 
@@ -220,15 +229,21 @@ class FMCG(DualBranchMethod):
         cg = self.cfg.cg
         if cg.variant == "infonce":
             negatives = torch.stack([z_bg, zb_bg], dim=1)
-            per_image = info_nce_term(z_fg, zb_fg, negatives, cg.temperature) + info_nce_term(zb_fg, z_fg, negatives, cg.temperature)
+            per_image = info_nce_term(z_fg, zb_fg, negatives, cg.temperature) + info_nce_term(
+                zb_fg, z_fg, negatives, cg.temperature
+            )
         else:
             erased_negative = z_bg if cg.variant == "orig_bg" else zb_bg
-            per_image = triplet_term(z_fg, zb_fg, z_bg, cg.margin) + triplet_term(zb_fg, z_fg, erased_negative, cg.margin)
+            per_image = triplet_term(z_fg, zb_fg, z_bg, cg.margin) + triplet_term(
+                zb_fg, z_fg, erased_negative, cg.margin
+            )
         return masked_mean(per_image, valid[:b] & valid[b:])
 
     # -- interface -----------------------------------------------------------------------------
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None, progress: float = 0.0) -> dict[str, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor | None = None, progress: float = 0.0
+    ) -> dict[str, torch.Tensor]:
         theta = self.theta(progress)
         features, extras = self._dual(images, theta)
         outputs = self._split_logits(features)

@@ -174,8 +174,13 @@ class ICLWeights:
 
 @dataclass
 class ICLConfig(MethodConfig):
-    TUNABLE: ClassVar[dict[str, str]] = {"theta_drop": "drop.theta_drop", "S": "drop.kernel_size", "tau_fg": "cal.tau_fg",
-                                         "tau_bg": "cal.tau_bg", "margin": "cal.margin"}
+    TUNABLE: ClassVar[dict[str, str]] = {
+        "theta_drop": "drop.theta_drop",
+        "S": "drop.kernel_size",
+        "tau_fg": "cal.tau_fg",
+        "tau_bg": "cal.tau_bg",
+        "margin": "cal.margin",
+    }
     SWITCHES: ClassVar[dict[str, str]] = {"bg_drop": "BG-drop", "nl": "NL", "cal": "CAL", "fcl": "FCL"}
 
     name: str = "icl"
@@ -194,7 +199,9 @@ class ICLConfig(MethodConfig):
                 f"{path}.drop.theta_drop = {self.drop.theta_drop!r}: the background lies below the dropped peak"
             )
         if self.cal.enabled and self.cal.negative == "bg_drop" and not self.bg_drop.enabled:
-            raise ConfigError(f"{path}.cal.negative = 'bg_drop' needs {path}.bg_drop.enabled = true; use 'final' or 'auto'")
+            raise ConfigError(
+                f"{path}.cal.negative = 'bg_drop' needs {path}.bg_drop.enabled = true; use 'final' or 'auto'"
+            )
 
 
 def background_mask(attention: torch.Tensor, theta_bg: float) -> torch.Tensor:
@@ -245,7 +252,9 @@ class ICL(DualBranchMethod):
         make = lambda c: PairwiseNonLocal(c, nl.reduction, nl.zero_init, nl.scaled)  # noqa: E731
         self.nl_drop = make(backbone.stage_channels(self.stage)) if nl.enabled and nl.at_drop else None
         self.nl_final = make(backbone.out_channels) if nl.enabled and nl.at_final else None
-        self.projection = ProjectionHead(backbone.out_channels, cfg.cal.hidden_dim, cfg.cal.embed_dim) if cfg.cal.enabled else None
+        self.projection = (
+            ProjectionHead(backbone.out_channels, cfg.cal.hidden_dim, cfg.cal.embed_dim) if cfg.cal.enabled else None
+        )
         self.head = CAMHead(backbone.out_channels, num_classes)
         negative = cfg.cal.negative
         self.negative = ("bg_drop" if cfg.bg_drop.enabled else "final") if negative == "auto" else negative
@@ -259,12 +268,18 @@ class ICL(DualBranchMethod):
     def _inference_theta(self) -> float:
         return self.cfg.drop.theta_drop
 
-    def drop_masks(self, x: torch.Tensor, theta: float, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def drop_masks(
+        self, x: torch.Tensor, theta: float, weights: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(most-discriminative, background) masks ``[B, 1, h, w]``, 1 = erased, from the
         non-local attention at the drop stage (``weights``: the block's ``W``; None = channel mean)."""
         attention = self.attention(x.detach(), weights.detach() if weights is not None else None)
         high = drop_mask(attention, theta, self.cfg.drop.kernel_size)
-        low = background_mask(attention, self.cfg.bg_drop.theta_bg) if self.cfg.bg_drop.enabled else torch.zeros_like(high)
+        low = (
+            background_mask(attention, self.cfg.bg_drop.theta_bg)
+            if self.cfg.bg_drop.enabled
+            else torch.zeros_like(high)
+        )
         return high, low
 
     # -- branches ------------------------------------------------------------------------------
@@ -320,7 +335,9 @@ class ICL(DualBranchMethod):
 
     # -- contrastive attention loss ------------------------------------------------------------
 
-    def embed(self, features: torch.Tensor, bg_drop_mask: torch.Tensor, weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def embed(
+        self, features: torch.Tensor, bg_drop_mask: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """``z`` ``[B, 3, D]``: (z_fg, z_bg, zb_fg) and ``z_valid`` ``[B]`` (all three masks
         non-empty); the masks threshold the final (non-local) attention of both branches."""
         cal = self.cfg.cal
@@ -346,12 +363,16 @@ class ICL(DualBranchMethod):
         b = outputs["features"].shape[0]
         reference = self.attention(outputs["features"], weights[:b] if weights is not None else None)
         fcl = self.cfg.fcl
-        terms = [consistency_term(outputs[f"attention_{s}"], reference, fcl.normalize, fcl.distance) for s in self.fcl_stages]
+        terms = [
+            consistency_term(outputs[f"attention_{s}"], reference, fcl.normalize, fcl.distance) for s in self.fcl_stages
+        ]
         return torch.stack(terms).mean()
 
     # -- interface -----------------------------------------------------------------------------
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None, progress: float = 0.0) -> dict[str, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor | None = None, progress: float = 0.0
+    ) -> dict[str, torch.Tensor]:
         features, extras = self._dual(images, self.theta(progress))
         outputs = self._split_logits(features)
         outputs.update(extras)

@@ -17,7 +17,6 @@ if TYPE_CHECKING:  # the config lives with the method (caml.py), which imports t
     from wsol_core.methods.caml import PretextConfig
 
 
-
 def _where(condition: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(condition.view(-1, *([1] * (a.dim() - 1))), a, b)
 
@@ -142,7 +141,9 @@ def build_transforms(cfg: PretextConfig) -> dict[str, PretextTransform]:
     return {name: every[name] for name in cfg.transforms}
 
 
-def apply_ops(x: torch.Tensor, ops: list[tuple[PretextTransform, torch.Tensor]], padding: str | None = None) -> torch.Tensor:
+def apply_ops(
+    x: torch.Tensor, ops: list[tuple[PretextTransform, torch.Tensor]], padding: str | None = None
+) -> torch.Tensor:
     """``T``: the ops in order (``padding`` None = each transform's own fill)."""
     for transform, labels in ops:
         x = transform.forward(x, labels, padding)

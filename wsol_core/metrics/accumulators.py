@@ -162,9 +162,7 @@ class MaxBoxAccumulator:
         self._cut_table = torch.from_numpy(cut_level_table(self.thresholds)).to(self.device)
         # delta / 100 as the protocol computes it (a Python float), compared in float64.
         self._iou_cuts = torch.tensor([d / 100 for d in deltas], dtype=torch.float64, device=self.device)
-        self._state = torch.zeros(
-            (len(deltas) + 2, len(self.thresholds) + 1), dtype=torch.int64, device=self.device
-        )
+        self._state = torch.zeros((len(deltas) + 2, len(self.thresholds) + 1), dtype=torch.int64, device=self.device)
 
     # ---------------------------------------------------------------------------------------
     # State
@@ -311,8 +309,7 @@ class MaxBoxAccumulator:
         labels = torch.as_tensor(labels).detach().to(self.device)
         if scores.ndim != 2 or len(scores) != n or labels.shape != (n,):
             raise ValueError(
-                f"class_scores must be [{n}, C] and labels [{n}], got {tuple(scores.shape)} "
-                f"and {tuple(labels.shape)}"
+                f"class_scores must be [{n}, C] and labels [{n}], got {tuple(scores.shape)} and {tuple(labels.shape)}"
             )
         bad = (labels < 0) | (labels >= scores.shape[1])
         if bool(bad.any()):
@@ -322,9 +319,7 @@ class MaxBoxAccumulator:
         hits = top == labels[:, None]
         return hits[:, 0], hits.any(1)
 
-    def _count(
-        self, iou: torch.Tensor, top1: torch.Tensor | None, top5: torch.Tensor | None
-    ) -> None:
+    def _count(self, iou: torch.Tensor, top1: torch.Tensor | None, top5: torch.Tensor | None) -> None:
         d = len(self.iou_deltas)
         hits = iou[:, None, :] >= self._iou_cuts[None, :, None]  # [N, D, T]
         self._state[:d, :-1] += hits.sum(0)

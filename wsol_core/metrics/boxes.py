@@ -327,12 +327,24 @@ def _neighbour_masks(img, fg_masks, bg_masks):
             s = down[x]
             se = down[x + 1]
             fg_row[x] = (
-                (e > v) | ((ne >= v) << 1) | ((n >= v) << 2) | ((nw >= v) << 3)
-                | ((w >= v) << 4) | ((sw > v) << 5) | ((s > v) << 6) | ((se > v) << 7)
+                (e > v)
+                | ((ne >= v) << 1)
+                | ((n >= v) << 2)
+                | ((nw >= v) << 3)
+                | ((w >= v) << 4)
+                | ((sw > v) << 5)
+                | ((s > v) << 6)
+                | ((se > v) << 7)
             )
             bg_row[x] = (
-                (e < v) | ((ne <= v) << 1) | ((n <= v) << 2) | ((nw <= v) << 3)
-                | ((w <= v) << 4) | ((sw < v) << 5) | ((s < v) << 6) | ((se < v) << 7)
+                (e < v)
+                | ((ne <= v) << 1)
+                | ((n <= v) << 2)
+                | ((nw <= v) << 3)
+                | ((w <= v) << 4)
+                | ((sw < v) << 5)
+                | ((s < v) << 6)
+                | ((se < v) << 7)
             )
     flat = img.ravel()
     for y in range(H):
@@ -376,7 +388,9 @@ def _retire_box(box, r, cut, descending, W, H, gt, g0, g1, tree):
         box[_Y0, r] - grow,
         min(box[_X1, r] + 1 + grow, W - 1),
         min(box[_Y1, r] + 1 + grow, H - 1),
-        gt, g0, g1,
+        gt,
+        g0,
+        g1,
     )
     lo, hi = (cut + 1, start) if descending else (start, cut - 1)
     _range_max(tree, lo, hi, iou, iou, tree)
@@ -390,9 +404,7 @@ def _larger_box_first(box, a, b):
     every pixel to a root, so that count would cost a store per pixel), and a set's box grows with
     the set. Path halving in :func:`_find` keeps the trees shallow either way.
     """
-    if box[_X1, a] - box[_X0, a] + box[_Y1, a] - box[_Y0, a] < (
-        box[_X1, b] - box[_X0, b] + box[_Y1, b] - box[_Y0, b]
-    ):
+    if box[_X1, a] - box[_X0, a] + box[_Y1, a] - box[_Y0, a] < (box[_X1, b] - box[_X0, b] + box[_Y1, b] - box[_Y0, b]):
         return b, a
     return a, b
 
@@ -472,9 +484,7 @@ def _sweep(flat, H, W, order, starts, links, descending, gt, g0, g1, parent, box
                     a, b = _larger_box_first(box, r, b)
                 # `b` is merged away (ascending: or joins the frame and stops being a hole).
                 _retire_box(box, b, cut, descending, W, H, gt, g0, g1, tree)
-                if a != frame and _box_grows(
-                    box, a, box[_X0, b], box[_Y0, b], box[_X1, b], box[_Y1, b]
-                ):
+                if a != frame and _box_grows(box, a, box[_X0, b], box[_Y0, b], box[_X1, b], box[_Y1, b]):
                     _retire_box(box, a, cut, descending, W, H, gt, g0, g1, tree)
                     _set_box(box, a, box[_X0, b], box[_Y0, b], box[_X1, b], box[_Y1, b])
                     start[a] = cut
@@ -548,8 +558,25 @@ def _outer_border_area2(flat, H, W, cut, s):
 
 @njit(cache=True)
 def _largest_contour_sweep(
-    flat, H, W, order, starts, links, gt, g0, g1, parent, box, first, stamp, dirty,
-    rec_key, rec_iou, keys, values, counts,
+    flat,
+    H,
+    W,
+    order,
+    starts,
+    links,
+    gt,
+    g0,
+    g1,
+    parent,
+    box,
+    first,
+    stamp,
+    dirty,
+    rec_key,
+    rec_iou,
+    keys,
+    values,
+    counts,
 ):
     """Foreground sweep keeping, per cut level, the outer border with the largest polygon area.
 
@@ -606,9 +633,13 @@ def _largest_contour_sweep(
             # OpenCV lists first.
             rec_key[r] = area2 * n_pixels + first[r]
             rec_iou[r] = _best_gt_iou(
-                box[_X0, r], box[_Y0, r],
-                min(box[_X1, r] + 1, W - 1), min(box[_Y1, r] + 1, H - 1),
-                gt, g0, g1,
+                box[_X0, r],
+                box[_Y0, r],
+                min(box[_X1, r] + 1, W - 1),
+                min(box[_Y1, r] + 1, H - 1),
+                gt,
+                g0,
+                g1,
             )
             start[r] = cut
         counts[cut] = 1 if n_components > 0 else 0
@@ -624,8 +655,17 @@ def _largest_contour_sweep(
 
 @njit(cache=True, parallel=True)
 def _levels_batch(
-    maps, gt, gt_offsets, largest_contour, groups8, groups4, parent_type, n_chunks,
-    iou_out, count_out, max_out,
+    maps,
+    gt,
+    gt_offsets,
+    largest_contour,
+    groups8,
+    groups4,
+    parent_type,
+    n_chunks,
+    iou_out,
+    count_out,
+    max_out,
 ):
     """Fill ``iou_out``/``count_out`` ``[N, 256]`` and ``max_out`` ``[N]``; images in parallel.
 
@@ -668,8 +708,25 @@ def _levels_batch(
                 keys[:] = -1
                 tree[:] = 0.0
                 _largest_contour_sweep(
-                    flat, H, W, order, starts, links8, gt, g0, g1, parent, box,
-                    first, stamp, dirty, rec_key, rec_iou, keys, tree, counts,
+                    flat,
+                    H,
+                    W,
+                    order,
+                    starts,
+                    links8,
+                    gt,
+                    g0,
+                    g1,
+                    parent,
+                    box,
+                    first,
+                    stamp,
+                    dirty,
+                    rec_key,
+                    rec_iou,
+                    keys,
+                    tree,
+                    counts,
                 )
                 for level in range(NUM_LEVELS):
                     iou_out[i, level] = _point_query(keys, tree, level)
@@ -677,12 +734,36 @@ def _levels_batch(
                 tree[:] = -1.0
                 # Two explicit calls (not a loop over the pair): numba specializes each better.
                 _sweep(
-                    flat, H, W, order, starts, links8, True, gt, g0, g1,
-                    parent, box, tree, counts,
+                    flat,
+                    H,
+                    W,
+                    order,
+                    starts,
+                    links8,
+                    True,
+                    gt,
+                    g0,
+                    g1,
+                    parent,
+                    box,
+                    tree,
+                    counts,
                 )
                 _sweep(
-                    flat, H, W, order, starts, links4, False, gt, g0, g1,
-                    parent, box, tree, counts,
+                    flat,
+                    H,
+                    W,
+                    order,
+                    starts,
+                    links4,
+                    False,
+                    gt,
+                    g0,
+                    g1,
+                    parent,
+                    box,
+                    tree,
+                    counts,
                 )
                 for level in range(NUM_LEVELS):
                     iou_out[i, level] = _point_query(tree, tree, level)
@@ -751,8 +832,17 @@ def best_iou_per_level(
         n_chunks = min(n, 8 * numba.get_num_threads())
         with numba.parallel_chunksize(1):
             _levels_batch(
-                maps, gt_boxes, gt_offsets, largest_contour, _GROUPS8, _GROUPS4, parent_type,
-                n_chunks, iou, counts, map_max,
+                maps,
+                gt_boxes,
+                gt_offsets,
+                largest_contour,
+                _GROUPS8,
+                _GROUPS4,
+                parent_type,
+                n_chunks,
+                iou,
+                counts,
+                map_max,
             )
     finally:
         numba.set_num_threads(threads)  # thread-local setting: restore the caller's

@@ -187,8 +187,7 @@ def rescale_boxes(
     sizes = torch.as_tensor(orig_sizes).detach().to("cpu", torch.float64)
     if sizes.ndim != 2 or sizes.shape[1] != 2 or len(sizes) != len(boxes):
         raise ValueError(
-            f"orig_sizes must be [N, 2] (width, height) for {len(boxes)} images, "
-            f"got shape {tuple(sizes.shape)}"
+            f"orig_sizes must be [N, 2] (width, height) for {len(boxes)} images, got shape {tuple(sizes.shape)}"
         )
     bad = ~(sizes > 0).all(1)
     if bool(bad.any()):

@@ -96,7 +96,11 @@ class PxAPAccumulator:
         # up to one place of rounding, which one comparison each way settles (2x faster than a
         # binary search over 1,000 edges).
         steps = np.diff(self.thresholds)
-        self._step = float(steps[0]) if len(steps) and self.thresholds[0] == 0 and np.allclose(steps, steps[0], rtol=0, atol=1e-12) else None
+        self._step = (
+            float(steps[0])
+            if len(steps) and self.thresholds[0] == 0 and np.allclose(steps, steps[0], rtol=0, atol=1e-12)
+            else None
+        )
 
     @property
     def num_bins(self) -> int:
@@ -111,9 +115,7 @@ class PxAPAccumulator:
 
     def load_state_tensor(self, state: torch.Tensor) -> None:
         if tuple(state.shape) != tuple(self._state.shape):
-            raise ValueError(
-                f"state tensor shape {tuple(state.shape)} does not match {tuple(self._state.shape)}"
-            )
+            raise ValueError(f"state tensor shape {tuple(state.shape)} does not match {tuple(self._state.shape)}")
         self._state.copy_(state.to(self.device, torch.int64))
 
     def merge(self, other: PxAPAccumulator) -> PxAPAccumulator:
@@ -138,7 +140,11 @@ class PxAPAccumulator:
                 scores = scores.float()
             per_image = np.zeros((len(scores), 2, self.num_bins), np.int64)
             _pixel_histograms(
-                scores.cpu().contiguous().numpy(), masks.cpu().contiguous().numpy(), self._edges.cpu().numpy(), self._step or 0.0, per_image
+                scores.cpu().contiguous().numpy(),
+                masks.cpu().contiguous().numpy(),
+                self._edges.cpu().numpy(),
+                self._step or 0.0,
+                per_image,
             )
             self._state += torch.from_numpy(per_image.sum(0)).to(self.device)
             return
@@ -183,9 +189,7 @@ class PxAPAccumulator:
             recall = tp / (tp + fn)
         keep = predicted[1:] != 0
         area = float((precision[1:] * np.diff(recall))[keep].sum() * 100)
-        return PxAPResult(
-            pxap=area, precision=precision, recall=recall, thresholds=self.thresholds.copy()
-        )
+        return PxAPResult(pxap=area, precision=precision, recall=recall, thresholds=self.thresholds.copy())
 
 
 def pxap(

@@ -43,9 +43,7 @@ def reference_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
     return inter / (area_a + area_b - inter)
 
 
-def reference_boxes(
-    score_map: np.ndarray, threshold: float, *, largest_contour: bool = False
-) -> np.ndarray:
+def reference_boxes(score_map: np.ndarray, threshold: float, *, largest_contour: bool = False) -> np.ndarray:
     """The protocol's boxes for one uint8 map at one threshold: ``int64 [k, 4]``, ``k >= 1``.
 
     Foreground is ``map > int(threshold * max(map))``; each contour (holes included) gives
@@ -89,8 +87,7 @@ def reference_best_iou(
     for i, score_map in enumerate(maps):
         gt = np.asarray(gt_boxes[i], np.int64).reshape(-1, 4)
         per_threshold = [
-            reference_boxes(score_map, threshold, largest_contour=largest_contour)
-            for threshold in thresholds
+            reference_boxes(score_map, threshold, largest_contour=largest_contour) for threshold in thresholds
         ]
         counts[i] = [len(boxes) for boxes in per_threshold]
         # Like the field's evaluator: one IoU computation over all boxes of all thresholds, then
@@ -123,9 +120,7 @@ def reference_prepare(score_map: np.ndarray, size: int = 224) -> tuple[np.ndarra
     return normalized, (normalized * 255).astype(np.uint8)
 
 
-def reference_rescale_boxes(
-    boxes: np.ndarray, width: int, height: int, size: int = 224
-) -> np.ndarray:
+def reference_rescale_boxes(boxes: np.ndarray, width: int, height: int, size: int = 224) -> np.ndarray:
     """GT boxes from original image coordinates to ``size x size``: ``x * size / width``, truncated."""
     out = []
     for x0, y0, x1, y1 in np.asarray(boxes, np.float64).reshape(-1, 4):
@@ -140,9 +135,7 @@ def reference_rescale_boxes(
     return np.asarray(out, np.int64).reshape(-1, 4)
 
 
-def reference_pxap(
-    score_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], thresholds: np.ndarray
-) -> float:
+def reference_pxap(score_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], thresholds: np.ndarray) -> float:
     """PxAP (%) of float score maps in ``[0, 1]`` against masks (0, 1, 255 = ignore).
 
     Per image, histograms of the foreground and background pixels' scores over the bins

@@ -130,9 +130,7 @@ def flatten_gt_boxes(
     offsets = np.zeros(n + 1, np.int64)
     for i, b in enumerate(arrays):
         if b.ndim != 2 or b.shape[1] != 4 or b.shape[0] < 1:
-            raise ValueError(
-                f"gt_boxes[{i}] must be [k >= 1, 4] (x0, y0, x1, y1), got shape {b.shape}"
-            )
+            raise ValueError(f"gt_boxes[{i}] must be [k >= 1, 4] (x0, y0, x1, y1), got shape {b.shape}")
         offsets[i + 1] = offsets[i] + len(b)
     if n == 0:
         return np.zeros((0, 4), np.int64), offsets
@@ -153,8 +151,7 @@ def flatten_gt_boxes(
         if fractional.any():
             fail(
                 fractional,
-                "has non-integer coordinates; use rescale_boxes() for boxes in original image "
-                "coordinates",
+                "has non-integer coordinates; use rescale_boxes() for boxes in original image coordinates",
             )
     packed = np.ascontiguousarray(packed, dtype=np.int64)
     inverted = (packed[:, 2] < packed[:, 0]) | (packed[:, 3] < packed[:, 1])

@@ -81,8 +81,15 @@ class InceptionV3(Backbone):
             [
                 (
                     "stem",
-                    [self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3, _MaxPool(1),
-                     self.Conv2d_3b_1x1, self.Conv2d_4a_3x3, _MaxPool(1)],
+                    [
+                        self.Conv2d_1a_3x3,
+                        self.Conv2d_2a_3x3,
+                        self.Conv2d_2b_3x3,
+                        _MaxPool(1),
+                        self.Conv2d_3b_1x1,
+                        self.Conv2d_4a_3x3,
+                        _MaxPool(1),
+                    ],
                     192,
                 ),
                 ("mixed5", [self.Mixed_5b, self.Mixed_5c, self.Mixed_5d], 288),

@@ -99,7 +99,11 @@ def load_backbone_from_checkpoint(backbone: Backbone, state_file: Path) -> LoadR
     target = backbone.state_dict()
     missing = sorted(set(target) - set(state))
     unexpected = sorted(set(state) - set(target))
-    wrong_shape = sorted(f"{k}: {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in target if k in state and state[k].shape != target[k].shape)
+    wrong_shape = sorted(
+        f"{k}: {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
+        for k in target
+        if k in state and state[k].shape != target[k].shape
+    )
     if missing or unexpected or wrong_shape:
         raise PretrainedMismatchError(
             f"{type(backbone).__name__} <- {state_file} (a {trained!r} checkpoint): missing {missing[:5]} ({len(missing)}), "
@@ -135,9 +139,13 @@ def load_pretrained(backbone: Backbone, source: str | Path) -> LoadReport:
     )
     problems = []
     if missing:
-        problems.append(f"missing from the weights: {missing[:10]}{' ...' if len(missing) > 10 else ''} ({len(missing)})")
+        problems.append(
+            f"missing from the weights: {missing[:10]}{' ...' if len(missing) > 10 else ''} ({len(missing)})"
+        )
     if unexpected:
-        problems.append(f"not in the model: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)})")
+        problems.append(
+            f"not in the model: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)})"
+        )
     if wrong_shape:
         problems.append(f"shape mismatch: {wrong_shape[:5]}")
     if problems:

@@ -120,8 +120,12 @@ def convert_wsolevaluation(state: dict[str, torch.Tensor], large_feature_map: bo
         f"model.large_feature_map={bool(large_feature_map)}",
         f"model.num_classes={num_classes}",
     ]
-    note = "" if backbone == "vgg16" or large_feature_map is not None else (
-        f"{backbone}: the map size is not in the weights; model.large_feature_map=false assumed (set it as the run did)"
+    note = (
+        ""
+        if backbone == "vgg16" or large_feature_map is not None
+        else (
+            f"{backbone}: the map size is not in the weights; model.large_feature_map=false assumed (set it as the run did)"
+        )
     )
     return ReleasedCheckpoint("wsolevaluation", overrides, converted, num_classes, note)
 
@@ -129,7 +133,9 @@ def convert_wsolevaluation(state: dict[str, torch.Tensor], large_feature_map: bo
 def convert_ccam(state: dict[str, torch.Tensor], extras: dict[str, Any]) -> ReleasedCheckpoint:
     """A CCAM (C2AM) model as this project's ``c2am`` method with ``concat_stage=layer3``."""
     if "backbone.layer4.0.conv1.weight" not in state:
-        raise ReleasedCheckpointError("CCAM layout without a ResNet50 'backbone.layer4'; only the ResNet50 release is read")
+        raise ReleasedCheckpointError(
+            "CCAM layout without a ResNet50 'backbone.layer4'; only the ResNet50 release is read"
+        )
     converted: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key.startswith("ac_head."):
@@ -153,7 +159,9 @@ def convert_ccam(state: dict[str, torch.Tensor], extras: dict[str, Any]) -> Rele
     return ReleasedCheckpoint("ccam", overrides, converted, 0, note)
 
 
-def convert_released(path: str | Path, layout: str = "auto", large_feature_map: bool | None = None) -> ReleasedCheckpoint:
+def convert_released(
+    path: str | Path, layout: str = "auto", large_feature_map: bool | None = None
+) -> ReleasedCheckpoint:
     """Read ``path`` and convert it (``layout``: ``auto``, ``wsolevaluation`` or ``ccam``)."""
     state, extras = read_checkpoint(path)
     found = detect_layout(state)

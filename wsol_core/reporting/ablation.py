@@ -21,7 +21,16 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from wsol_core.reporting.anchors import FMCG_TABLE1, SOURCES
-from wsol_core.reporting.common import SWITCH_RE, fmt, markdown_table, method_switches, metric, switch_name, switch_rank, truthy
+from wsol_core.reporting.common import (
+    SWITCH_RE,
+    fmt,
+    markdown_table,
+    method_switches,
+    metric,
+    switch_name,
+    switch_rank,
+    truthy,
+)
 
 
 @dataclass
@@ -117,7 +126,9 @@ def _ignored(key: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(key, p) for p in patterns)
 
 
-def group_key(params: Mapping[str, str], group_by: Sequence[str] | None = None, ignore: Sequence[str] = DEFAULT_GROUP_IGNORE) -> tuple:
+def group_key(
+    params: Mapping[str, str], group_by: Sequence[str] | None = None, ignore: Sequence[str] = DEFAULT_GROUP_IGNORE
+) -> tuple:
     """Runs with equal keys are repeats of one configuration. ``group_by`` (fnmatch patterns)
     restricts the key to those params; otherwise every param not matching ``ignore`` counts."""
     if group_by:
@@ -167,22 +178,27 @@ def runs_frame(records: Sequence[RunRecord]) -> pd.DataFrame:
 
 def records_from_frame(frame: pd.DataFrame) -> list[RunRecord]:
     """The runs of a ``mlflow.search_runs`` frame (missing values dropped per run)."""
+
     def present(value) -> bool:
         return value is not None and not (isinstance(value, float) and pd.isna(value))
 
     records = []
     for row in frame.to_dict("records"):
-        section = {prefix: {k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix) and present(v)}
-                   for prefix in ("params.", "metrics.", "tags.")}
+        section = {
+            prefix: {k[len(prefix) :]: v for k, v in row.items() if k.startswith(prefix) and present(v)}
+            for prefix in ("params.", "metrics.", "tags.")
+        }
         tags = {k: str(v) for k, v in section["tags."].items()}
-        records.append(RunRecord(
-            run_id=str(row["run_id"]),
-            params={k: str(v) for k, v in section["params."].items()},
-            metrics={k: float(v) for k, v in section["metrics."].items()},
-            tags=tags,
-            name=tags.get("mlflow.runName", ""),
-            status=str(row.get("status", "FINISHED")),
-        ))
+        records.append(
+            RunRecord(
+                run_id=str(row["run_id"]),
+                params={k: str(v) for k, v in section["params."].items()},
+                metrics={k: float(v) for k, v in section["metrics."].items()},
+                tags=tags,
+                name=tags.get("mlflow.runName", ""),
+                status=str(row.get("status", "FINISHED")),
+            )
+        )
     return records
 
 
@@ -190,7 +206,11 @@ def _column_statistics(groups: list[list[RunRecord]], columns: Sequence[str], sp
     """Per group (the frame's index) and column: ``mean``, ``std`` (sample, NaN for one run) and
     ``count`` of the runs that have the value."""
     values = pd.DataFrame(
-        [{"group": g, **{c: _run_value(r, c, split) for c in columns}} for g, members in enumerate(groups) for r in members],
+        [
+            {"group": g, **{c: _run_value(r, c, split) for c in columns}}
+            for g, members in enumerate(groups)
+            for r in members
+        ],
         columns=["group", *columns],
     )
     values[list(columns)] = values[list(columns)].astype(float)
@@ -287,9 +307,21 @@ def build_ablation_table(
         # With several full configurations (the paper's settings, a searched one), an ablated row
         # is compared with the one it differs from only by its switches: the nearest in params.
         nearest = min(full, key=lambda r: params_apart(row, r), default=None)
-        if nearest and "maxboxacc_v2" in columns and row.mean.get("maxboxacc_v2") is not None and nearest.mean.get("maxboxacc_v2") is not None:
+        if (
+            nearest
+            and "maxboxacc_v2" in columns
+            and row.mean.get("maxboxacc_v2") is not None
+            and nearest.mean.get("maxboxacc_v2") is not None
+        ):
             row.delta_vs_full = row.mean["maxboxacc_v2"] - nearest.mean["maxboxacc_v2"]
-    return AblationTable(rows=rows, columns=tuple(columns), split=split, switch_keys=keys, synthetic=any(r.synthetic for r in rows), skipped=skipped)
+    return AblationTable(
+        rows=rows,
+        columns=tuple(columns),
+        split=split,
+        switch_keys=keys,
+        synthetic=any(r.synthetic for r in rows),
+        skipped=skipped,
+    )
 
 
 def _disambiguate(rows: list[AblationRow], group_by: Sequence[str] | None, ignore: Sequence[str]) -> None:
@@ -311,13 +343,20 @@ def _disambiguate(rows: list[AblationRow], group_by: Sequence[str] | None, ignor
 
 def ablation_markdown(table: AblationTable, title: str = "Ablation", paper_reference: bool = True) -> str:
     """The papers' table: switches as check marks, MaxBoxAccV2 per IoU and mean, Top-1 Loc."""
-    header = ["Method"] + [switch_name(k) for k in table.switch_keys] + ["n"] + [COLUMN_TITLES.get(c, c) for c in table.columns]
+    header = (
+        ["Method"]
+        + [switch_name(k) for k in table.switch_keys]
+        + ["n"]
+        + [COLUMN_TITLES.get(c, c) for c in table.columns]
+    )
     header.append("Δ Mean vs full")
     body = []
     for row in table.rows:
         marks = ["✓" if row.switches.get(k) else ("✗" if k in row.switches else "") for k in table.switch_keys]
         cells = [fmt(row.mean[c], row.std[c]) for c in table.columns]
-        body.append([row.label, *marks, str(row.n), *cells, "–" if row.delta_vs_full is None else f"{row.delta_vs_full:+.2f}"])
+        body.append(
+            [row.label, *marks, str(row.n), *cells, "–" if row.delta_vs_full is None else f"{row.delta_vs_full:+.2f}"]
+        )
     align = ["l"] + ["c"] * len(table.switch_keys) + ["r"] * (len(header) - 1 - len(table.switch_keys))
     lines = [f"# {title}", ""]
     lines.append(
@@ -326,10 +365,16 @@ def ablation_markdown(table: AblationTable, title: str = "Ablation", paper_refer
     )
     lines.append("")
     if table.synthetic:
-        lines += ["> **Synthetic data**: these runs use the generated benchmark; they cannot be compared with the papers' numbers.", ""]
+        lines += [
+            "> **Synthetic data**: these runs use the generated benchmark; they cannot be compared with the papers' numbers.",
+            "",
+        ]
     lines += [markdown_table(header, body, align), ""]
     lines += ["Runs per row:", ""]
-    lines += [f"- {row.label}: {', '.join(f'`{rid}` (seed {s})' for rid, s in zip(row.run_ids, row.seeds))}" for row in table.rows]
+    lines += [
+        f"- {row.label}: {', '.join(f'`{rid}` (seed {s})' for rid, s in zip(row.run_ids, row.seeds))}"
+        for row in table.rows
+    ]
     lines.append("")
     if table.skipped:
         lines += ["Skipped runs:", ""] + [f"- {s}" for s in table.skipped] + [""]
@@ -340,8 +385,16 @@ def ablation_markdown(table: AblationTable, title: str = "Ablation", paper_refer
             "",
         ]
         ref_header = ["Method", "SRD", "CG", "PNL", "IoU 0.3", "IoU 0.5", "IoU 0.7", "Mean (MaxBoxAccV2)", "Top-1 Loc"]
-        ref_rows = [[label, *("✓" if s[k] else "✗" for k in ("srd", "cg", "pnl")), *(f"{v:.2f}" for v in values)] for label, s, values in FMCG_TABLE1]
-        lines += [markdown_table(ref_header, ref_rows, ["l", "c", "c", "c"] + ["r"] * 5), "", f"Source: {SOURCES['fmcg_t1']}.", ""]
+        ref_rows = [
+            [label, *("✓" if s[k] else "✗" for k in ("srd", "cg", "pnl")), *(f"{v:.2f}" for v in values)]
+            for label, s, values in FMCG_TABLE1
+        ]
+        lines += [
+            markdown_table(ref_header, ref_rows, ["l", "c", "c", "c"] + ["r"] * 5),
+            "",
+            f"Source: {SOURCES['fmcg_t1']}.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -349,7 +402,16 @@ def ablation_csv(table: AblationTable) -> str:
     """One line per row: label, method, switches, n, run ids, seeds, then mean / std / count per column."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    header = ["label", "method", *(f"{k}_enabled" for k in table.switch_keys), "n", "split", "synthetic", "run_ids", "seeds"]
+    header = [
+        "label",
+        "method",
+        *(f"{k}_enabled" for k in table.switch_keys),
+        "n",
+        "split",
+        "synthetic",
+        "run_ids",
+        "seeds",
+    ]
     for column in table.columns:
         header += [f"{column}_mean", f"{column}_std", f"{column}_n"]
     header.append("delta_maxboxacc_v2_vs_full")
@@ -359,7 +421,11 @@ def ablation_csv(table: AblationTable) -> str:
         return "" if value is None else f"{value:.4f}"
 
     for row in table.rows:
-        line = [row.label, row.method, *(("" if k not in row.switches else str(row.switches[k]).lower()) for k in table.switch_keys)]
+        line = [
+            row.label,
+            row.method,
+            *(("" if k not in row.switches else str(row.switches[k]).lower()) for k in table.switch_keys),
+        ]
         line += [row.n, table.split, str(row.synthetic).lower(), ";".join(row.run_ids), ";".join(row.seeds)]
         for column in table.columns:
             line += [num(row.mean[column]), num(row.std[column]), row.count[column]]

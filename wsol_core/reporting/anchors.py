@@ -5,38 +5,36 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 _FMCG = (
-    "W. Lee, M. Ki, C. Mun, S. Kho, H. Byun, \"Foreground Mining via Contrastive Guidance for Weakly "
-    "Supervised Object Localization\" (BMVC-format paper; ../shared/seeds/000_bec529611bbc7461.txt)"
+    'W. Lee, M. Ki, C. Mun, S. Kho, H. Byun, "Foreground Mining via Contrastive Guidance for Weakly '
+    'Supervised Object Localization" (BMVC-format paper; ../shared/seeds/000_bec529611bbc7461.txt)'
 )
 SOURCES: dict[str, str] = {
     "choe2020": (
-        "J. Choe, S. J. Oh, S. Lee, S. Chun, Z. Akata, H. Shim, \"Evaluating Weakly Supervised Object "
+        'J. Choe, S. J. Oh, S. Lee, S. Chun, Z. Akata, H. Shim, "Evaluating Weakly Supervised Object '
         "Localization Methods Right\", CVPR 2020; CAM's MaxBoxAccV2 as reprinted in FMCG Table 5 "
         "(and per IoU for VGG16 / CUB in CAML Table 1)"
     ),
     "choe2020_best": (
         "Choe et al., CVPR 2020: the best WSOL method per backbone and dataset, as reprinted in "
-        "C2AM Table 3 (\"Best WSOL\")"
+        'C2AM Table 3 ("Best WSOL")'
     ),
     "fmcg_t1": f"{_FMCG}, Table 1 (ablation, VGG16 on CUB-200-2011)",
     "fmcg_t5": f"{_FMCG}, Table 5 (MaxBoxAccV2)",
     "fmcg_t6": f"{_FMCG}, Table 6 (GT-known Loc / Top-1 Loc)",
     "cam_fmcg_t6": (
-        f"B. Zhou et al., \"Learning Deep Features for Discriminative Localization\", CVPR 2016; CAM's "
+        f'B. Zhou et al., "Learning Deep Features for Discriminative Localization", CVPR 2016; CAM\'s '
         f"GT-known / Top-1 Loc at the original fixed CAM threshold, as tabulated in {_FMCG}, Table 6"
     ),
     "caml_t1": (
-        "M. Ki, Y. Uh, J. Choe, H. Byun, \"Contrastive Attention Maps for Self-supervised "
-        "Co-localization\", ICCV; Table 1 (MaxBoxAccV2 per IoU, VGG16 on CUB-200-2011)"
+        'M. Ki, Y. Uh, J. Choe, H. Byun, "Contrastive Attention Maps for Self-supervised '
+        'Co-localization", ICCV; Table 1 (MaxBoxAccV2 per IoU, VGG16 on CUB-200-2011)'
     ),
     "c2am_t3": (
-        "J. Xie, J. Xiang, J. Chen, X. Hou, X. Zhao, L. Shen, \"C2AM: Contrastive learning of "
+        'J. Xie, J. Xiang, J. Chen, X. Hou, X. Zhao, L. Shen, "C2AM: Contrastive learning of '
         "Class-agnostic Activation Map for Weakly Supervised Object Localization and Semantic "
-        "Segmentation\", CVPR; Table 3 (MaxBoxAccV2)"
+        'Segmentation", CVPR; Table 3 (MaxBoxAccV2)'
     ),
-    "c2am_t2": (
-        "Xie et al. (C2AM), CVPR; Table 2 (GT-known Loc, supervised pre-training, class-agnostic maps)"
-    ),
+    "c2am_t2": ("Xie et al. (C2AM), CVPR; Table 2 (GT-known Loc, supervised pre-training, class-agnostic maps)"),
 }
 
 
@@ -74,11 +72,25 @@ ANCHORS: tuple[Anchor, ...] = (
     Anchor("cam", "resnet50", "imagenet", "choe2020", 63.7),
     # CAM at the original fixed threshold (FMCG Table 6): a different protocol, shown for reference.
     Anchor("cam", "vgg16", "cub", "cam_fmcg_t6", gt_known_loc=56.00, top1_loc=44.15, label="CAM (fixed threshold)"),
-    Anchor("cam", "inception_v3", "cub", "cam_fmcg_t6", gt_known_loc=55.10, top1_loc=43.70, label="CAM (fixed threshold)"),
+    Anchor(
+        "cam", "inception_v3", "cub", "cam_fmcg_t6", gt_known_loc=55.10, top1_loc=43.70, label="CAM (fixed threshold)"
+    ),
     Anchor("cam", "resnet50", "cub", "cam_fmcg_t6", top1_loc=49.41, label="CAM (fixed threshold)"),
-    Anchor("cam", "vgg16", "imagenet", "cam_fmcg_t6", gt_known_loc=57.72, top1_loc=42.80, label="CAM (fixed threshold)"),
-    Anchor("cam", "inception_v3", "imagenet", "cam_fmcg_t6", gt_known_loc=62.68, top1_loc=46.30, label="CAM (fixed threshold)"),
-    Anchor("cam", "resnet50", "imagenet", "cam_fmcg_t6", gt_known_loc=51.86, top1_loc=38.99, label="CAM (fixed threshold)"),
+    Anchor(
+        "cam", "vgg16", "imagenet", "cam_fmcg_t6", gt_known_loc=57.72, top1_loc=42.80, label="CAM (fixed threshold)"
+    ),
+    Anchor(
+        "cam",
+        "inception_v3",
+        "imagenet",
+        "cam_fmcg_t6",
+        gt_known_loc=62.68,
+        top1_loc=46.30,
+        label="CAM (fixed threshold)",
+    ),
+    Anchor(
+        "cam", "resnet50", "imagenet", "cam_fmcg_t6", gt_known_loc=51.86, top1_loc=38.99, label="CAM (fixed threshold)"
+    ),
     # Best WSOL method of the protocol paper (C2AM Table 3).
     Anchor("best-wsol", "vgg16", "cub", "choe2020_best", 66.3, label="Best WSOL (Choe et al.)"),
     Anchor("best-wsol", "inception_v3", "cub", "choe2020_best", 58.8, label="Best WSOL (Choe et al.)"),
@@ -142,7 +154,13 @@ def normalize_dataset(name: str) -> str:
 
 def normalize_backbone(name: str) -> str:
     lowered = (name or "").strip().lower().replace("-", "_")
-    aliases = {"vgg": "vgg16", "vgg16_gap": "vgg16", "inceptionv3": "inception_v3", "inception": "inception_v3", "resnet": "resnet50"}
+    aliases = {
+        "vgg": "vgg16",
+        "vgg16_gap": "vgg16",
+        "inceptionv3": "inception_v3",
+        "inception": "inception_v3",
+        "resnet": "resnet50",
+    }
     return aliases.get(lowered, lowered)
 
 
@@ -154,9 +172,20 @@ def select_anchors(method: str, backbone: str, dataset: str) -> tuple[list[Ancho
     """
     bb, ds = normalize_backbone(backbone), normalize_dataset(dataset)
     matched = bb in KNOWN_BACKBONES and ds in KNOWN_DATASETS
-    rows = [a for a in ANCHORS if (bb not in KNOWN_BACKBONES or a.backbone == bb) and (ds not in KNOWN_DATASETS or a.dataset == ds)]
+    rows = [
+        a
+        for a in ANCHORS
+        if (bb not in KNOWN_BACKBONES or a.backbone == bb) and (ds not in KNOWN_DATASETS or a.dataset == ds)
+    ]
     if not matched:
         rows = [a for a in rows if a.method in {"cam", (method or "").lower()} and a.source != "cam_fmcg_t6"]
     rank = {"cam": 0, "best-wsol": 1}
-    rows.sort(key=lambda a: (KNOWN_DATASETS.index(a.dataset), KNOWN_BACKBONES.index(a.backbone), rank.get(a.method, 2), a.method))
+    rows.sort(
+        key=lambda a: (
+            KNOWN_DATASETS.index(a.dataset),
+            KNOWN_BACKBONES.index(a.backbone),
+            rank.get(a.method, 2),
+            a.method,
+        )
+    )
     return rows, matched

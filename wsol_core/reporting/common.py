@@ -9,11 +9,22 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-LOC_KEYS = ("maxboxacc_v2", "boxacc_v2_iou30", "boxacc_v2_iou50", "boxacc_v2_iou70", "maxboxacc_v1", "gt_known_loc", "top1_loc", "pxap")
+LOC_KEYS = (
+    "maxboxacc_v2",
+    "boxacc_v2_iou30",
+    "boxacc_v2_iou50",
+    "boxacc_v2_iou70",
+    "maxboxacc_v1",
+    "gt_known_loc",
+    "top1_loc",
+    "pxap",
+)
 # Runs logged before the names were made unconfusable stored the V2 components as maxboxacc_<IoU>
 # (and their GT-known / Top-k Loc came from every contour, not the published single box).
 LEGACY_NAMES = {f"boxacc_v2_iou{d}": f"maxboxacc_{d}" for d in (30, 50, 70)}
 SWITCH_RE = re.compile(r"^method\.([A-Za-z0-9_]+)\.enabled$")
+
+
 @functools.cache
 def _switch_labels() -> dict[str, str]:
     """``{part: label}`` in the papers' column order, as each method's config declares it."""

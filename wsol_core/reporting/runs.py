@@ -78,7 +78,11 @@ def log_ablation_report(
     run = client.create_run(
         experiment_id,
         run_name=run_name or f"ablation-report-{time.strftime('%Y%m%d-%H%M%S')}",
-        tags={"wsol.report": "ablation", "wsol.source_runs": ",".join(source_run_ids)[:5000], "mlflow.note.content": markdown[:50000]},
+        tags={
+            "wsol.report": "ablation",
+            "wsol.source_runs": ",".join(source_run_ids)[:5000],
+            "mlflow.note.content": markdown[:50000],
+        },
     )
     logger = RunLogger(tracking_uri, run.info.run_id)
     if params:

@@ -41,7 +41,9 @@ class RunSummary:
         return data
 
 
-def build_run_summary(cfg_flat: Mapping[str, Any], metrics: Mapping[str, float], dataset: str, synthetic: bool) -> RunSummary:
+def build_run_summary(
+    cfg_flat: Mapping[str, Any], metrics: Mapping[str, float], dataset: str, synthetic: bool
+) -> RunSummary:
     """The summary of one run: its numbers (test split if scored, else val) and the anchors."""
     method = str(cfg_flat.get("method.name", "?"))
     backbone = str(cfg_flat.get("model.backbone", "?"))
@@ -74,7 +76,9 @@ def build_run_summary(cfg_flat: Mapping[str, Any], metrics: Mapping[str, float],
     if split == "val":
         notes.append("No test-split numbers yet: this run's row is the validation split; the papers report test.")
     if comparable and not cfg_flat.get("model.pretrained"):
-        notes.append("The backbone was trained from scratch (`model.pretrained` unset); the papers start from ImageNet weights.")
+        notes.append(
+            "The backbone was trained from scratch (`model.pretrained` unset); the papers start from ImageNet weights."
+        )
     return RunSummary(
         method=method,
         backbone=backbone,
@@ -95,8 +99,23 @@ def _dataset_display(name: str) -> str:
 
 
 def summary_rows(summary: RunSummary) -> tuple[list[str], list[list[str]], list[str]]:
-    header = ["", "backbone", "dataset", "MaxBoxAccV2", "IoU 0.3", "IoU 0.5", "IoU 0.7", "MaxBoxAcc (v1)", "GT-known Loc", "Top-1 Loc", "PxAP", "source"]
-    run_label = "**this run**" + (" (synthetic: not comparable)" if summary.synthetic else "" if summary.comparable else " (not comparable)")
+    header = [
+        "",
+        "backbone",
+        "dataset",
+        "MaxBoxAccV2",
+        "IoU 0.3",
+        "IoU 0.5",
+        "IoU 0.7",
+        "MaxBoxAcc (v1)",
+        "GT-known Loc",
+        "Top-1 Loc",
+        "PxAP",
+        "source",
+    ]
+    run_label = "**this run**" + (
+        " (synthetic: not comparable)" if summary.synthetic else "" if summary.comparable else " (not comparable)"
+    )
     r = summary.run
     rows = [[run_label, summary.backbone, summary.dataset, *(fmt(r[key]) for key in LOC_KEYS), summary.split or "–"]]
     cited: list[str] = []
@@ -106,9 +125,11 @@ def summary_rows(summary: RunSummary) -> tuple[list[str], list[list[str]], list[
             if source not in cited:
                 cited.append(source)
             refs.append(cited.index(source) + 1)
-        rows.append([merged["display"], merged["backbone"], _dataset_display(merged["dataset"])]
-                    + [fmt(merged[key]) for key in LOC_KEYS]
-                    + [f"[{', '.join(str(ref) for ref in sorted(refs))}]"])
+        rows.append(
+            [merged["display"], merged["backbone"], _dataset_display(merged["dataset"])]
+            + [fmt(merged[key]) for key in LOC_KEYS]
+            + [f"[{', '.join(str(ref) for ref in sorted(refs))}]"]
+        )
     return header, rows, cited
 
 
@@ -118,8 +139,17 @@ def merge_anchors(anchors: Sequence[Anchor]) -> list[dict[str, Any]]:
     merged: dict[tuple, dict[str, Any]] = {}
     for anchor in anchors:
         key = (anchor.display, anchor.backbone, anchor.dataset)
-        row = merged.setdefault(key, {"display": anchor.display, "method": anchor.method, "backbone": anchor.backbone,
-                                      "dataset": anchor.dataset, "sources": [], **{k: None for k in LOC_KEYS}})
+        row = merged.setdefault(
+            key,
+            {
+                "display": anchor.display,
+                "method": anchor.method,
+                "backbone": anchor.backbone,
+                "dataset": anchor.dataset,
+                "sources": [],
+                **{k: None for k in LOC_KEYS},
+            },
+        )
         row["sources"].append(anchor.source)
         for field_name in LOC_KEYS:
             if row[field_name] is None:
@@ -137,7 +167,8 @@ def render_summary_markdown(summary: RunSummary) -> str:
         f"# WSOL run summary: {summary.method} / {summary.backbone} / {summary.dataset}",
         "",
         f"- **method** `{summary.method}` ({_switch_text(summary.switches)})",
-        f"- **backbone** `{summary.backbone}`, **dataset** `{summary.dataset}`" + (" (**synthetic**)" if summary.synthetic else ""),
+        f"- **backbone** `{summary.backbone}`, **dataset** `{summary.dataset}`"
+        + (" (**synthetic**)" if summary.synthetic else ""),
         f"- **split** {summary.split or 'unprefixed metrics'}; **MaxBoxAccV2** {fmt(r['maxboxacc_v2'])}, "
         f"**GT-known Loc** {fmt(r['gt_known_loc'])}, **Top-1 Loc** {fmt(r['top1_loc'])}"
         + (f", **CorLoc** {fmt(r['corloc'])}" if r.get("corloc") is not None else "")
@@ -147,10 +178,17 @@ def render_summary_markdown(summary: RunSummary) -> str:
     for note in summary.notes:
         lines += [f"> {note}", ""]
     header, rows, cited = summary_rows(summary)
-    lines += ["## Against published numbers" + ("" if summary.comparable else " (not comparable: orientation only)"), ""]
+    lines += [
+        "## Against published numbers" + ("" if summary.comparable else " (not comparable: orientation only)"),
+        "",
+    ]
     lines += [markdown_table(header, rows, ["l", "l", "l"] + ["r"] * 6 + ["l"]), ""]
     if summary.comparable and r["maxboxacc_v2"] is not None:
-        deltas = [f"{m['display']}: {r['maxboxacc_v2'] - m['maxboxacc_v2']:+.2f}" for m in merge_anchors(summary.anchors) if m["maxboxacc_v2"] is not None]
+        deltas = [
+            f"{m['display']}: {r['maxboxacc_v2'] - m['maxboxacc_v2']:+.2f}"
+            for m in merge_anchors(summary.anchors)
+            if m["maxboxacc_v2"] is not None
+        ]
         if deltas:
             lines += ["MaxBoxAccV2 of this run minus the published: " + "; ".join(deltas), ""]
     lines += ["References:", ""]
@@ -199,7 +237,9 @@ def description_text(markdown: str) -> str:
     return head[: _DESCRIPTION_LIMIT - len(pointer)] + pointer
 
 
-def log_run_summary(logger: RunLogger, cfg_flat: dict, metrics: dict, dataset: str, synthetic: bool, set_description: bool = True) -> str:
+def log_run_summary(
+    logger: RunLogger, cfg_flat: dict, metrics: dict, dataset: str, synthetic: bool, set_description: bool = True
+) -> str:
     """Log ``summary.md``, ``summary.html`` and ``summary.json`` into the run, tag it with
     ``wsol.dataset`` / ``wsol.synthetic`` / ``wsol.comparable``, and (by default) make the markdown
     the run's description, shown on its MLflow page. Returns the markdown.
@@ -226,7 +266,6 @@ def log_run_summary(logger: RunLogger, cfg_flat: dict, metrics: dict, dataset: s
         tags["mlflow.note.content"] = description_text(markdown)
     logger.set_tags(tags)
     return markdown
-
 
 
 def dumps_summary(summary: RunSummary) -> str:

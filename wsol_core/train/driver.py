@@ -74,7 +74,11 @@ def honest_run_status(logger: RunLogger, run_id: str, resume_hint: str):
     except KeyboardInterrupt as exc:
         logger.finish("KILLED")
         name = getattr(exc, "signal_name", "SIGINT")
-        print(f"[wsol] stopped by {name}: MLflow run {run_id} is marked KILLED; {resume_hint}", file=sys.stderr, flush=True)
+        print(
+            f"[wsol] stopped by {name}: MLflow run {run_id} is marked KILLED; {resume_hint}",
+            file=sys.stderr,
+            flush=True,
+        )
         raise
     except BaseException as exc:
         logger.finish("FAILED")
@@ -85,8 +89,17 @@ def honest_run_status(logger: RunLogger, run_id: str, resume_hint: str):
             signal.signal(signal.SIGTERM, previous)
 
 
-def _fit(cfg: Config, name: str, storage_path: str, data_root: Path, tracking_uri: str, run_id: str,
-         registered_model_name: str, resume, ray_address: str | None):
+def _fit(
+    cfg: Config,
+    name: str,
+    storage_path: str,
+    data_root: Path,
+    tracking_uri: str,
+    run_id: str,
+    registered_model_name: str,
+    resume,
+    ray_address: str | None,
+):
     """Start (or join) Ray and run the training's ``TorchTrainer`` (:mod:`wsol_core.train.trainer`)."""
     init_ray(ray_address)  # before any other ray import: it decides how workers start
     if threading.current_thread() is threading.main_thread():
@@ -129,15 +142,26 @@ def not_transient(error: BaseException) -> BaseException | None:
     return None
 
 
-def _fit_with_retries(cfg: Config, name: str, storage_path: str, data_root: Path, tracking_uri: str, run_id: str,
-                      registered_model_name: str, resume, ray_address: str | None):
+def _fit_with_retries(
+    cfg: Config,
+    name: str,
+    storage_path: str,
+    data_root: Path,
+    tracking_uri: str,
+    run_id: str,
+    registered_model_name: str,
+    resume,
+    ray_address: str | None,
+):
     """The fit, restarted from the newest checkpoint after a worker failure (a killed process, a
     lost node) up to ``run.max_failures`` times (-1: always); never after a fault of the data, the
     configuration or a checkpoint, which would only happen again (``NOT_TRANSIENT``)."""
     failures = 0
     while True:
         try:
-            return _fit(cfg, name, storage_path, data_root, tracking_uri, run_id, registered_model_name, resume, ray_address)
+            return _fit(
+                cfg, name, storage_path, data_root, tracking_uri, run_id, registered_model_name, resume, ray_address
+            )
         except Exception as err:
             from ray.train import TrainingFailedError  # imported only after init_ray (see _fit)
 
@@ -145,14 +169,19 @@ def _fit_with_retries(cfg: Config, name: str, storage_path: str, data_root: Path
                 raise
             cause = not_transient(err)
             if cause is not None:
-                err.add_note(f"[wsol] not retried: {type(cause).__name__} is a fault of the data or the configuration "
-                             f"({str(cause).splitlines()[0][:300]}); fix it and run again")
+                err.add_note(
+                    f"[wsol] not retried: {type(cause).__name__} is a fault of the data or the configuration "
+                    f"({str(cause).splitlines()[0][:300]}); fix it and run again"
+                )
                 raise
             failures += 1
             if cfg.run.max_failures != -1 and failures > cfg.run.max_failures:
                 raise
-            print(f"[wsol] the workers failed ({str(err).strip().splitlines()[0][:200]}); restarting from the newest checkpoint "
-                  f"(retry {failures} of {'unlimited' if cfg.run.max_failures == -1 else cfg.run.max_failures})", flush=True)
+            print(
+                f"[wsol] the workers failed ({str(err).strip().splitlines()[0][:200]}); restarting from the newest checkpoint "
+                f"(retry {failures} of {'unlimited' if cfg.run.max_failures == -1 else cfg.run.max_failures})",
+                flush=True,
+            )
             if "://" not in storage_path:
                 resume = plan_resume(Path(storage_path) / name, to_dict(cfg), None)
 
@@ -184,9 +213,11 @@ def resume_hint(cfg: Config, name: str, storage_path: str) -> str:
     """The one line that says how to continue this run."""
     if cfg.run.name == name and cfg.run.resume != "never":
         return "run the same command again to resume it from its newest checkpoint"
-    return (f"to resume it from its newest checkpoint, run the same command with --name {name}"
-            + (" (without --no-resume)" if cfg.run.resume == "never" else "")
-            + ("" if storage_path == default_storage_path() else f" --storage-path {storage_path}"))
+    return (
+        f"to resume it from its newest checkpoint, run the same command with --name {name}"
+        + (" (without --no-resume)" if cfg.run.resume == "never" else "")
+        + ("" if storage_path == default_storage_path() else f" --storage-path {storage_path}")
+    )
 
 
 def run_training(cfg: Config, *, ray_address: str | None = None, registered_model_name: str = "") -> TrainingOutcome:
@@ -194,7 +225,9 @@ def run_training(cfg: Config, *, ray_address: str | None = None, registered_mode
     data_root = resolve_data_root(cfg.data)
     data = check_data(data_root, cfg)
     if cfg.model.num_classes and cfg.model.num_classes != data["num_classes"]:
-        raise ConfigError(f"model.num_classes = {cfg.model.num_classes} but the dataset has {data['num_classes']} classes")
+        raise ConfigError(
+            f"model.num_classes = {cfg.model.num_classes} but the dataset has {data['num_classes']} classes"
+        )
 
     name = cfg.run.name or f"{cfg.method.name}-{cfg.model.backbone}-{data['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage_path = cfg.run.storage_path or default_storage_path()
@@ -204,7 +237,10 @@ def run_training(cfg: Config, *, ray_address: str | None = None, registered_mode
     tracking_uri = resolve_tracking_uri(cfg.run.tracking_uri)
     experiment = cfg.run.experiment or data["dataset"]
     local_storage = "://" not in storage_path
-    if cfg.run.resume == "never" and (find_run(tracking_uri, experiment, f"{storage_path}/{name}") or (local_storage and run_checkpoints(Path(storage_path) / name))):
+    if cfg.run.resume == "never" and (
+        find_run(tracking_uri, experiment, f"{storage_path}/{name}")
+        or (local_storage and run_checkpoints(Path(storage_path) / name))
+    ):
         name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
         print(f"[wsol] --no-resume: a fresh run under the new name {name!r}", flush=True)
     run_key = f"{storage_path}/{name}"
@@ -214,7 +250,9 @@ def run_training(cfg: Config, *, ray_address: str | None = None, registered_mode
     if local_storage and cfg.run.resume == "auto":
         resume = plan_resume(Path(storage_path) / name, to_dict(cfg), cfg.run.resume_from)
         existing = find_run(tracking_uri, experiment, run_key)
-        logged = len(MlflowClient(tracking_uri).get_metric_history(existing.info.run_id, "train/loss")) if existing else 0
+        logged = (
+            len(MlflowClient(tracking_uri).get_metric_history(existing.info.run_id, "train/loss")) if existing else 0
+        )
         check_run_identity(resume, existing.info.run_id if existing else None, logged, Path(storage_path) / name)
         for line in resume.describe():
             print(line, flush=True)
@@ -223,14 +261,27 @@ def run_training(cfg: Config, *, ray_address: str | None = None, registered_mode
         experiment,
         run_key,
         run_name=name,
-        tags={"mlflow.source.git.commit": git_commit(), "wsol.method": cfg.method.name, "wsol.backbone": cfg.model.backbone, **data["tags"]},
+        tags={
+            "mlflow.source.git.commit": git_commit(),
+            "wsol.method": cfg.method.name,
+            "wsol.backbone": cfg.model.backbone,
+            **data["tags"],
+        },
     )
     logger = RunLogger(tracking_uri, run_id)
-    logger.log_params({**flatten(cfg), "data.resolved_root": str(data_root), **{f"data.num_{k}": v for k, v in data["counts"].items()}})
+    logger.log_params(
+        {
+            **flatten(cfg),
+            "data.resolved_root": str(data_root),
+            **{f"data.num_{k}": v for k, v in data["counts"].items()},
+        }
+    )
     logger.log_text(dump_yaml(cfg), "config.yaml")
     print(f"[wsol] run {name!r}: MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {tracking_uri}", flush=True)
     with honest_run_status(logger, run_id, resume_hint(cfg, name, storage_path)):
-        result = _fit_with_retries(cfg, name, storage_path, data_root, tracking_uri, run_id, registered_model_name, resume, ray_address)
+        result = _fit_with_retries(
+            cfg, name, storage_path, data_root, tracking_uri, run_id, registered_model_name, resume, ray_address
+        )
     logger.finish("FINISHED")
     # Ray keeps the metrics of the last checkpoint; the run's final (test) figures are in MLflow.
     final_metrics = {**(result.metrics or {}), **logger.client.get_run(run_id).data.metrics}

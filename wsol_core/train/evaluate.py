@@ -87,7 +87,11 @@ class MaskStatistics:
         coverage = box_coverage(gt, batch.orig_sizes[keep], tuple(first.shape[-2:]), first.device)
         for name, mask in masks.items():
             m = mask.detach().float()[keep]
-            cov = coverage if m.shape[-2:] == coverage.shape[-2:] else box_coverage(gt, batch.orig_sizes[keep], tuple(m.shape[-2:]), m.device)
+            cov = (
+                coverage
+                if m.shape[-2:] == coverage.shape[-2:]
+                else box_coverage(gt, batch.orig_sizes[keep], tuple(m.shape[-2:]), m.device)
+            )
             row = torch.stack([m.sum(), (m * cov).sum(), torch.tensor(float(m.numel()), device=m.device)]).double()
             self.sums[name] = self.sums.get(name, torch.zeros(3, dtype=torch.float64, device=m.device)) + row
 
@@ -139,7 +143,9 @@ def evaluate_split(
     # v1 and the Loc figures: one box per image (the largest contour), IoU 0.5.
     accumulator_v1 = MaxBoxAccumulator(thresholds, (LOC_IOU,), largest_contour=True, device=device)
     pxap = PxAPAccumulator(thresholds, device=device)
-    counts = torch.zeros(7, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, images, boxed, masked, labelled, skipped
+    counts = torch.zeros(
+        7, dtype=torch.float64, device=device
+    )  # top-1 hits, top-5 hits, images, boxed, masked, labelled, skipped
     skipped_before = loader.skipped.total if hasattr(loader, "skipped") else 0
     vis: dict[str, list] = {"images": [], "maps": [], "gt": [], "titles": []}
     mask_stats = MaskStatistics()
@@ -147,7 +153,11 @@ def evaluate_split(
     mask_images = 0
     for batch in loader:
         batch: Batch = batch.to(device)
-        real = ~batch.is_padding if batch.is_padding is not None else torch.ones(len(batch), dtype=torch.bool, device=device)
+        real = (
+            ~batch.is_padding
+            if batch.is_padding is not None
+            else torch.ones(len(batch), dtype=torch.bool, device=device)
+        )
         labels = batch.labels if method.uses_labels else None
         result = method.inference(batch.images, labels)
         keep = real.nonzero().squeeze(1)
@@ -184,14 +194,20 @@ def evaluate_split(
             take = keep[: cfg.num_vis_images - len(vis["images"])]
             vis["images"].extend(denormalize(batch.images[take]))
             vis["maps"].extend(prepare_maps(result.maps.float()[take]).cpu().numpy())
-            vis["gt"].extend(rescale_boxes([batch.gt_boxes_list()[i] for i in take.tolist()], batch.orig_sizes[take]) if boxed else [np.zeros((0, 4), np.int64)] * len(take))
+            vis["gt"].extend(
+                rescale_boxes([batch.gt_boxes_list()[i] for i in take.tolist()], batch.orig_sizes[take])
+                if boxed
+                else [np.zeros((0, 4), np.int64)] * len(take)
+            )
             vis["titles"].extend(batch.keys[i] for i in take.tolist())
 
     counts[6] = (loader.skipped.total if hasattr(loader, "skipped") else 0) - skipped_before
     _all_reduce(counts)
     top1, top5, images, boxed_images, masked_images, labelled, skipped = counts.tolist()
     if boxed_images not in (0, images):
-        raise ValueError(f"{split}: {int(images - boxed_images)} of {int(images)} images have no GT box; a split is scored with boxes or with masks, not a mix")
+        raise ValueError(
+            f"{split}: {int(images - boxed_images)} of {int(images)} images have no GT box; a split is scored with boxes or with masks, not a mix"
+        )
     metrics: dict[str, float] = {f"{split}/skipped_samples": skipped}  # bad samples left out (data.skip_corrupt)
     accuracy = accuracy_v1 = pxap_result = None
     if boxed_images:
@@ -217,7 +233,13 @@ def evaluate_split(
         metrics[f"{split}/top1_acc"] = 100.0 * top1 / images
         metrics[f"{split}/top5_acc"] = 100.0 * top5 / images
 
-    outcome = EvalOutcome(metrics=metrics, accuracy=accuracy, accuracy_v1=accuracy_v1, pxap=pxap_result, loc_threshold_index=loc_threshold_index)
+    outcome = EvalOutcome(
+        metrics=metrics,
+        accuracy=accuracy,
+        accuracy_v1=accuracy_v1,
+        pxap=pxap_result,
+        loc_threshold_index=loc_threshold_index,
+    )
     if draw and accuracy is not None:
         outcome.curves = threshold_curves(accuracy.thresholds, accuracy.curves, accuracy.best_threshold)
     if draw and pxap_result is not None:
@@ -225,7 +247,11 @@ def evaluate_split(
     if draw and vis["images"]:
         # Predicted boxes at the Loc threshold; a masks-only split has no box threshold: maps only.
         threshold = accuracy_v1.loc_threshold if accuracy_v1 is not None else None
-        predicted = [component_boxes(m, threshold) if threshold is not None else np.zeros((0, 4), np.int64) for m in vis["maps"]]
-        outcome.overlay = cam_overlay_grid(np.stack(vis["images"]), np.stack(vis["maps"]), [np.asarray(g) for g in vis["gt"]], predicted, vis["titles"])
+        predicted = [
+            component_boxes(m, threshold) if threshold is not None else np.zeros((0, 4), np.int64) for m in vis["maps"]
+        ]
+        outcome.overlay = cam_overlay_grid(
+            np.stack(vis["images"]), np.stack(vis["maps"]), [np.asarray(g) for g in vis["gt"]], predicted, vis["titles"]
+        )
     method.train(was_training)
     return outcome

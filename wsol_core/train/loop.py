@@ -65,8 +65,12 @@ def eval_loader_options(cfg: Config) -> LoaderOptions:
 
 #: LoaderOptions fields that do not come from ``data.<same name>``, and where they come from.
 LOADER_OPTIONS_FROM_ELSEWHERE = {
-    "backend": "data.loader", "channels_last": "train.channels_last", "seed": "train.seed",
-    "load_masks": "per split: the split's manifest", "mean": "ImageNet's", "std": "ImageNet's",
+    "backend": "data.loader",
+    "channels_last": "train.channels_last",
+    "seed": "train.seed",
+    "load_masks": "per split: the split's manifest",
+    "mean": "ImageNet's",
+    "std": "ImageNet's",
 }
 
 
@@ -76,8 +80,12 @@ def loader_options(cfg: Config) -> LoaderOptions:
     data = cfg.data
     same_name = {f.name for f in fields(LoaderOptions)} & {f.name for f in fields(data)}
     resize_size, crop_size = data.resolved_sizes()
-    options = LoaderOptions(**{name: getattr(data, name) for name in same_name},
-                            backend=data.loader, channels_last=cfg.train.channels_last, seed=cfg.train.seed)
+    options = LoaderOptions(
+        **{name: getattr(data, name) for name in same_name},
+        backend=data.loader,
+        channels_last=cfg.train.channels_last,
+        seed=cfg.train.seed,
+    )
     return replace(options, resize_size=resize_size, crop_size=crop_size)
 
 
@@ -129,7 +137,9 @@ class _ProgressBar:
     def update(self, images_per_s: float, data_wait: float, loss: float) -> None:
         if self.bar is not None:
             # Ray's tqdm has no set_postfix; the figures go into the description.
-            self.bar.set_description(f"{self.prefix} | {images_per_s:.0f} img/s | data wait {data_wait:.0%} | loss {loss:.3f}")
+            self.bar.set_description(
+                f"{self.prefix} | {images_per_s:.0f} img/s | data wait {data_wait:.0%} | loss {loss:.3f}"
+            )
             self.bar.update(1)
 
     def close(self) -> None:
@@ -159,7 +169,9 @@ class _ProgressLines:
 
     def close(self) -> None:
         if self.enabled:
-            self._say(f"[wsol] {self.prefix} done: {self.steps} steps in {time.perf_counter() - self.start:.0f} s | {self.figures}")
+            self._say(
+                f"[wsol] {self.prefix} done: {self.steps} steps in {time.perf_counter() - self.start:.0f} s | {self.figures}"
+            )
 
     @staticmethod
     def _say(line: str) -> None:
@@ -236,7 +248,9 @@ def train_one_epoch(
         bar.update(images_seen / max(elapsed, 1e-9), wait_seconds / max(elapsed, 1e-9), sum(losses_now.values()))
     bar.close()
     if steps == 0:
-        raise RuntimeError(f"epoch {epoch + 1}: the training loader yielded no batch (dataset smaller than one batch per worker?)")
+        raise RuntimeError(
+            f"epoch {epoch + 1}: the training loader yielded no batch (dataset smaller than one batch per worker?)"
+        )
     elapsed = time.perf_counter() - epoch_start
     world = dist.get_world_size() if dist.is_initialized() else 1
     metrics = {f"train/{name}": total / steps for name, total in totals.items()}
@@ -246,7 +260,9 @@ def train_one_epoch(
     metrics["train/images_per_s"] = images_seen * world / elapsed
     metrics["train/data_wait"] = wait_seconds / elapsed
     # Bad samples left out this epoch (data.skip_corrupt), over every rank.
-    skipped = torch.tensor([float((loader.skipped.total if hasattr(loader, "skipped") else 0) - skipped_before)], device=device)
+    skipped = torch.tensor(
+        [float((loader.skipped.total if hasattr(loader, "skipped") else 0) - skipped_before)], device=device
+    )
     if dist.is_initialized():
         dist.all_reduce(skipped)
     metrics["train/skipped_samples"] = float(skipped.item())
@@ -350,7 +366,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if cfg.train.channels_last:
         method = method.to(memory_format=torch.channels_last)
     options = loader_options(cfg)
-    train_loader = build_loader(data_root / "train", split_kind="train", rank=rank, world_size=world_size, device=device, options=options)
+    train_loader = build_loader(
+        data_root / "train", split_kind="train", rank=rank, world_size=world_size, device=device, options=options
+    )
     steps_per_epoch = len(train_loader)
     optimizer = build_optimizer(method, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
@@ -368,20 +386,32 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model = torch.compile(model)
 
     eval_options = eval_loader_options(cfg)
-    val_loader = build_loader(data_root / "val", split_kind="eval", rank=rank, world_size=world_size, device=device, options=eval_options, batch_size=cfg.eval.batch_size)
+    val_loader = build_loader(
+        data_root / "val",
+        split_kind="eval",
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        options=eval_options,
+        batch_size=cfg.eval.batch_size,
+    )
     last_val: dict[str, float] = {}
     # Val's choice of the Loc threshold (an index into the threshold grid): test is read there.
     loc_threshold_index: int | None = restored.loc_threshold_index if restored else None
     for epoch in range(start_epoch, cfg.train.epochs):
         train_loader.set_epoch(epoch)
         progress = run.progress if rank == 0 else False
-        metrics = train_one_epoch(model, method, train_loader, optimizer, scheduler, cfg, device, epoch, steps_per_epoch, progress)
+        metrics = train_one_epoch(
+            model, method, train_loader, optimizer, scheduler, cfg, device, epoch, steps_per_epoch, progress
+        )
         method.after_epoch(epoch + 1)
         broadcast_buffers(method)
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
             method.before_evaluation(next(iter(val_loader)).images.to(device))
             with eval_autocast(cfg.eval.precision, device):
-                outcome = evaluate_split(method, val_loader, cfg.eval, split="val", draw=rank == 0, progress=(epoch + 1) / cfg.train.epochs)
+                outcome = evaluate_split(
+                    method, val_loader, cfg.eval, split="val", draw=rank == 0, progress=(epoch + 1) / cfg.train.epochs
+                )
             last_val = outcome.metrics
             loc_threshold_index = outcome.loc_threshold_index
             _log_pictures(logger, outcome, "val", epoch + 1)
@@ -410,9 +440,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # The protocol's final numbers: the test split, scored once, with the last model.
     test_metrics: dict[str, float] = {}
     if cfg.train.evaluate_test:
-        test_loader = build_loader(data_root / "test", split_kind="eval", rank=rank, world_size=world_size, device=device, options=eval_options, batch_size=cfg.eval.batch_size)
+        test_loader = build_loader(
+            data_root / "test",
+            split_kind="eval",
+            rank=rank,
+            world_size=world_size,
+            device=device,
+            options=eval_options,
+            batch_size=cfg.eval.batch_size,
+        )
         with eval_autocast(cfg.eval.precision, device):
-            outcome = evaluate_split(method, test_loader, cfg.eval, split="test", draw=rank == 0, loc_threshold_index=loc_threshold_index)
+            outcome = evaluate_split(
+                method, test_loader, cfg.eval, split="test", draw=rank == 0, loc_threshold_index=loc_threshold_index
+            )
         test_metrics = outcome.metrics
         logger.log_metrics(test_metrics, step=cfg.train.epochs)
         _log_pictures(logger, outcome, "test", cfg.train.epochs)
@@ -435,8 +475,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             )
             logger.log_model(method.cpu(), state_file, run.registered_model_name)
         log_run_summary(
-            logger, flatten(cfg), {**last_val, **test_metrics},
-            dataset=load_manifest(data_root / "train").dataset, synthetic=not cfg.data.root,
+            logger,
+            flatten(cfg),
+            {**last_val, **test_metrics},
+            dataset=load_manifest(data_root / "train").dataset,
+            synthetic=not cfg.data.root,
         )
     ray.train.report({**test_metrics, "epoch": cfg.train.epochs, SCORE_KEY: val_score(last_val)})
     logger.stop_system_metrics()  # the driver closes the run with its final status

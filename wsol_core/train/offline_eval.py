@@ -44,10 +44,14 @@ def local_state_file(source: str, tracking_uri: str = "") -> Path:
             import mlflow
 
             mlflow.set_tracking_uri(tracking_uri)
-        directory = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tempfile.mkdtemp(prefix="wsol-eval-")))
+        directory = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tempfile.mkdtemp(prefix="wsol-eval-"))
+        )
         found = sorted(directory.rglob(STATE_FILE))
         if not found:
-            raise FileNotFoundError(f"{source}: no {STATE_FILE} among the model's files (was it logged by this project?)")
+            raise FileNotFoundError(
+                f"{source}: no {STATE_FILE} among the model's files (was it logged by this project?)"
+            )
         return found[0]
     path = Path(source)
     if path.is_dir():
@@ -73,8 +77,12 @@ class LoadedModel:
 
 
 def load_model(
-    source: str, *, tracking_uri: str = "", overrides: list[str] | None = None,
-    device: str | torch.device = "cpu", layout: str = "auto",
+    source: str,
+    *,
+    tracking_uri: str = "",
+    overrides: list[str] | None = None,
+    device: str | torch.device = "cpu",
+    layout: str = "auto",
 ) -> LoadedModel:
     """This project's checkpoint (directory, ``state.pt``, MLflow URI) or a released one."""
     state_file = local_state_file(source, tracking_uri)
@@ -133,13 +141,23 @@ def evaluate_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     device = ray.train.torch.get_device()
     loaded = load_model(config["source"], overrides=config["overrides"], device=device, layout=config["layout"])
-    method, cfg = loaded.method, replace(loaded.cfg, eval=replace(loaded.cfg.eval, cam_curve_interval=config["interval"]))
+    method, cfg = (
+        loaded.method,
+        replace(loaded.cfg, eval=replace(loaded.cfg.eval, cam_curve_interval=config["interval"])),
+    )
     loader = build_loader(
-        config["split_dir"], split_kind="eval", rank=context.get_world_rank(), world_size=context.get_world_size(),
-        device=device, options=eval_loader_options(cfg), batch_size=cfg.eval.batch_size,
+        config["split_dir"],
+        split_kind="eval",
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        device=device,
+        options=eval_loader_options(cfg),
+        batch_size=cfg.eval.batch_size,
     )
     with eval_autocast(cfg.eval.precision, device):
-        outcome = evaluate_split(method, loader, cfg.eval, split=config["split"], loc_threshold_index=config["loc_threshold_index"])
+        outcome = evaluate_split(
+            method, loader, cfg.eval, split=config["split"], loc_threshold_index=config["loc_threshold_index"]
+        )
     if context.get_world_rank() != 0:
         ray.train.report(outcome.metrics)
         return
@@ -180,12 +198,20 @@ def evaluate_checkpoint(
         if stored is not None:
             index = threshold_index(stored, interval)
         elif (split_dir.parent / "val" / "dataset.json").is_file():
-            print(f"[wsol] no val threshold stored with the model: scoring {split_dir.parent / 'val'} to choose it", flush=True)
-            chosen = _evaluate(source, split_dir.parent / "val", "val", interval, overrides, num_workers, use_gpu, layout, None)
+            print(
+                f"[wsol] no val threshold stored with the model: scoring {split_dir.parent / 'val'} to choose it",
+                flush=True,
+            )
+            chosen = _evaluate(
+                source, split_dir.parent / "val", "val", interval, overrides, num_workers, use_gpu, layout, None
+            )
             if "val/loc_threshold" in chosen:
                 index = threshold_index(chosen["val/loc_threshold"], interval)
         else:
-            print(f"[wsol] warning: no val threshold stored and no val split beside {split_dir}: Loc is read at {split}'s own best threshold", flush=True)
+            print(
+                f"[wsol] warning: no val threshold stored and no val split beside {split_dir}: Loc is read at {split}'s own best threshold",
+                flush=True,
+            )
     elif loc_threshold not in ("auto", "self"):
         value = float(loc_threshold)
         if not 0 <= value < 1:
@@ -201,7 +227,13 @@ def _evaluate(source, split_dir, split, interval, overrides, num_workers, use_gp
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         loaded = load_model(source, overrides=overrides, device=device, layout=layout)
         cfg = replace(loaded.cfg, eval=replace(loaded.cfg.eval, cam_curve_interval=interval))
-        loader = build_loader(split_dir, split_kind="eval", device=device, options=eval_loader_options(cfg), batch_size=cfg.eval.batch_size)
+        loader = build_loader(
+            split_dir,
+            split_kind="eval",
+            device=device,
+            options=eval_loader_options(cfg),
+            batch_size=cfg.eval.batch_size,
+        )
         with eval_autocast(cfg.eval.precision, device):
             return evaluate_split(loaded.method, loader, cfg.eval, split=split, loc_threshold_index=index).metrics
 
@@ -213,10 +245,17 @@ def _evaluate(source, split_dir, split, interval, overrides, num_workers, use_gp
     trainer = inference_trainer(
         evaluate_worker,
         {
-            "source": source, "split_dir": str(split_dir), "split": split, "interval": interval,
-            "overrides": overrides or [], "layout": layout, "loc_threshold_index": index,
+            "source": source,
+            "split_dir": str(split_dir),
+            "split": split,
+            "interval": interval,
+            "overrides": overrides or [],
+            "layout": layout,
+            "loc_threshold_index": index,
         },
-        num_workers=num_workers, use_gpu=use_gpu, purpose="eval",
+        num_workers=num_workers,
+        use_gpu=use_gpu,
+        purpose="eval",
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as directory:

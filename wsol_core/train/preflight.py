@@ -31,17 +31,25 @@ def check_data(root: Path, cfg: Config | None = None, hash_cache: Path | None = 
     for split in SPLITS:
         split_dir = root / split
         if not (split_dir / "dataset.json").is_file():
-            raise ConfigError(f"data.root = {str(root)!r}: no {split}/dataset.json (write shards with jobs/make_shards.py)")
+            raise ConfigError(
+                f"data.root = {str(root)!r}: no {split}/dataset.json (write shards with jobs/make_shards.py)"
+            )
         try:
-            verified = verify_split(split_dir, mode="fast", tolerate_sample_problems=bool(cfg and cfg.data.skip_corrupt))
+            verified = verify_split(
+                split_dir, mode="fast", tolerate_sample_problems=bool(cfg and cfg.data.skip_corrupt)
+            )
             h, c = check_shard_hashes(verified, hash_cache)
         except (ShardError, ValueError, FileNotFoundError) as err:
-            raise ConfigError(f"data: {err} (check the shards with `python jobs/make_shards.py verify {split_dir}`)") from None
+            raise ConfigError(
+                f"data: {err} (check the shards with `python jobs/make_shards.py verify {split_dir}`)"
+            ) from None
         hashed, cached = hashed + h, cached + c
         manifests[split] = verified.manifest
     if hashed:
-        print(f"[wsol] data: SHA-256 of {hashed} shards checked against their manifests ({cached} unchanged since their last check)",
-              flush=True)
+        print(
+            f"[wsol] data: SHA-256 of {hashed} shards checked against their manifests ({cached} unchanged since their last check)",
+            flush=True,
+        )
     if cfg is not None:
         check_batches(cfg, {split: m.num_samples for split, m in manifests.items()})
     train = manifests["train"]
@@ -53,7 +61,9 @@ def check_data(root: Path, cfg: Config | None = None, hash_cache: Path | None = 
     return {
         "dataset": train.dataset,
         "num_classes": train.num_classes,
-        "tags": {f"data.{split}.sha256": ",".join(s.sha256[:16] for s in m.shards)[:4000] for split, m in manifests.items()},
+        "tags": {
+            f"data.{split}.sha256": ",".join(s.sha256[:16] for s in m.shards)[:4000] for split, m in manifests.items()
+        },
         "counts": {split: m.num_samples for split, m in manifests.items()},
     }
 
@@ -71,7 +81,9 @@ def check_batches(cfg: Config, counts: dict[str, int]) -> None:
         )
     for split in ("val", "test"):
         if counts[split] < world:
-            raise ConfigError(f"{split} has {counts[split]} images for run.num_workers = {world}: every worker needs one")
+            raise ConfigError(
+                f"{split} has {counts[split]} images for run.num_workers = {world}: every worker needs one"
+            )
 
 
 def check_pretrained(cfg: Config) -> None:
@@ -95,6 +107,8 @@ def check_pretrained(cfg: Config) -> None:
                 torch.load(path, map_location="cpu", weights_only=True)
             except Exception as exc:
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise ConfigError(f"model.pretrained = {source!r}: does not load with torch.load(weights_only=True): {reason}") from None
+                raise ConfigError(
+                    f"model.pretrained = {source!r}: does not load with torch.load(weights_only=True): {reason}"
+                ) from None
     except DamagedCheckpointError as err:
         raise ConfigError(f"model.pretrained: {err}") from None

@@ -37,7 +37,14 @@ EXIT_RAY_START = 75
 
 #: Failures of a local start that another attempt can cure: timeouts of a starved process, a
 #: port taken between choosing it and binding it.
-_TRANSIENT_MARKS = ("timed out", "timeout", "deadline exceeded", "address already in use", "failed to start", "failed to connect")
+_TRANSIENT_MARKS = (
+    "timed out",
+    "timeout",
+    "deadline exceeded",
+    "address already in use",
+    "failed to start",
+    "failed to connect",
+)
 
 _pinned_address: str | None = None  # the private instance this process started, once started
 
@@ -96,8 +103,11 @@ def _start_private_instance() -> None:
     for attempt in range(1, attempts + 1):
         gcs_address = f"{ray.util.get_node_ip_address()}:{_free_port()}"
         try:
-            with _reporting_while_starting(attempt, attempts, report_every), _stopping_leftovers_on_failure(), \
-                    _environment(RAY_GCS_SERVER_PORT=gcs_address.rsplit(":", 1)[1]):
+            with (
+                _reporting_while_starting(attempt, attempts, report_every),
+                _stopping_leftovers_on_failure(),
+                _environment(RAY_GCS_SERVER_PORT=gcs_address.rsplit(":", 1)[1]),
+            ):
                 ray.init(address="local", log_to_driver=True, runtime_env={"env_vars": {"RAY_ADDRESS": gcs_address}})
         except Exception as err:
             reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
@@ -112,14 +122,22 @@ def _start_private_instance() -> None:
                     f"its address to every job (--ray-address or RAY_ADDRESS), so that jobs share it"
                 ) from err
             pause = PAUSE_BETWEEN_ATTEMPTS_S * attempt
-            print(f"[wsol] Ray did not start ({reason}): {machine_load()}; trying again in {pause:.0f} s "
-                  f"(attempt {attempt + 1} of {attempts})", file=sys.stderr, flush=True)
+            print(
+                f"[wsol] Ray did not start ({reason}): {machine_load()}; trying again in {pause:.0f} s "
+                f"(attempt {attempt + 1} of {attempts})",
+                file=sys.stderr,
+                flush=True,
+            )
             time.sleep(pause)
             continue
         actual = ray.get_runtime_context().gcs_address
         if actual != gcs_address:  # a Ray that no longer honours RAY_GCS_SERVER_PORT: say so, don't guess
-            print(f"[wsol] warning: the local Ray instance listens on {actual}, not on the chosen {gcs_address}; "
-                  f"a second job on this machine may fail to find its own instance", file=sys.stderr, flush=True)
+            print(
+                f"[wsol] warning: the local Ray instance listens on {actual}, not on the chosen {gcs_address}; "
+                f"a second job on this machine may fail to find its own instance",
+                file=sys.stderr,
+                flush=True,
+            )
         os.environ["RAY_ADDRESS"] = actual  # for this driver's own state-API calls and the tools it spawns
         _pinned_address = actual
         return
@@ -173,8 +191,12 @@ def _reporting_while_starting(attempt: int, attempts: int, every: float):
 
     def report() -> None:
         while not done.wait(every):
-            print(f"[wsol] Ray is still starting: {machine_load()}; waited {time.monotonic() - began:.0f} s "
-                  f"(attempt {attempt} of {attempts})", file=sys.stderr, flush=True)
+            print(
+                f"[wsol] Ray is still starting: {machine_load()}; waited {time.monotonic() - began:.0f} s "
+                f"(attempt {attempt} of {attempts})",
+                file=sys.stderr,
+                flush=True,
+            )
 
     reporter = threading.Thread(target=report, name="ray-start-report", daemon=True)
     reporter.start()

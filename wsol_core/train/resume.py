@@ -56,13 +56,17 @@ def plan_resume(run_dir: Path, config: dict[str, Any], resume_from: str = "") ->
     if resume_from:
         chosen = Path(resume_from).expanduser().resolve()
         try:
-            return ResumePlan(verify_checkpoint(chosen, config=config, read_config=read_through_schema), present=present)
+            return ResumePlan(
+                verify_checkpoint(chosen, config=config, read_config=read_through_schema), present=present
+            )
         except (DamagedCheckpointError, FileNotFoundError) as err:
             raise ConfigError(f"run.resume_from: {err}") from None
     damaged: list[tuple[str, str]] = []
     for directory in candidates:
         try:
-            return ResumePlan(verify_checkpoint(directory, config=config, read_config=read_through_schema), damaged, present)
+            return ResumePlan(
+                verify_checkpoint(directory, config=config, read_config=read_through_schema), damaged, present
+            )
         except (DamagedCheckpointError, FileNotFoundError) as err:
             damaged.append((str(directory), getattr(err, "reason", str(err))))
     if damaged:
@@ -78,7 +82,12 @@ def plan_resume(run_dir: Path, config: dict[str, Any], resume_from: str = "") ->
 def check_run_identity(plan: ResumePlan, mlflow_run_id: str | None, logged_epochs: int, run_dir: Path) -> None:
     """The checkpoint must belong to the MLflow run being resumed, and an MLflow run that has
     logged epochs is never restarted from scratch."""
-    if plan.checkpoint is not None and mlflow_run_id and plan.checkpoint.mlflow_run_id and plan.checkpoint.mlflow_run_id != mlflow_run_id:
+    if (
+        plan.checkpoint is not None
+        and mlflow_run_id
+        and plan.checkpoint.mlflow_run_id
+        and plan.checkpoint.mlflow_run_id != mlflow_run_id
+    ):
         raise ConfigError(
             f"{plan.checkpoint.path} belongs to MLflow run {plan.checkpoint.mlflow_run_id}, but this name maps to MLflow run "
             f"{mlflow_run_id} (another tracking store?); pass --tracking-uri of the original run, or --no-resume"

@@ -94,15 +94,18 @@ def training_trainer(context: RunContext, placement: RunPlacement) -> TorchTrain
             storage_path=placement.storage_path,
             failure_config=FailureConfig(max_failures=placement.max_failures),
             checkpoint_config=CheckpointConfig(
-                num_to_keep=placement.keep_checkpoints, checkpoint_score_attribute=SCORE_KEY, checkpoint_score_order="max"
+                num_to_keep=placement.keep_checkpoints,
+                checkpoint_score_attribute=SCORE_KEY,
+                checkpoint_score_order="max",
             ),
             callbacks=list(placement.callbacks) or None,
         ),
     )
 
 
-def inference_trainer(worker: Callable[[dict[str, Any]], None], payload: dict[str, Any], *, num_workers: int,
-                      use_gpu: bool, purpose: str) -> TorchTrainer:
+def inference_trainer(
+    worker: Callable[[dict[str, Any]], None], payload: dict[str, Any], *, num_workers: int, use_gpu: bool, purpose: str
+) -> TorchTrainer:
     """A short inference fit (``evaluate``, ``localize``): ``worker(payload)`` on each of
     ``num_workers`` processes, its Ray run kept in a fresh temporary folder named for ``purpose``."""
     return TorchTrainer(
