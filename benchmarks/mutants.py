@@ -58,9 +58,7 @@ def _zero(term_line: str, lhs: str) -> tuple[str, str]:
 
 FMCG, ICL, CAML, C2AM, CAM = (f"wsol_core/methods/{m}.py" for m in ("fmcg", "icl", "caml", "c2am", "cam"))
 COMPONENTS = "wsol_core/methods/components.py"
-FMCG_EQ5 = (
-    "per_image = triplet_term(z_fg, zb_fg, z_bg, cg.margin) + triplet_term(zb_fg, z_fg, erased_negative, cg.margin)"
-)
+FMCG_EQ5 = "per_image = triplet_term(z_fg, zb_fg, z_bg, cg.margin) + triplet_term("  # eq. 5; its second term follows
 ICL_CAL = "triplet_term(z[:, 2], z[:, 0], z[:, 1], self.cfg.cal.margin)"
 
 MUTANTS: tuple[Mutant, ...] = (

@@ -24,7 +24,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -81,7 +81,8 @@ def _write_atomically(path: Path, write) -> None:
 
 def capture_rng_states() -> dict[str, Any]:
     version, mt_state, gauss = random.getstate()
-    np_state = np.random.get_state()
+    # legacy form (the default): ("MT19937", keys, pos, has_gauss, cached_gaussian)
+    np_state = cast(tuple[Any, ...], np.random.get_state())
     states: dict[str, Any] = {
         "python": [version, list(mt_state), gauss],
         "numpy": [

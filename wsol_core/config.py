@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -32,7 +33,7 @@ import yaml
 from wsol_core.config_fields import ConfigError, MethodConfig, flatten_dict, spec  # noqa: F401
 
 
-def _describe_range(meta: dict) -> str:
+def _describe_range(meta: Mapping[str, Any]) -> str:
     low = (
         f"[{meta['ge']}"
         if meta.get("ge") is not None
@@ -44,7 +45,7 @@ def _describe_range(meta: dict) -> str:
     return f"{low}, {high}"
 
 
-def _check_number(path: str, value: float, meta: dict) -> None:
+def _check_number(path: str, value: float, meta: Mapping[str, Any]) -> None:
     bad = (
         (meta.get("ge") is not None and not value >= meta["ge"])
         or (meta.get("gt") is not None and not value > meta["gt"])
@@ -303,7 +304,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path} = {value!r} must be a list")
         element = args[0]
         return tuple(_coerce(v, element, f"{path}[{i}]") for i, v in enumerate(value))
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
@@ -439,7 +440,11 @@ def load_config(
 ) -> Config:
     """Defaults <- ``base`` <- YAML ``sources`` in order <- ``overrides``; validated."""
     # Method defaults come from the method's own dataclass once its name is known.
-    merged: dict = {f.name: to_dict(f.default_factory()) for f in dataclasses.fields(Config) if f.name != "method"}
+    merged: dict = {
+        f.name: to_dict(f.default_factory() if callable(f.default_factory) else f.default)
+        for f in dataclasses.fields(Config)
+        if f.name != "method"
+    }
     merged["method"] = {"name": DEFAULT_METHOD}
     if base:
         merged = _deep_merge(merged, base)

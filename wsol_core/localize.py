@@ -169,8 +169,8 @@ def contact_sheet(pictures: list[Path], out: Path, columns: int = 6, thumb: int 
     columns = min(columns, len(thumbs))
     rows = -(-len(thumbs) // columns)
     sheet = Image.new("RGB", (columns * cell_w, rows * cell_h), (32, 32, 32))
-    for i, img in enumerate(thumbs):
-        sheet.paste(img, ((i % columns) * cell_w, (i // columns) * cell_h))
+    for i, thumbnail in enumerate(thumbs):
+        sheet.paste(thumbnail, ((i % columns) * cell_w, (i // columns) * cell_h))
     sheet.save(out)
 
 
@@ -342,14 +342,16 @@ def localize_shards(
             if batch.is_padding is not None
             else list(range(len(batch)))
         )
-        sizes = [tuple(int(v) for v in batch.orig_sizes[i].tolist()) for i in keep]
+        sizes = [(int(batch.orig_sizes[i, 0]), int(batch.orig_sizes[i, 1])) for i in keep]
         results, maps = localize_batch(method, batch.images[keep], sizes, threshold, class_names)
-        pictures = denormalize(batch.images[keep]) if overlays else [None] * len(keep)
+        pictures = denormalize(batch.images[keep]) if overlays else None
         for j, i in enumerate(keep):
             width, height = sizes[j]
             cls, cname, score, box, boxes = results[j]
             picture = (
-                Image.fromarray(pictures[j]).resize((width, height), Image.Resampling.BILINEAR) if overlays else None
+                Image.fromarray(pictures[j]).resize((width, height), Image.Resampling.BILINEAR)
+                if pictures is not None
+                else None
             )
             writer.add(
                 Prediction(batch.keys[i], width, height, cls, cname, score, threshold, box, boxes), maps[j], picture

@@ -131,8 +131,17 @@ class RunLogger:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.enabled = enabled and bool(run_id)
-        self.client = MlflowClient(tracking_uri) if self.enabled else None
-        self._system_monitor = None
+        self._client = MlflowClient(tracking_uri) if self.enabled else None
+        self._system_monitor: Any = None  # mlflow's SystemMetricsMonitor while it runs
+
+    @property
+    def client(self) -> MlflowClient:
+        """The run's MLflow client; only an enabled logger (rank 0) has one."""
+        if self._client is None:
+            raise RuntimeError(
+                f"RunLogger for run {self.run_id!r} is disabled (not rank 0, or no run): it has no MLflow client"
+            )
+        return self._client
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         if not self.enabled:

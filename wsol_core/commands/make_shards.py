@@ -72,8 +72,8 @@ def _writer_options(args: argparse.Namespace) -> WriterOptions:
     )
 
 
-def _split_roots(items: list[str]) -> dict[str, str]:
-    out = {}
+def _split_roots(items: list[str]) -> dict[str, str | Path]:
+    out: dict[str, str | Path] = {}
     for item in items:
         split, sep, path = item.partition("=")
         if not sep:

@@ -268,17 +268,17 @@ def parse_voc_xml(
         w, h = size_el.findtext("width"), size_el.findtext("height")
         if w and h and int(float(w)) > 0 and int(float(h)) > 0:
             size = (int(float(w)), int(float(h)))
-    objects = []
+    objects: list[tuple[str, tuple[float, float, float, float]]] = []
     for obj in root.iter("object"):
         name = (obj.findtext("name") or "").strip()
         bb = obj.find("bndbox")
         if bb is None:
             continue
         try:
-            coords = tuple(float(bb.findtext(tag) or "nan") for tag in ("xmin", "ymin", "xmax", "ymax"))
+            x0, y0, x1, y1 = (float(bb.findtext(tag) or "nan") for tag in ("xmin", "ymin", "xmax", "ymax"))
         except ValueError:
             raise ValueError(f"{path}: non-numeric box coordinates") from None
-        objects.append((name, coords))  # type: ignore[arg-type]
+        objects.append((name, (x0, y0, x1, y1)))
     return size, objects
 
 

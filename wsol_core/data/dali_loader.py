@@ -30,6 +30,7 @@ import logging
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -186,7 +187,7 @@ class _HostFeeder:
                     labeled=manifest.labeled,
                     num_classes=manifest.num_classes,
                 )
-                if masks is not None:
+                if masks is not None and mask_tl is not None and ignore_tl is not None:
                     masks[j] = protocol_mask(
                         np.asarray(mask_tl[j]).tobytes(),
                         np.asarray(ignore_tl[j]).tobytes(),
@@ -204,7 +205,9 @@ class _HostFeeder:
         good = [j for j in range(n) if j not in bad]
         if good:
             g = good[-1]
-            self.last_good = (np.array(img_tl[g]), metas[g], None if masks is None else masks[g], sources[g])  # type: ignore[arg-type]
+            meta = metas[g]
+            assert meta is not None  # every good sample's meta was parsed above
+            self.last_good = (np.array(img_tl[g]), meta, None if masks is None else masks[g], sources[g])
         if not bad:
             return _FedBatch(img_tl, metas, padding, masks, sources)  # type: ignore[arg-type]
         # Replace bad samples by flagged repeats of a good one: shapes and batch counts stay equal.
@@ -319,7 +322,7 @@ class DaliLoader:
             seed=plan.seed(opts.seed, 1),
         )
         with pipe:
-            outs = fn.readers.webdataset(
+            outs: list[Any] = fn.readers.webdataset(  # type: ignore[assignment]  # one DataNode per ext
                 paths=[str(s.tar) for s in self.split.shards],
                 index_paths=[str(s.idx) for s in self.split.shards],
                 ext=exts,
@@ -345,7 +348,7 @@ class DaliLoader:
         opts = self.options
         train = plan.kind == "train"
         c, r = opts.crop_size, opts.resize_size
-        gpu_args = {}
+        gpu_args: dict[str, Any] = {}
         if self._gpu:
             # Preallocated decoder buffers (NVIDIA's ImageNet examples) avoid reallocations.
             gpu_args = dict(device_memory_padding=211025920, host_memory_padding=140544512)
@@ -362,7 +365,7 @@ class DaliLoader:
         with pipe:
             enc = fn.external_source(source=feeder, batch=True, dtype=types.UINT8, ndim=1, name="encoded")
             shape = fn.peek_image_shape(enc, adjust_orientation=False)
-            crop = {}
+            crop: dict[str, Any] = {}
             if train and opts.random_resized_crop:
                 img = fn.decoders.image_random_crop(
                     enc,

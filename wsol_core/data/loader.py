@@ -65,7 +65,7 @@ def dali_available(device: torch.device) -> tuple[bool, str]:
         return False, f"DALI is not importable ({type(exc).__name__}: {exc})"
     if device.type == "cuda":
         try:
-            count = dali_backend.GetCUDADeviceCount()
+            count = dali_backend.GetCUDADeviceCount()  # type: ignore[attr-defined]  # in the C extension, not in its stubs
         except Exception as exc:
             return False, f"DALI cannot query CUDA ({exc})"
         if count == 0:

@@ -452,14 +452,14 @@ class TorchLoader:
         tensor. A JPEG that does not decode is found by decoding the batch's one by one, and
         named (or, with ``skip_corrupt``, counted and replaced by a flagged repeat of a good
         sample of the batch, as in the worker path); ``padding`` is updated in place."""
-        jpegs = {id(it): it for it in items if it.encoded is not None}  # padding repeats one object
+        jpegs = {id(it): it.encoded for it in items if it.encoded is not None}  # padding repeats one object
         results: dict[int, torch.Tensor | str] = {}
         try:
-            results = dict(zip(jpegs, _decode_jpegs([it.encoded for it in jpegs.values()], self.device)))
+            results = dict(zip(jpegs, _decode_jpegs(list(jpegs.values()), self.device)))
         except RuntimeError:
-            for ident, it in jpegs.items():
+            for ident, encoded in jpegs.items():
                 try:
-                    results[ident] = _decode_jpegs([it.encoded], self.device)[0]
+                    results[ident] = _decode_jpegs([encoded], self.device)[0]
                 except RuntimeError as exc:
                     results[ident] = str(exc).split(",")[-1].strip() or type(exc).__name__
         decoded: dict[int, torch.Tensor] = {}
@@ -540,7 +540,7 @@ class TorchLoader:
             else:
                 images = self._normalize(torch.stack([it.image for it in batch_items]))  # type: ignore[misc]
             masks = [it.mask for it in batch_items] if self.load_masks else None
-            yield make_batch(images, [it.meta for it in batch_items], batch_pad, masks)  # type: ignore[misc]
+            yield make_batch(images, [it.meta for it in batch_items], batch_pad, masks)  # type: ignore[arg-type,misc]
             emitted += 1
         del stream
         if self.skipped.total > skipped_before:

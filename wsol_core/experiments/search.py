@@ -33,6 +33,7 @@ from wsol_core.experiments.trials import (
     TIME_ATTR,
     Experiment,
     TrialSetup,
+    child_runs,
     derive_max_concurrent,
     train_in_trial,
     trial_trainable,
@@ -262,10 +263,7 @@ def close_child_runs(exp: Experiment, trials: list[dict[str, Any]]) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(exp.tracking_uri)
-    experiment = client.get_experiment_by_name(exp.experiment)
-    runs = client.search_runs(
-        [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{exp.parent_run_id}'", max_results=1000
-    )
+    runs = child_runs(exp.tracking_uri, exp.experiment, exp.parent_run_id, max_results=1000)
     by_trial = {r.data.tags.get("wsol.search.trial_id"): r for r in runs}
     for trial in trials:
         run = by_trial.get(str(trial["trial_id"]))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,15 +123,16 @@ def parse_param(name: str, spec: Any, origin: str = "space") -> Param:
         if len(set(values)) != len(values):
             raise ConfigError(f"{where}: choice values {values} repeat")
         return Param(name, "choice", values=list(values)) if len(values) > 1 else Param(name, "fixed", value=values[0])
-    low, high = spec.get("low"), spec.get("high")
-    for bound, label in ((low, "low"), (high, "high")):
+    bounds = {"low": spec.get("low"), "high": spec.get("high")}
+    for label, bound in bounds.items():
         if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound):
             raise ConfigError(f"{where}: {label} = {bound!r} must be a finite number")
+    low, high = float(bounds["low"]), float(bounds["high"])  # type: ignore[arg-type]  # checked above
     if not low < high:
         raise ConfigError(f"{where}: the range [{low}, {high}] is empty (low must be below high)")
     if kind == "loguniform" and low <= 0:
         raise ConfigError(f"{where}: a loguniform range needs low > 0, got {low}")
-    return Param(name, kind, low=float(low), high=float(high))
+    return Param(name, kind, low=low, high=high)
 
 
 @dataclass
@@ -160,7 +162,7 @@ def default_space_file(method: str) -> Path:
     return SPACES_DIR / f"{method}.yaml"
 
 
-def load_space(method: str, files: list[str | Path] = (), params: list[str] = ()) -> SearchSpace:
+def load_space(method: str, files: Sequence[str | Path] = (), params: Sequence[str] = ()) -> SearchSpace:
     """The method's default space (``wsol_core/spaces/<method>.yaml``) <- ``files`` <- ``params``
     (``NAME=SPEC``); validated against the method's config fields."""
     allowed = method_parameters(method)

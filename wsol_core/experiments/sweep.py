@@ -28,7 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from wsol_core.config import Config, ConfigError, dump_yaml, flatten, load_config, to_dict
-from wsol_core.experiments.trials import Experiment, TrialSetup, derive_max_concurrent, train_in_trial, trial_trainable
+from wsol_core.experiments.trials import (
+    Experiment,
+    TrialSetup,
+    child_runs,
+    derive_max_concurrent,
+    train_in_trial,
+    trial_trainable,
+)
 from wsol_core.methods import ablation_variants
 
 # The FMCG paper's Table 1 rows (Sec. 4.2: FMCG's ABLATED switches) and the other methods, as
@@ -189,12 +196,7 @@ def score_best_checkpoints(outcome: SweepOutcome, sweep_dir: Path, data_root: Pa
     from wsol_core.train.offline_eval import evaluate_checkpoint
 
     client = MlflowClient(outcome.tracking_uri)
-    exp = client.get_experiment_by_name(outcome.experiment)
-    runs = client.search_runs(
-        [exp.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{outcome.parent_run_id}' and attributes.status = 'FINISHED'",
-        max_results=5000,
-    )
+    runs = child_runs(outcome.tracking_uri, outcome.experiment, outcome.parent_run_id, finished_only=True)
     for run in runs:
         if f"{BEST_SPLIT}/maxboxacc_v2" in run.data.metrics:
             continue
@@ -233,17 +235,10 @@ def _metric_list(values: dict[str, float]):
 
 def _report(outcome: SweepOutcome, settings: SweepSettings, parent) -> None:
     """The ablation table from the sweep's finished child runs, logged into the parent run."""
-    from mlflow.tracking import MlflowClient
 
     from wsol_core.reporting import RunRecord, ablation_csv, ablation_markdown, build_ablation_table
 
-    client = MlflowClient(outcome.tracking_uri)
-    exp = client.get_experiment_by_name(outcome.experiment)
-    runs = client.search_runs(
-        [exp.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{outcome.parent_run_id}' and attributes.status = 'FINISHED'",
-        max_results=5000,
-    )
+    runs = child_runs(outcome.tracking_uri, outcome.experiment, outcome.parent_run_id, finished_only=True)
     records = [RunRecord.from_mlflow(r) for r in runs]
     for record in records:
         outcome.run_ids.setdefault(record.tags.get("wsol.sweep.variant", "?"), []).append(record.run_id)

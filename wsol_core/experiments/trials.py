@@ -130,6 +130,24 @@ def interrupted(results, expected: int) -> bool:
     return len(results) < expected or any(r.error is None and not (r.metrics or {}).get(TIME_ATTR) for r in results)
 
 
+def child_runs(
+    tracking_uri: str, experiment: str, parent_run_id: str, *, finished_only: bool = False, max_results: int = 5000
+) -> list:
+    """The MLflow child runs of an experiment's parent run (``FINISHED`` ones only, if asked)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise RuntimeError(
+            f"MLflow experiment {experiment!r} is gone from {tracking_uri}: its child runs cannot be read"
+        )
+    where = f"tags.mlflow.parentRunId = '{parent_run_id}'" + (
+        " and attributes.status = 'FINISHED'" if finished_only else ""
+    )
+    return list(client.search_runs([found.experiment_id], filter_string=where, max_results=max_results))
+
+
 def fit_recorded(tuner, parent: RunLogger):
     """``tuner.fit()``; the MLflow parent run is closed as KILLED / FAILED if the fit is cut short."""
     try:

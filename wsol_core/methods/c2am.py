@@ -241,8 +241,10 @@ def border_foreground_fraction(maps: torch.Tensor, threshold: float = 0.5, borde
     right columns (``border`` pixels wide). ``[B, h, w]`` -> ``[B]`` float32."""
     m = (maps.detach().float().reshape(maps.shape[0], maps.shape[-2], maps.shape[-1]) > threshold).float()
     k = max(1, min(border, m.shape[1], m.shape[2]))
-    parts = (m[:, :k, :], m[:, -k:, :], m[:, :, :k], m[:, :, -k:])
-    return sum(part.mean(dim=(1, 2)) for part in parts) / 4.0
+    total = torch.zeros(m.shape[0], device=m.device)
+    for part in (m[:, :k, :], m[:, -k:, :], m[:, :, :k], m[:, :, -k:]):
+        total = total + part.mean(dim=(1, 2))
+    return total / 4.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +257,8 @@ class C2AM(WSOLMethod):
 
     config_class = C2AMConfig
     cfg: C2AMConfig  # what config_class guarantees (checked in WSOLMethod.__init__)
+    orientation: torch.Tensor  # buffers (register_buffer in __init__)
+    orientation_calibrated: torch.Tensor
     uses_labels = False
 
     def __init__(self, backbone: Backbone, num_classes: int, cfg: C2AMConfig) -> None:
@@ -275,6 +279,7 @@ class C2AM(WSOLMethod):
         self.register_buffer("orientation", torch.tensor(1.0))
         self.register_buffer("orientation_calibrated", torch.tensor(False))
         self._calibrated = False  # Python mirror: orientation_due() needs no device sync
+        self._last_maps: torch.Tensor | None = None  # orientation_check = "epoch_end": the step's maps
         self.register_load_state_dict_post_hook(_sync_calibrated_flag)
         if cfg.official_param_groups:
             for module in self.modules():
@@ -293,7 +298,7 @@ class C2AM(WSOLMethod):
         mid = self.backbone.forward_features(images, until=stage)
         final = self.backbone.forward_features(mid, after=stage)
         if mid.shape[-2:] != final.shape[-2:]:
-            mid = F.adaptive_avg_pool2d(mid, final.shape[-2:])
+            mid = F.adaptive_avg_pool2d(mid, (final.shape[-2], final.shape[-1]))
         return torch.cat([final, mid], dim=1), final
 
     def _activation(self, features: torch.Tensor) -> torch.Tensor:
@@ -364,7 +369,7 @@ class C2AM(WSOLMethod):
     def after_epoch(self, epoch: int) -> None:
         """``orientation_check = "epoch_end"``: decide on the last training step's maps of the
         first epoch, as the released scripts do (``epoch == 0 and i == len(train_loader) - 1``)."""
-        maps = getattr(self, "_last_maps", None)
+        maps = self._last_maps
         if maps is not None and not self._calibrated:
             self.calibrate_orientation(maps)
         self._last_maps = None
@@ -450,7 +455,7 @@ def _init_head(conv: nn.Conv2d, scheme: str) -> None:
         raise ValueError(f"unknown head_init {scheme!r}")
 
 
-def _sync_calibrated_flag(module: nn.Module, incompatible_keys) -> None:
+def _sync_calibrated_flag(module: C2AM, incompatible_keys) -> None:
     """After ``load_state_dict``: mirror the loaded buffer into the Python flag."""
     module._calibrated = bool(module.orientation_calibrated)
 

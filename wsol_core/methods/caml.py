@@ -419,15 +419,13 @@ def triplet_hinge(
 
     ``pairs = "pos"``: ``d(a, p)`` only (Table 5, "w/o neg pairs", an L2 loss between positive
     pairs); ``"neg"``: ``[m - d(a, n)]_+`` only (Table 5, "w/o pos pairs")."""
-    d_pos = l2_distance(anchor, positive, weight) if pairs != "neg" else None
-    d_neg = l2_distance(anchor, negative, weight) if pairs != "pos" else None
     if pairs == "pos":
-        return d_pos
+        return l2_distance(anchor, positive, weight)
     if pairs == "neg":
-        return F.relu(margin - d_neg)
+        return F.relu(margin - l2_distance(anchor, negative, weight))
     if pairs != "both":
         raise ValueError(f"pairs must be 'both', 'pos' or 'neg', got {pairs!r}")
-    return F.relu(d_pos - d_neg + margin)
+    return F.relu(l2_distance(anchor, positive, weight) - l2_distance(anchor, negative, weight) + margin)
 
 
 def caml_loss(

@@ -397,7 +397,8 @@ class DualBranchMethod(WSOLMethod):
     Subclasses implement :meth:`_dual` (``[2B, C, h, w]`` final features, original branch first,
     one pass over the concatenation of ``X`` and the erased ``X_bar``; plus method-specific
     extras) and :meth:`_single` (the original branch alone). Their configs carry
-    ``inference_map`` and the drop threshold used at inference (:meth:`_inference_theta`).
+    ``inference_map`` (:meth:`_inference_map`) and the drop threshold used at inference
+    (:meth:`_inference_theta`).
     """
 
     head: CAMHead
@@ -409,6 +410,10 @@ class DualBranchMethod(WSOLMethod):
         raise NotImplementedError
 
     def _inference_theta(self) -> float:
+        raise NotImplementedError
+
+    def _inference_map(self) -> InferenceMap:
+        """The config's ``inference_map``."""
         raise NotImplementedError
 
     def _split_logits(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -446,7 +451,7 @@ class DualBranchMethod(WSOLMethod):
     def inference(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> Inference:
         """Logits of the original branch; the map of ``cfg.inference_map`` (see :func:`combine_maps`)
         for the GT class (or the predicted one when ``labels`` is None)."""
-        mode = self.cfg.inference_map
+        mode = self._inference_map()
         if mode == "original":
             features = self._single(images)
             logits = self.head(features)

@@ -186,6 +186,9 @@ class FMCG(DualBranchMethod):
     def _inference_theta(self) -> float:
         return self.cfg.srd.theta_drop  # "its last drop threshold"
 
+    def _inference_map(self) -> InferenceMap:
+        return self.cfg.inference_map
+
     def srd_mask(self, x: torch.Tensor, theta: float) -> torch.Tensor:
         """Eq. 2 + region expansion on ``X``: ``[B, 1, h, w]``, 1 = erased (pixel-level when SRD is off)."""
         kernel = self.cfg.srd.kernel_size if self.cfg.srd.enabled else 1
@@ -215,6 +218,8 @@ class FMCG(DualBranchMethod):
         (both masks non-empty) and the masks ``[2B, 2, h, w]``.
         """
         cg = self.cfg.cg
+        if self.projection is None:
+            raise RuntimeError("FMCG.embed needs the projection head, which exists only with method.cg.enabled = true")
         fg, bg = threshold_masks(channel_attention(features.detach()), cg.tau_fg, cg.tau_bg, cg.threshold_mode)
         masks = torch.cat([fg, bg], dim=1)
         pooled = masked_pool(features, masks, cg.pooling)  # [2B, 2, C]

@@ -268,6 +268,9 @@ class ICL(DualBranchMethod):
     def _inference_theta(self) -> float:
         return self.cfg.drop.theta_drop
 
+    def _inference_map(self) -> InferenceMap:
+        return self.cfg.inference_map
+
     def drop_masks(
         self, x: torch.Tensor, theta: float, weights: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,7 +287,7 @@ class ICL(DualBranchMethod):
 
     # -- branches ------------------------------------------------------------------------------
 
-    def _front(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _front(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
         taps: dict[str, torch.Tensor] = {}
         x, prev = images, None
         for s in self._front_stops:
@@ -341,10 +344,16 @@ class ICL(DualBranchMethod):
         """``z`` ``[B, 3, D]``: (z_fg, z_bg, zb_fg) and ``z_valid`` ``[B]`` (all three masks
         non-empty); the masks threshold the final (non-local) attention of both branches."""
         cal = self.cfg.cal
+        if self.projection is None:
+            raise RuntimeError("ICL.embed needs the projection head, which exists only with method.cal.enabled = true")
         b = features.shape[0] // 2
         attention = self.attention(features.detach(), weights.detach() if weights is not None else None)
         fg, bg = threshold_masks(attention, cal.tau_fg, cal.tau_bg, cal.threshold_mode)
-        negative = resize_mask(bg_drop_mask, tuple(features.shape[-2:])) if self.negative == "bg_drop" else bg[:b]
+        negative = (
+            resize_mask(bg_drop_mask, (features.shape[-2], features.shape[-1]))
+            if self.negative == "bg_drop"
+            else bg[:b]
+        )
         orig = masked_pool(features[:b], torch.cat([fg[:b], negative], dim=1), cal.pooling)  # [B, 2, C]
         erased = masked_pool(features[b:], fg[b:], cal.pooling)  # [B, 1, C]
         pooled = torch.cat([orig, erased], dim=1)

@@ -324,7 +324,7 @@ class MaxBoxAccumulator:
         hits = iou[:, None, :] >= self._iou_cuts[None, :, None]  # [N, D, T]
         self._state[:d, :-1] += hits.sum(0)
         self._state[:d, -1] += len(iou)
-        if top1 is not None:
+        if top1 is not None and top5 is not None:  # both given together (labelled data)
             located = iou >= LOC_IOU / 100
             self._state[d, :-1] += (located & top1[:, None]).sum(0)
             self._state[d + 1, :-1] += (located & top5[:, None]).sum(0)

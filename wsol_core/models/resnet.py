@@ -9,14 +9,17 @@ from __future__ import annotations
 
 from torch import nn
 from torchvision.models import resnet50
+from torchvision.models.resnet import Bottleneck
 
 from wsol_core.models.base import Backbone
 
 
 def _set_stride_one(layer: nn.Sequential) -> None:
-    first = layer[0]
+    first: Bottleneck = layer[0]
     first.conv2.stride = (1, 1)  # torchvision (v1.5) strides in the 3x3 conv
-    first.downsample[0].stride = (1, 1)
+    assert first.downsample is not None  # the first block of every stage projects its shortcut
+    downsample_conv: nn.Conv2d = first.downsample[0]
+    downsample_conv.stride = (1, 1)
 
 
 class ResNet50(Backbone):

@@ -31,7 +31,7 @@ class VGG16(Backbone):
         self.relu6 = nn.ReLU(inplace=False)
         # The protocol's VggCam: He-normal (fan_out, ReLU) weights, zero bias for the new conv6.
         nn.init.kaiming_normal_(self.conv6.weight, mode="fan_out", nonlinearity="relu")
-        nn.init.zeros_(self.conv6.bias)
+        nn.init.zeros_(self.conv6.bias)  # type: ignore[arg-type]  # bias=True above
 
         f = list(self.features)
         # Index ranges in torchvision's numbering: block4 ends with conv4_3's ReLU (22) so that

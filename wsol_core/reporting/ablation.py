@@ -226,8 +226,9 @@ def _run_value(record: RunRecord, column: str, split: str) -> float | None:
     value = metric(record.metrics, column, split)
     if value is None and column == "maxboxacc_v2":
         parts = [metric(record.metrics, f"boxacc_v2_iou{d}", split) for d in (30, 50, 70)]
-        if all(p is not None for p in parts):
-            value = sum(parts) / 3
+        present = [p for p in parts if p is not None]
+        if len(present) == len(parts):
+            value = sum(present) / 3
     return value
 
 
@@ -307,13 +308,10 @@ def build_ablation_table(
         # With several full configurations (the paper's settings, a searched one), an ablated row
         # is compared with the one it differs from only by its switches: the nearest in params.
         nearest = min(full, key=lambda r: params_apart(row, r), default=None)
-        if (
-            nearest
-            and "maxboxacc_v2" in columns
-            and row.mean.get("maxboxacc_v2") is not None
-            and nearest.mean.get("maxboxacc_v2") is not None
-        ):
-            row.delta_vs_full = row.mean["maxboxacc_v2"] - nearest.mean["maxboxacc_v2"]
+        own = row.mean.get("maxboxacc_v2") if "maxboxacc_v2" in columns else None
+        reference = nearest.mean.get("maxboxacc_v2") if nearest else None
+        if own is not None and reference is not None:
+            row.delta_vs_full = own - reference
     return AblationTable(
         rows=rows,
         columns=tuple(columns),
@@ -421,7 +419,7 @@ def ablation_csv(table: AblationTable) -> str:
         return "" if value is None else f"{value:.4f}"
 
     for row in table.rows:
-        line = [
+        line: list[str | int] = [
             row.label,
             row.method,
             *(("" if k not in row.switches else str(row.switches[k]).lower()) for k in table.switch_keys),

@@ -49,8 +49,9 @@ def build_run_summary(
     backbone = str(cfg_flat.get("model.backbone", "?"))
     split = pick_split(metrics)
     run = {key: metric(metrics, key, split) for key in (*LOC_KEYS, "top5_loc", "top1_acc", "corloc")}
-    if run["maxboxacc_v2"] is None and all(run[f"boxacc_v2_iou{d}"] is not None for d in (30, 50, 70)):
-        run["maxboxacc_v2"] = sum(run[f"boxacc_v2_iou{d}"] for d in (30, 50, 70)) / 3
+    components = [v for v in (run[f"boxacc_v2_iou{d}"] for d in (30, 50, 70)) if v is not None]
+    if run["maxboxacc_v2"] is None and len(components) == 3:
+        run["maxboxacc_v2"] = sum(components) / 3
     anchors, matched = select_anchors(method, backbone, dataset)
     comparable = matched and not synthetic
     notes = []

@@ -183,7 +183,7 @@ def _fit_with_retries(
                 flush=True,
             )
             if "://" not in storage_path:
-                resume = plan_resume(Path(storage_path) / name, to_dict(cfg), None)
+                resume = plan_resume(Path(storage_path) / name, to_dict(cfg), "")
 
 
 def _fit_in_a_thread(trainer):

@@ -84,13 +84,13 @@ class MaskStatistics:
             return
         first = next(iter(masks.values()))
         gt = [batch.gt_boxes_list()[i] for i in keep.tolist()]
-        coverage = box_coverage(gt, batch.orig_sizes[keep], tuple(first.shape[-2:]), first.device)
+        coverage = box_coverage(gt, batch.orig_sizes[keep], (first.shape[-2], first.shape[-1]), first.device)
         for name, mask in masks.items():
             m = mask.detach().float()[keep]
             cov = (
                 coverage
                 if m.shape[-2:] == coverage.shape[-2:]
-                else box_coverage(gt, batch.orig_sizes[keep], tuple(m.shape[-2:]), m.device)
+                else box_coverage(gt, batch.orig_sizes[keep], (m.shape[-2], m.shape[-1]), m.device)
             )
             row = torch.stack([m.sum(), (m * cov).sum(), torch.tensor(float(m.numel()), device=m.device)]).double()
             self.sums[name] = self.sums.get(name, torch.zeros(3, dtype=torch.float64, device=m.device)) + row
@@ -151,8 +151,8 @@ def evaluate_split(
     mask_stats = MaskStatistics()
     variants: dict[str, MaxBoxAccumulator] = {}
     mask_images = 0
-    for batch in loader:
-        batch: Batch = batch.to(device)
+    for loaded in loader:
+        batch: Batch = loaded.to(device)
         real = (
             ~batch.is_padding
             if batch.is_padding is not None
@@ -165,8 +165,9 @@ def evaluate_split(
         gt = [b for b, r in zip(batch.gt_boxes_list(), real.tolist()) if r]
         boxed = bool(gt) and all(len(b) > 0 for b in gt)
         sizes = batch.orig_sizes[keep]
-        labeled = bool((batch.labels[keep] >= 0).all()) and result.logits is not None
-        scores = result.logits.float()[keep] if labeled else None
+        logits = result.logits
+        labeled = bool((batch.labels[keep] >= 0).all()) and logits is not None
+        scores = logits.float()[keep] if labeled and logits is not None else None
         top = dict(class_scores=scores, labels=batch.labels[keep]) if labeled else {}
         if boxed:
             prepared, scaled = prepare_maps(maps), rescale_boxes(gt, sizes)
@@ -182,7 +183,7 @@ def evaluate_split(
                 mask_images += len(keep)
         if batch.masks is not None:
             pxap.update_raw(maps, batch.masks[keep])
-        if labeled:
+        if scores is not None:  # labeled
             top5 = scores.topk(min(5, scores.shape[1]), dim=1).indices
             hits = top5 == batch.labels[keep, None]
             counts[:2] += torch.stack([hits[:, 0].sum(), hits.any(1).sum()]).double()

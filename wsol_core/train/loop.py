@@ -19,7 +19,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -107,13 +107,14 @@ def autocast_context(cfg: Config, device: torch.device):
 
 def unwrap(model: torch.nn.Module) -> WSOLMethod:
     """The method under DDP and/or torch.compile wrappers."""
+    inner: Any = model
     while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
+        if hasattr(inner, "_orig_mod"):
+            inner = inner._orig_mod
+        elif isinstance(inner, torch.nn.parallel.DistributedDataParallel):
+            inner = inner.module
         else:
-            return model
+            return inner
 
 
 class _ProgressBar:
@@ -130,7 +131,7 @@ class _ProgressBar:
         try:
             from ray.experimental.tqdm_ray import tqdm
         except ImportError:  # pragma: no cover - Ray is a hard dependency
-            from tqdm import tqdm
+            from tqdm import tqdm  # type: ignore[no-redef]
         self.prefix = f"epoch {epoch + 1}/{epochs}"
         self.bar = tqdm(total=total, desc=self.prefix)
 
@@ -221,7 +222,7 @@ def train_one_epoch(
         with autocast_context(cfg, device):
             outputs = model(batch.images, batch.labels, progress)
             terms = method.losses(outputs, batch)
-        loss = sum(terms.values())
+        loss = cast(torch.Tensor, sum(terms.values()))  # every method returns at least one term
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.train.grad_clip > 0:
@@ -383,7 +384,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     model: torch.nn.Module = ray.train.torch.prepare_model(method, move_to_device=False)
     if cfg.train.compile:
-        model = torch.compile(model)
+        model = cast(torch.nn.Module, torch.compile(model))
 
     eval_options = eval_loader_options(cfg)
     val_loader = build_loader(

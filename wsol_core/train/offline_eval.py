@@ -258,5 +258,7 @@ def _evaluate(source, split_dir, split, interval, overrides, num_workers, use_gp
         purpose="eval",
     )
     result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"the evaluation workers on {split_dir} reported no metrics")
     with result.checkpoint.as_directory() as directory:
         return json.loads((Path(directory) / "metrics.json").read_text())
