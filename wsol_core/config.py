@@ -150,6 +150,10 @@ class DataConfig:
             raise ConfigError(
                 f"{path}.decode = device applies to the torch loader; {path}.loader = dali decodes on the GPU itself"
             )
+        for name in ("rrc_scale", "rrc_ratio"):
+            low, high = getattr(self, name)
+            if low > high:
+                raise ConfigError(f"{path}.{name} = {[low, high]} must be a range [low, high] with low <= high")
         resize, crop = self.resolved_sizes()
         if crop > resize and not self.random_resized_crop:
             raise ConfigError(
@@ -302,8 +306,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path} = {value!r} must be a list")
-        element = args[0]
-        return tuple(_coerce(v, element, f"{path}[{i}]") for i, v in enumerate(value))
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[T, ...]: any length
+            return tuple(_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):  # tuple[T1, T2]: exactly that many
+            raise ConfigError(f"{path} = {list(value)!r} must have {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, t, f"{path}[{i}]") for i, (v, t) in enumerate(zip(value, args)))
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
