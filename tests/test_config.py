@@ -126,8 +126,12 @@ def test_every_loader_option_is_reachable_from_the_config():
     # a range is two values, low first (the type says tuple[float, float])
     with pytest.raises(ConfigError, match=r"data\.rrc_scale = \[0\.5\] must have 2 values, got 1"):
         load_config(overrides=["data.rrc_scale=[0.5]"])
-    with pytest.raises(ConfigError, match=r"data\.rrc_ratio = \[1\.5, 0\.5\] must be a range \[low, high\] with low <= high"):
+    with pytest.raises(
+        ConfigError, match=r"data\.rrc_ratio = \[1\.5, 0\.5\] must be a range \[low, high\] with low <= high"
+    ):
         load_config(overrides=["data.rrc_ratio=[1.5,0.5]"])
-    assert load_config(overrides=["eval.iou_thresholds=[50]"]).eval.iou_thresholds == (50,)  # tuple[int, ...]: any length
+    assert load_config(overrides=["eval.iou_thresholds=[50]"]).eval.iou_thresholds == (
+        50,
+    )  # tuple[int, ...]: any length
     with pytest.raises(ConfigError, match=r"data\.verify"):
         load_config(overrides=["data.verify=sometimes"])
