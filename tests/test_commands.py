@@ -26,6 +26,7 @@ def test_every_program_is_installed_and_runnable_from_the_checkout():
     assert set(SCRIPTS) == set(CHECKOUT)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", sorted(CHECKOUT))
 def test_the_script_runs_the_installed_programs_main(name, tmp_path):
     module, _, attribute = SCRIPTS[name].partition(":")

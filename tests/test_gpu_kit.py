@@ -159,6 +159,7 @@ def test_carry_plan_commands_fit_one_call():
 # -- the measurement ------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_tier_one_runs_without_ray_mlflow_dali_or_webdataset():
     """The training epoch, the evaluator and the methods import nothing the GPU machine lacks."""
     hide = REPO / "benchmarks" / "gpu" / "_hide.py"
@@ -189,6 +190,7 @@ def test_tier_one_runs_without_ray_mlflow_dali_or_webdataset():
         script.unlink()
 
 
+@pytest.mark.integration
 def test_budget_stops_cleanly_with_partial_results(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(

@@ -140,6 +140,7 @@ def test_a_write_that_dies_leaves_the_old_file_and_no_temporary(tmp_path):
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == [STATE_FILE]
 
 
+@pytest.mark.integration
 def test_evaluate_and_pretrained_name_a_truncated_checkpoint(tmp_path):
     directory = checkpoint(tmp_path, 1)
     truncate(directory)

@@ -88,6 +88,7 @@ def test_bad_space_fails_clearly(method, params, match):
         validate_space(load_space(method, params=params), _base(method))
 
 
+@pytest.mark.integration
 def test_bad_space_exits_before_ray(tmp_path):
     out = subprocess.run(
         [

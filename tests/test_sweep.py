@@ -78,6 +78,7 @@ def test_targets_arithmetic():
     ] == pytest.approx(7.0)
 
 
+@pytest.mark.integration
 def test_bad_variant_exits_before_ray(tmp_path):
     out = subprocess.run(
         [sys.executable, str(SCRIPT), "--variants", "cam,fmcg-typo", "--storage-path", str(tmp_path / "ray")],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from wsol_core.tracking import start_or_resume_run
@@ -18,6 +19,7 @@ def _start(uri: str, key: str, barrier, queue) -> None:
         queue.put(("error", key, f"{type(err).__name__}: {err}"))
 
 
+@pytest.mark.integration
 def test_concurrent_first_use_of_a_sqlite_store(tmp_path):
     # Without the store lock, MLflow's schema migrations race and one process fails with
     # "Online migration expected to match one row", and experiment creation races too.
