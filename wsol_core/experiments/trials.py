@@ -26,6 +26,7 @@ from typing import Any
 
 from wsol_core.config import Config, flatten
 from wsol_core.tracking import RunLogger
+from wsol_core.train.context import RunContext, RunPlacement, resources_per_worker
 
 #: The epoch counter every training report carries: ASHA's time axis, and how a trial that never
 #: reported is told apart from one that did.
@@ -162,8 +163,7 @@ def fit_recorded(tuner, parent: RunLogger):
 
 def trial_resources(cfg: Config) -> dict[str, float]:
     """What one trial's Train workers take together (the trial's own function takes nothing)."""
-    per_worker = {"CPU": cfg.run.cpus_per_worker, **({"GPU": 1.0} if cfg.run.use_gpu else {})}
-    return {k: v * cfg.run.num_workers for k, v in per_worker.items()}
+    return {k: v * cfg.run.num_workers for k, v in resources_per_worker(cfg.run).items()}
 
 
 def derive_max_concurrent(cfg: Config, cluster: dict[str, float], requested: int = 0) -> int:
@@ -194,7 +194,7 @@ def train_in_trial(
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from wsol_core.tracking import start_or_resume_run
-    from wsol_core.train.trainer import RunContext, RunPlacement, training_trainer
+    from wsol_core.train.trainer import training_trainer
 
     trial_id = ray.tune.get_context().get_trial_id()
     run_id, _ = start_or_resume_run(

@@ -25,6 +25,7 @@ from wsol_core.config import Config, ConfigError, dump_yaml, flatten, to_dict
 from wsol_core.data.format import ShardError
 from wsol_core.data.resolve import resolve_data_root
 from wsol_core.tracking import RunLogger, find_run, git_commit, resolve_tracking_uri, start_or_resume_run
+from wsol_core.train.context import RunContext, RunPlacement
 from wsol_core.train.preflight import check_data, check_pretrained, default_storage_path
 from wsol_core.train.ray_session import init_ray
 from wsol_core.train.resume import check_run_identity, plan_resume, run_checkpoints
@@ -89,37 +90,15 @@ def honest_run_status(logger: RunLogger, run_id: str, resume_hint: str):
             signal.signal(signal.SIGTERM, previous)
 
 
-def _fit(
-    cfg: Config,
-    name: str,
-    storage_path: str,
-    data_root: Path,
-    tracking_uri: str,
-    run_id: str,
-    registered_model_name: str,
-    resume,
-    ray_address: str | None,
-):
+def _fit(context: RunContext, placement: RunPlacement, ray_address: str | None):
     """Start (or join) Ray and run the training's ``TorchTrainer`` (:mod:`wsol_core.train.trainer`)."""
     init_ray(ray_address)  # before any other ray import: it decides how workers start
     if threading.current_thread() is threading.main_thread():
         # Ray's core installs a SIGTERM handler in the driver that aborts the process (exit -6);
         # take SIGTERM back so that it closes the run like Ctrl-C (honest_run_status).
         signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    from wsol_core.train.trainer import RunContext, RunPlacement, training_trainer
+    from wsol_core.train.trainer import training_trainer
 
-    context = RunContext.with_resume(
-        resume,
-        config=cfg,
-        data_root=data_root,
-        tracking_uri=tracking_uri,
-        mlflow_run_id=run_id,
-        registered_model_name=registered_model_name,
-        # A live bar on a terminal; plain periodic lines in logs (ray job logs, SLURM files, CI).
-        progress=os.environ.get("WSOL_PROGRESS") or ("bar" if sys.stdout.isatty() else "lines"),
-    )
-    # Retries are the driver's (_fit_with_retries): Ray's would repeat deterministic errors.
-    placement = RunPlacement(name=name, storage_path=storage_path, keep_checkpoints=cfg.train.keep_best, max_failures=0)
     return _fit_in_a_thread(training_trainer(context, placement))
 
 
@@ -142,26 +121,15 @@ def not_transient(error: BaseException) -> BaseException | None:
     return None
 
 
-def _fit_with_retries(
-    cfg: Config,
-    name: str,
-    storage_path: str,
-    data_root: Path,
-    tracking_uri: str,
-    run_id: str,
-    registered_model_name: str,
-    resume,
-    ray_address: str | None,
-):
+def _fit_with_retries(context: RunContext, placement: RunPlacement, ray_address: str | None):
     """The fit, restarted from the newest checkpoint after a worker failure (a killed process, a
     lost node) up to ``run.max_failures`` times (-1: always); never after a fault of the data, the
     configuration or a checkpoint, which would only happen again (``NOT_TRANSIENT``)."""
+    cfg = context.config
     failures = 0
     while True:
         try:
-            return _fit(
-                cfg, name, storage_path, data_root, tracking_uri, run_id, registered_model_name, resume, ray_address
-            )
+            return _fit(context, placement, ray_address)
         except Exception as err:
             from ray.train import TrainingFailedError  # imported only after init_ray (see _fit)
 
@@ -182,8 +150,8 @@ def _fit_with_retries(
                 f"(retry {failures} of {'unlimited' if cfg.run.max_failures == -1 else cfg.run.max_failures})",
                 flush=True,
             )
-            if "://" not in storage_path:
-                resume = plan_resume(Path(storage_path) / name, to_dict(cfg), "")
+            if "://" not in placement.storage_path:
+                context = context.resumed_from(plan_resume(placement.run_dir, to_dict(cfg), ""))
 
 
 def _fit_in_a_thread(trainer):
@@ -278,10 +246,19 @@ def run_training(cfg: Config, *, ray_address: str | None = None, registered_mode
     )
     logger.log_text(dump_yaml(cfg), "config.yaml")
     print(f"[wsol] run {name!r}: MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {tracking_uri}", flush=True)
+    context = RunContext(
+        config=cfg,
+        data_root=data_root,
+        tracking_uri=tracking_uri,
+        mlflow_run_id=run_id,
+        registered_model_name=registered_model_name,
+        # A live bar on a terminal; plain periodic lines in logs (ray job logs, SLURM files, CI).
+        progress=os.environ.get("WSOL_PROGRESS") or ("bar" if sys.stdout.isatty() else "lines"),
+    ).resumed_from(resume)
+    # Retries are the driver's (_fit_with_retries): Ray's would repeat deterministic errors.
+    placement = RunPlacement(name=name, storage_path=storage_path, keep_checkpoints=cfg.train.keep_best, max_failures=0)
     with honest_run_status(logger, run_id, resume_hint(cfg, name, storage_path)):
-        result = _fit_with_retries(
-            cfg, name, storage_path, data_root, tracking_uri, run_id, registered_model_name, resume, ray_address
-        )
+        result = _fit_with_retries(context, placement, ray_address)
     logger.finish("FINISHED")
     # Ray keeps the metrics of the last checkpoint; the run's final (test) figures are in MLflow.
     final_metrics = {**(result.metrics or {}), **logger.client.get_run(run_id).data.metrics}

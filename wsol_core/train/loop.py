@@ -345,7 +345,7 @@ def _log_pictures(logger: RunLogger, outcome: EvalOutcome, split: str, epoch: in
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point; ``loop_config["context"]`` is the run's
-    :class:`~wsol_core.train.trainer.RunContext` (built by :mod:`wsol_core.train.trainer`)."""
+    :class:`~wsol_core.train.context.RunContext` (handed over by :mod:`wsol_core.train.trainer`)."""
     import ray.train
     import ray.train.torch
 

@@ -6,9 +6,10 @@ which the SLURM launcher and ``ray job submit`` run), each Tune trial of a searc
 ``localize``. So the scaling (workers, CPUs and a GPU per worker), where Ray keeps the run, its
 checkpoint policy and its failure policy are decided in one file.
 
-A training run crosses the Ray boundary as one typed :class:`RunContext` (the ``Config`` object
-itself, the data root, the MLflow coordinates, the resume plan), pickled by Ray with the worker
-function; the workers read it as it is instead of re-parsing a dict.
+A training run crosses the Ray boundary as one typed
+:class:`~wsol_core.train.context.RunContext` (the ``Config`` object itself, the data root, the
+MLflow coordinates, the resume plan), pickled by Ray with the worker function; the workers read it
+as it is instead of re-parsing a dict.
 
 Import this module only after :func:`wsol_core.train.ray_session.init_ray`: importing Ray Train
 first would fix how its workers start.
@@ -17,61 +18,15 @@ first would fix how its workers start.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from wsol_core.config import Config
 from wsol_core.config import RunConfig as RunSection  # the config's run section, not Ray's RunConfig
+from wsol_core.train.context import RunContext, RunPlacement, resources_per_worker
 from wsol_core.train.loop import SCORE_KEY, train_loop_per_worker
-from wsol_core.train.resume import ResumePlan
-
-
-@dataclass(frozen=True)
-class RunContext:
-    """What the workers of one training run need besides the code."""
-
-    config: Config
-    data_root: Path
-    tracking_uri: str
-    mlflow_run_id: str
-    registered_model_name: str = ""  # "" registers nothing
-    progress: str | bool = "lines"  # "bar" on a terminal, "lines" in logs
-    # The driver's verified choice of checkpoint (``None`` inside a Tune trial: Ray's choice).
-    resume_checkpoint: str | None = None
-    checkpoints_present: tuple[str, ...] = ()
-    resume_planned: bool = False
-
-    @classmethod
-    def with_resume(cls, plan: ResumePlan | None, **fields: Any) -> RunContext:
-        if plan is None:
-            return cls(**fields)
-        checkpoint = str(plan.checkpoint.path) if plan.checkpoint else None
-        return cls(**fields, resume_checkpoint=checkpoint, checkpoints_present=tuple(plan.present), resume_planned=True)
-
-    @property
-    def resume_plan(self) -> dict[str, Any] | None:
-        """The plan in the form :func:`wsol_core.train.resume.pick_checkpoint` reads."""
-        if not self.resume_planned:
-            return None
-        return {"checkpoint": self.resume_checkpoint, "present": list(self.checkpoints_present)}
-
-
-@dataclass(frozen=True)
-class RunPlacement:
-    """Where Ray Train keeps a run and how it treats checkpoints and failures."""
-
-    name: str
-    storage_path: str
-    keep_checkpoints: int  # the best by SCORE_KEY; Ray also keeps the latest
-    # Ray's own restarts. The job retries in its driver instead (0 here), because only the driver
-    # can tell a fault of the data from a lost worker; a Tune trial leaves it to Ray.
-    max_failures: int = 0
-    callbacks: Sequence[Any] = field(default_factory=tuple)
 
 
 def scaling(run: RunSection) -> ScalingConfig:
@@ -79,7 +34,7 @@ def scaling(run: RunSection) -> ScalingConfig:
     return ScalingConfig(
         num_workers=run.num_workers,
         use_gpu=run.use_gpu,
-        resources_per_worker={"CPU": run.cpus_per_worker, **({"GPU": 1} if run.use_gpu else {})},
+        resources_per_worker=resources_per_worker(run),
     )
 
 
