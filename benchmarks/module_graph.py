@@ -119,6 +119,7 @@ LAYERS = (
         "wsol_core.metrics",
         "wsol_core.viz",
         "wsol_core.localize",
+        "wsol_core.extraction",
         "wsol_core.cli",
         "wsol_core.presets",
     ),

@@ -56,7 +56,9 @@ def _zero(term_line: str, lhs: str) -> tuple[str, str]:
     return term_line, term_line.replace(f"{lhs} = ", f"{lhs} = 0.0 * ", 1)
 
 
-FMCG, ICL, CAML, C2AM, CAM = (f"wsol_core/methods/{m}.py" for m in ("fmcg", "icl", "caml", "c2am", "cam"))
+FMCG, ICL, CAML, C2AM, CAM, REGRESSOR = (
+    f"wsol_core/methods/{m}.py" for m in ("fmcg", "icl", "caml", "c2am", "cam", "regressor")
+)
 COMPONENTS = "wsol_core/methods/components.py"
 FMCG_EQ5 = "per_image = triplet_term(z_fg, zb_fg, z_bg, cg.margin) + triplet_term("  # eq. 5; its second term follows
 ICL_CAL = "triplet_term(z[:, 2], z[:, 0], z[:, 1], self.cfg.cal.margin)"
@@ -210,6 +212,32 @@ MUTANTS: tuple[Mutant, ...] = (
         (('("pos_bg", cfg.pos_bg_weight, bg)', '("pos_bg", cfg.pos_bg_weight, fg)'),),
         (LOSS_TESTS, "tests/test_method_c2am.py"),
         "eq. 8 built from the foreground representations",
+    ),
+    Mutant(
+        "regressor-box-zero",
+        REGRESSOR,
+        (('return {"box": self.cfg.loss_weight * ', 'return {"box": 0.0 * self.cfg.loss_weight * '),),
+        (LOSS_TESTS, "tests/test_method_regressor.py"),
+        "the regressor's box loss scaled to 0",
+    ),
+    Mutant(
+        "regressor-target-from-gt",
+        REGRESSOR,
+        (("boxes_in_view(batch.pseudo_boxes.float(),", "boxes_in_view(batch.boxes[:, 0].float(),"),),
+        (LOSS_TESTS, "tests/test_method_regressor.py"),
+        "the regressor's target taken from the GT boxes instead of the pseudo boxes",
+    ),
+    Mutant(
+        "regressor-ignores-the-crop",
+        "wsol_core/data/batch.py",
+        (
+            (
+                "    left, top, right, bottom, mirrored = views.unbind(1)\n",
+                "    left, top, right, bottom, mirrored = views.unbind(1)\n    mirrored = mirrored * 0\n",
+            ),
+        ),
+        (LOSS_TESTS, "tests/test_method_regressor.py"),
+        "a mirrored crop's pseudo box left unmirrored",
     ),
 )
 

@@ -47,6 +47,8 @@ PLANS: dict[str, dict[str, tuple[str, list[str], str]]] = {
         "localize_speed": ("localize_speed.py", [], "localize_speed.json"),
         "jpeg_check": ("jpeg_check.py", [], "jpeg_check.json"),
         "ray_start_load": ("ray_start_load.py", [], "ray_start_load.json"),
+        "extract_speed": ("extract_speed.py", [], "extract_speed_cpu.json"),
+        "two_stage": ("two_stage.py", [], "two_stage_grid.json"),  # C2AM -> pseudo boxes -> regressor, 3 seeds
     },
     "cuda": {
         # The issues' GPU targets: 50,000 maps at 1000 thresholds; DALI mixed decode; training
@@ -107,6 +109,11 @@ PLANS: dict[str, dict[str, tuple[str, list[str], str]]] = {
                 str(RESULTS / "localize_speed_cuda.json"),
             ],
             "localize_speed_cuda.json",
+        ),
+        "extract_speed": (
+            "extract_speed.py",
+            ["--device", "cuda", "--num-images", "4096", "--backbones", "resnet50,vgg16", "--batch-size", "128"],
+            "extract_speed_cuda.json",
         ),
         "train_scaling": (
             "train_scaling.py",

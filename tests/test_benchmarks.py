@@ -165,6 +165,31 @@ def test_localize_speed_runs_the_job_on_a_few_pictures(tmp_path):
     assert all(r["command_images_per_s"] > 0 for r in payload["runs"]) and (tmp_path / "l.json").is_file()
 
 
+def test_extract_speed_runs_the_command_on_a_few_images(tmp_path):
+    """The extraction benchmark's whole path on 8 images (its figures come from 512)."""
+    from benchmarks import extract_speed
+
+    assert (
+        extract_speed.main(
+            [
+                "--num-images",
+                "8",
+                "--size",
+                "64",
+                "--backbones",
+                "tiny",
+                "--batch-size",
+                "4",
+                "--out",
+                str(tmp_path / "e.json"),
+            ]
+        )
+        == 0
+    )
+    payload = json.loads((tmp_path / "e.json").read_text())
+    assert payload["results"]["tiny"]["loop_images_per_s"] > 0 and payload["settings"]["num_images"] == 8
+
+
 def test_jpeg_check_times_every_path(tmp_path):
     from benchmarks import jpeg_check
 

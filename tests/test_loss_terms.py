@@ -24,12 +24,22 @@ from wsol_core.config import load_config, preset_names
 from wsol_core.data.batch import Batch
 from wsol_core.methods import build_method
 
-METHODS = ("cam", "fmcg", "icl", "caml", "c2am")
-IMAGES, LABELS, _ = pictures(8, upright=True, body_texture=True)
+METHODS = ("cam", "fmcg", "icl", "caml", "c2am", "regressor")
+IMAGES, LABELS, BOXES = pictures(8, upright=True, body_texture=True)
 
 
 def _batch() -> Batch:
-    return batch_of(IMAGES, LABELS)
+    # The box regressor learns from pseudo boxes through each crop's window: the creatures' own
+    # boxes here, seen whole (the batch's GT rows stay zero, so a regressor fed GT learns nothing).
+    batch = batch_of(IMAGES, LABELS)
+    side = float(IMAGES.shape[-1])
+    batch.views = torch.tensor([[0.0, 0.0, side, side, 0.0]] * len(IMAGES))
+    corners = []
+    for mask in BOXES:  # the creatures' GT boxes, from their box masks
+        ys, xs = mask.nonzero(as_tuple=True)
+        corners.append([xs.min(), ys.min(), xs.max(), ys.max()])
+    batch.pseudo_boxes = torch.tensor(corners, dtype=torch.float32)
+    return batch
 
 
 def _build(method: str, overrides=(), method_section: dict | None = None, seed: int = 0):
@@ -61,6 +71,7 @@ EXPECTED_TERMS = {
     "icl": {"cls", "cls_erased", "cal", "fcl"},
     "caml": {"cls", "caml", "probe"},
     "c2am": {"neg", "pos_fg", "pos_bg", "cls"},
+    "regressor": {"box"},
 }
 
 
@@ -118,6 +129,7 @@ TRAINS = {  # term -> modules whose parameters it must move (attribute paths)
         "pos_bg": ("backbone", "activation_head"),
         "cls": ("probe",),
     },
+    "regressor": {"box": ("backbone", "box_head")},
 }
 NEVER = {("caml", "probe"): ("backbone", "eca"), ("c2am", "cls"): ("backbone", "activation_head")}
 

@@ -22,6 +22,9 @@ def make_batch(size: int = 112, count: int = 4, labels: list[int] | None = None)
         orig_sizes=torch.full((count, 2), size),
         boxes=torch.tensor([[[10.0, 10.0, 60.0, 60.0]]]).repeat(count, 1, 1),
         num_boxes=torch.ones(count, dtype=torch.int64),
+        # What a torch loader reports with a sidecar (the box regressor learns from them).
+        views=torch.tensor([[0.0, 0.0, float(size), float(size), 0.0]]).repeat(count, 1),
+        pseudo_boxes=torch.tensor([[12.0, 8.0, 70.0, 50.0]]).repeat(count, 1),
     )
 
 
@@ -42,11 +45,13 @@ def test_interface_shapes_and_finite_losses(name):
     method.eval()
     result = method.inference(batch.images, batch.labels)
     assert isinstance(result, Inference)
-    assert result.maps.shape == (4, 14, 14) and torch.isfinite(result.maps).all()
+    # Maps at the feature map's resolution; the regressor draws its box at the input's.
+    grid = (112, 112) if name == "regressor" else (14, 14)
+    assert result.maps.shape == (4, *grid) and torch.isfinite(result.maps).all()
     if result.logits is not None:
         assert result.logits.shape == (4, NUM_CLASSES)
     maps = method.localization_maps(batch.images)  # no labels: predicted class / agnostic
-    assert maps.shape == (4, 14, 14)
+    assert maps.shape == (4, *grid)
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
@@ -70,7 +75,10 @@ def test_param_groups_cover_every_parameter_once(name):
     assert trunk["lr"] == 0.1 and head["lr"] == pytest.approx(1.0)
     first_conv = method.backbone.features[0].weight
     assert any(p is first_conv for p in trunk["params"])
-    assert any(p is method.backbone.conv6.weight for p in head["params"])
+    # The protocol's new layers learn at the head's rate; PSOL's regressor gives that rate to its
+    # box head only (the whole backbone is its trunk).
+    new_layer = method.backbone.conv6.weight
+    assert any(p is new_layer for p in (trunk if name == "regressor" else head)["params"])
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)

@@ -36,7 +36,7 @@ def _get(tree: dict, dotted: str):
 
 
 def test_there_are_presets_for_every_method():
-    assert {name.split("_")[0] for name in PRESETS} == {"fmcg", "icl", "caml", "c2am"}
+    assert {name.split("_")[0] for name in PRESETS} == {"fmcg", "icl", "caml", "c2am", "regressor"}
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -101,6 +101,22 @@ def test_c2am_cub_preset_reproduces_the_released_recipe():
     assert (cfg.method.orientation_check, cfg.method.orientation_images) == ("epoch_end", 1)
 
 
+def test_regressor_preset_reproduces_psols_released_recipe():
+    """CVI-SZU/CCAM WSOL/PSOL: training_CUB.py and models/models.py (module docstring of
+    wsol_core/methods/regressor.py)."""
+    cfg = load_config(["regressor_resnet50_cub"])
+    assert (cfg.method.name, cfg.method.hidden, cfg.method.loss_weight, cfg.method.loss) == (
+        "regressor",
+        512,
+        50.0,
+        "mse",
+    )
+    assert (cfg.optim.lr, cfg.optim.head_lr_mult, cfg.optim.momentum, cfg.optim.weight_decay) == (0.002, 2.0, 0.9, 1e-4)
+    assert (cfg.optim.schedule, cfg.train.epochs, cfg.data.batch_size * cfg.run.num_workers) == ("cosine", 100, 64)
+    assert cfg.data.random_resized_crop and cfg.data.rrc_scale == (0.2, 1.0) and cfg.data.hflip
+    assert cfg.data.pseudo_boxes == "train.pseudo_boxes"
+
+
 def test_poly_schedule_matches_the_released_poly_optimizer():
     """CCAM's PolyOptimizer: lr x (1 - step / max_step) ** 0.9 at each step; the step schedule
     is the protocol's x0.1 every lr_decay_every epochs."""
@@ -114,6 +130,14 @@ def test_poly_schedule_matches_the_released_poly_optimizer():
     for step in (0, 1, 7, 19):
         assert lr_factor(step, steps_per_epoch, poly, epochs) == pytest.approx((1 - step / 20) ** 0.9)
     assert lr_factor(20, steps_per_epoch, poly, epochs) == 0.0
+    cosine = OptimConfig(schedule="cosine")  # PSOL's CosineAnnealingLR over every step of the run
+    expected = torch.optim.lr_scheduler.CosineAnnealingLR(
+        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), T_max=steps_per_epoch * epochs
+    )
+    for step in range(steps_per_epoch * epochs + 1):
+        assert lr_factor(step, steps_per_epoch, cosine, epochs) == pytest.approx(expected.get_last_lr()[0], abs=1e-12)
+        expected.optimizer.step()
+        expected.step()
     step_cfg = OptimConfig(lr_decay_every=3, lr_decay_factor=0.1)
     assert [lr_factor(e * 10, 10, step_cfg) for e in (0, 2, 3, 6)] == pytest.approx([1.0, 1.0, 0.1, 0.01])
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)

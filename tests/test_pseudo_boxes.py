@@ -79,7 +79,7 @@ def test_a_sidecar_of_another_split_version_is_refused_by_name(tmp_path):
 def test_counts_keys_and_headers_that_do_not_match_are_named(tmp_path):
     keys = good_split(tmp_path / "train", n=6)
     out = _sidecar(tmp_path, keys[:5])
-    with pytest.raises(SidecarError, match=r"5 boxes for the split's 6 samples"):
+    with pytest.raises(SidecarError, match=r"5 boxes and 0 skipped samples for the split's 6 samples"):
         verify_sidecar(out, tmp_path / "train", keys)
     with SidecarWriter(out, 0, 2) as writer:
         writer.add([PseudoBox("not-a-key", (0, 0, 3, 3), 64, 48)])

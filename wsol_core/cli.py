@@ -17,7 +17,10 @@ _SHORTCUTS: dict[str, tuple[str, dict]] = {
         "data.root",
         {"metavar": "DIR", "help": "shard root with train/, val/, test/ (default: generated synthetic data)"},
     ),
-    "--method": ("method.name", {"help": "cam, fmcg, icl, caml or c2am"}),
+    "--method": (
+        "method.name",
+        {"help": "cam, fmcg, icl, caml, c2am, or regressor (the second stage; needs data.pseudo_boxes)"},
+    ),
     "--backbone": ("model.backbone", {"help": "vgg16, resnet50, inception_v3 or tiny"}),
     "--pretrained": (
         "model.pretrained",

@@ -131,6 +131,10 @@ class DataConfig:
     verify: Literal["none", "fast", "full"] = "fast"
     mask_size: int = spec(224, ge=1, doc="PxAP masks are resized to mask_size x mask_size")
     worker_start: Literal["fork", "forkserver", "spawn"] = "fork"
+    # A pseudo-box sidecar of the training split (jobs/extract_boxes.py writes it): absolute, or
+    # relative to the data root (extraction's default is "train.pseudo_boxes"). The training
+    # batches then carry each sample's pseudo box; a box regressor needs it.
+    pseudo_boxes: str = ""
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
 
     def resolved_sizes(self) -> tuple[int, int]:
@@ -173,8 +177,9 @@ class OptimConfig:
     # The protocol trains newly added layers 10x faster than the pretrained trunk.
     head_lr_mult: float = spec(10.0, gt=0.0)
     # "step": lr_decay_factor every lr_decay_every epochs (the protocol); "poly": decay to 0 as
-    # (1 - progress) ** poly_power (C2AM's released recipe).
-    schedule: Literal["step", "poly"] = "step"
+    # (1 - progress) ** poly_power (C2AM's released recipe); "cosine": half a cosine to 0 over
+    # the run, per step (PSOL's CosineAnnealingLR, the box regressor's recipe).
+    schedule: Literal["step", "poly", "cosine"] = "step"
     lr_decay_every: int = spec(15, ge=1, doc="epochs between decays")
     lr_decay_factor: float = spec(0.1, gt=0.0, le=1.0)
     poly_power: float = spec(0.9, gt=0.0)

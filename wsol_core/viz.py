@@ -93,6 +93,37 @@ def cam_overlay_grid(
     return figure
 
 
+def box_comparison_grid(
+    images: np.ndarray,
+    gt_boxes: list[np.ndarray],
+    boxes: dict[str, list[np.ndarray]],
+    titles: list[str] | None = None,
+    columns: int = 4,
+) -> Figure:
+    """Images with their GT boxes (red) and one box per named model, each in its own colour
+    (listed in the figure's legend): the first stage's map box beside the regressor's box.
+    ``images`` uint8 ``[N, 224, 224, 3]``; boxes in the 224 frame, inclusive corners."""
+    palette = ("lime", "cyan", "yellow", "magenta")
+    count = len(images)
+    columns = max(1, min(columns, count))
+    rows = max(1, -(-count // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows + 0.4), squeeze=False)
+    for index, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if index >= count:
+            continue
+        ax.imshow(images[index])
+        _draw_boxes(ax, gt_boxes[index], "red")
+        for color, per_image in zip(palette, boxes.values()):
+            _draw_boxes(ax, per_image[index], color)
+        if titles:
+            ax.set_title(titles[index], fontsize=8)
+    handles = [Rectangle((0, 0), 1, 1, fill=False, edgecolor=c, linewidth=2) for c in ("red", *palette)]
+    figure.legend(handles[: len(boxes) + 1], ["GT", *boxes], loc="lower center", ncol=len(boxes) + 1)
+    figure.tight_layout(rect=(0, 0.05, 1, 1))
+    return figure
+
+
 def threshold_curves(
     thresholds: np.ndarray, curves: dict[int, np.ndarray], best: dict[int, float] | None = None
 ) -> Figure:

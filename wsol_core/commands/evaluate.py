@@ -8,7 +8,9 @@ The checkpoint is a Ray checkpoint directory, a ``state.pt`` file, an MLflow mod
 the training job, or a released checkpoint of the field: clovaai/wsolevaluation's CAM models
 (``last_checkpoint.pth.tar``) or CVI-SZU/CCAM's C2AM models (``--layout`` picks one; by default
 the keys tell). Without --data, the run's own data (from its config) is used. GT-known / Top-k
-Loc on test are read at the threshold chosen on val (``--loc-threshold``). Prints a table,
+Loc on test are read at the threshold chosen on val (``--loc-threshold``). ``--classifier``
+pairs a class-agnostic localizer (the box regressor, CAML, C2AM) with another checkpoint's
+class scores for Top-1 / Top-5 Loc, as PSOL and C2AM + PSOL report them. Prints a table,
 writes JSON (--out), and optionally logs to MLflow (--log-to-mlflow).
 """
 
@@ -21,6 +23,24 @@ from pathlib import Path
 
 from wsol_core.config import ConfigError
 from wsol_core.train.ray_session import RayStartError, report_start_failure
+
+
+def stage_picture(first_stage: str, model: str, split_dir: Path, tracking_uri: str, layout: str):
+    """GT, the first stage's map box and the model's box on the split's first 8 images."""
+    from wsol_core.extraction import compare_boxes
+    from wsol_core.train.loop import eval_loader_options
+    from wsol_core.train.offline_eval import load_model
+
+    first = load_model(first_stage, tracking_uri=tracking_uri, layout=layout)
+    second = load_model(model, tracking_uri=tracking_uri, layout=layout)
+    return compare_boxes(
+        {
+            f"first stage ({first.cfg.method.name})": (first.method, first.loc_threshold or 0.5),
+            second.cfg.method.name: (second.method, second.loc_threshold or 0.5),
+        },
+        split_dir,
+        options=eval_loader_options(second.cfg),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +62,18 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         choices=["auto", "wsolevaluation", "ccam"],
         help="layout of a released checkpoint file",
+    )
+    parser.add_argument(
+        "--classifier",
+        default="",
+        help="a checkpoint whose class scores give Top-1/Top-5 Loc (PSOL's pairing, e.g. for the box regressor)",
+    )
+    parser.add_argument(
+        "--first-stage",
+        default="",
+        metavar="CHECKPOINT",
+        help="also score this checkpoint (the model whose pseudo boxes trained --checkpoint) as first_stage/..., "
+        "and with --log-to-mlflow log a picture of the GT, its box and --checkpoint's box",
     )
     parser.add_argument(
         "--loc-threshold",
@@ -80,7 +112,21 @@ def main(argv: list[str] | None = None) -> int:
             tracking_uri=tracking_uri,
             layout=args.layout,
             loc_threshold=args.loc_threshold,
+            classifier=args.classifier,
         )
+        if args.first_stage:
+            first = evaluate_checkpoint(
+                args.first_stage,
+                root / args.split,
+                split=args.split,
+                interval=args.interval,
+                num_workers=args.num_workers,
+                use_gpu=args.use_gpu,
+                tracking_uri=tracking_uri,
+                layout=args.layout,
+                classifier=args.classifier,
+            )
+            metrics |= {f"first_stage/{k}": v for k, v in first.items()}
     except (ConfigError, FileNotFoundError, ValueError, ReleasedCheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -93,5 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         print(f"wrote {args.out}")
     if args.log_to_mlflow:
-        RunLogger(tracking_uri, args.log_to_mlflow).log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=0)
+        logger = RunLogger(tracking_uri, args.log_to_mlflow)
+        logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=0)
+        if args.first_stage:
+            logger.log_figure(
+                stage_picture(args.first_stage, args.checkpoint, root / args.split, tracking_uri, args.layout),
+                f"eval/{args.split}_first_stage_vs_model.png",
+            )
     return 0

@@ -28,6 +28,14 @@ class Batch:
             255 ignore), already resized to the evaluation resolution.
         is_padding: ``[B]`` bool, True for samples repeated only to give every rank the same
             number of batches; evaluation must not count them.
+        views: optional ``[B, 5]`` float32: the window of the original image that each batch
+            image shows, ``x0, y0, x1, y1`` in continuous pixel coordinates (the image spans
+            ``[0, W] x [0, H]``; pixel ``i`` covers ``[i, i + 1)``), then ``1.0`` if the window
+            was mirrored. With it a box in original pixels can be carried into the augmented
+            image (:func:`boxes_in_view`). Both loaders report it.
+        pseudo_boxes: optional ``[B, 4]`` float32 pseudo box per sample (original pixels,
+            inclusive corners) from a sidecar (``data.pseudo_boxes``, training split only):
+            what a box regressor learns from, kept apart from the GT ``boxes``.
     """
 
     images: torch.Tensor
@@ -38,6 +46,8 @@ class Batch:
     num_boxes: torch.Tensor
     masks: torch.Tensor | None = None
     is_padding: torch.Tensor | None = None
+    views: torch.Tensor | None = None
+    pseudo_boxes: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -54,3 +64,21 @@ class Batch:
     def gt_boxes_list(self) -> list[torch.Tensor]:
         """The valid GT boxes of each sample, ``[k_i, 4]`` each."""
         return [self.boxes[i, : int(n)] for i, n in enumerate(self.num_boxes.tolist())]
+
+
+def boxes_in_view(boxes: torch.Tensor, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes of the original images (``[B, 4]`` inclusive pixel corners) in the batch images:
+    ``[B, 4]`` ``x0, y0, x1, y1`` as fractions of the batch image's width and height (the part of
+    each box inside its window, mirrored with the window), and ``[B]`` bool: whether any of the
+    box is inside the window (a random crop can miss the object)."""
+    left, top, right, bottom, mirrored = views.unbind(1)
+    width, height = (right - left).clamp_min(1e-6), (bottom - top).clamp_min(1e-6)
+    # An inclusive pixel box x0..x1 covers [x0, x1 + 1) in continuous coordinates.
+    x0 = ((boxes[:, 0] - left) / width).clamp(0, 1)
+    x1 = ((boxes[:, 2] + 1 - left) / width).clamp(0, 1)
+    y0 = ((boxes[:, 1] - top) / height).clamp(0, 1)
+    y1 = ((boxes[:, 3] + 1 - top) / height).clamp(0, 1)
+    flip = mirrored > 0.5
+    x0, x1 = torch.where(flip, 1 - x1, x0), torch.where(flip, 1 - x0, x1)
+    visible = (x1 > x0) & (y1 > y0)
+    return torch.stack([x0, y0, x1, y1], dim=1), visible

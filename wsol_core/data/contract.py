@@ -23,6 +23,7 @@ import torch
 from wsol_core.data.batch import Batch
 from wsol_core.data.format import SampleMeta, ShardError
 from wsol_core.data.manifest import VerifiedSplit
+from wsol_core.data.pseudo_boxes import PseudoBox, read_boxes, verify_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,10 @@ class LoaderOptions:
             warning at most) is a bad sample like any other; the torch workers take their pixels
             from that very decode, so it costs them nothing; DALI pays one extra CPU decode per
             image. ``structure``: markers only.
+        pseudo_boxes: a pseudo-box sidecar (:mod:`wsol_core.data.pseudo_boxes`) of the split a
+            training loader reads: each batch carries the sample's pseudo box
+            (``Batch.pseudo_boxes``). Checked against the split when the loader is built;
+            evaluation loaders ignore it.
     """
 
     backend: Backend = "auto"
@@ -96,6 +101,7 @@ class LoaderOptions:
     std: tuple[float, float, float] = IMAGENET_STD
     decode: Literal["workers", "device"] = "workers"
     jpeg_check: Literal["strict", "structure"] = "strict"
+    pseudo_boxes: str = ""
 
     def validate(self) -> None:
         if self.backend not in ("auto", "dali", "torch"):
@@ -243,24 +249,53 @@ def resolve_load_masks(split: VerifiedSplit, split_kind: SplitKind, options: Loa
     return load
 
 
+def load_pseudo_boxes(split: VerifiedSplit, split_kind: SplitKind, options: LoaderOptions) -> PseudoBoxTable | None:
+    """The sidecar's boxes by key for a training loader that asks for them (checked against the
+    split: its ``dataset.json`` SHA-256, count and keys), else None."""
+    if not options.pseudo_boxes or split_kind != "train":
+        return None
+    verify_sidecar(options.pseudo_boxes, split.root)
+    return PseudoBoxTable(options.pseudo_boxes, read_boxes(options.pseudo_boxes))
+
+
+@dataclass(frozen=True)
+class PseudoBoxTable:
+    """A sidecar's boxes by sample key, and where they came from (for error messages)."""
+
+    source: str
+    boxes: dict[str, PseudoBox]
+
+    def tensor(self, keys: Sequence[str]) -> torch.Tensor:
+        missing = [k for k in keys if k not in self.boxes]
+        if missing:
+            raise ShardError(self.source, missing[0], "no pseudo box for this sample in the sidecar")
+        return torch.tensor([self.boxes[k].box for k in keys], dtype=torch.float32)
+
+
 def make_batch(
     images: torch.Tensor,
     metas: Sequence[SampleMeta],
     padding: Sequence[bool],
     masks: Sequence[np.ndarray] | None,
+    *,
+    views: Sequence[Sequence[float]] | None = None,
+    pseudo_boxes: PseudoBoxTable | None = None,
 ) -> Batch:
     """A :class:`Batch` from already-normalized images and host metadata (small tensors on CPU,
-    moved to the images' device)."""
+    moved to the images' device); ``views`` and ``pseudo_boxes`` fill the optional fields."""
     device = images.device
     boxes, num_boxes = boxes_tensor(metas)
     non_blocking = device.type == "cuda"
+    keys = [m.key for m in metas]
     return Batch(
         images=images,
         labels=torch.tensor([m.label for m in metas], dtype=torch.int64).to(device, non_blocking=non_blocking),
-        keys=[m.key for m in metas],
+        keys=keys,
         orig_sizes=torch.tensor([[m.width, m.height] for m in metas], dtype=torch.int64).to(device),
         boxes=boxes.to(device, non_blocking=non_blocking),
         num_boxes=num_boxes.to(device),
         masks=None if masks is None else torch.from_numpy(np.stack(masks)).to(device, non_blocking=non_blocking),
         is_padding=torch.tensor(list(padding), dtype=torch.bool).to(device),
+        views=None if views is None else torch.tensor(views, dtype=torch.float32).to(device),
+        pseudo_boxes=None if pseudo_boxes is None else pseudo_boxes.tensor(keys).to(device),
     )

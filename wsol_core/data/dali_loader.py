@@ -36,7 +36,15 @@ import numpy as np
 import torch
 
 from wsol_core.data.batch import Batch
-from wsol_core.data.contract import EpochPlan, LoaderOptions, SkipReport, SplitKind, make_batch, resolve_load_masks
+from wsol_core.data.contract import (
+    EpochPlan,
+    LoaderOptions,
+    SkipReport,
+    SplitKind,
+    load_pseudo_boxes,
+    make_batch,
+    resolve_load_masks,
+)
 from wsol_core.data.format import (
     SampleMeta,
     ShardError,
@@ -258,6 +266,7 @@ class DaliLoader:
         self.options = options
         self.skipped = SkipReport()
         self.load_masks = resolve_load_masks(split, split_kind, options)
+        self.pseudo_boxes = load_pseudo_boxes(split, split_kind, options)
         self._epoch = 0
         self._gpu = device.type == "cuda"
         self.decode_rebuilds = 0
@@ -366,40 +375,50 @@ class DaliLoader:
             enc = fn.external_source(source=feeder, batch=True, dtype=types.UINT8, ndim=1, name="encoded")
             shape = fn.peek_image_shape(enc, adjust_orientation=False)
             crop: dict[str, Any] = {}
+            # What each sample's window was drawn from travels out beside the image, so the
+            # host can report it (``Batch.views``): a box of the source follows its crop.
+            drawn: list[Any] = []
             if train and opts.random_resized_crop:
-                img = fn.decoders.image_random_crop(
-                    enc,
-                    device=dev,
-                    output_type=types.RGB,
-                    adjust_orientation=False,
+                # torchvision's draw (area, log-ratio, 10 attempts, then a centre crop), as
+                # image_random_crop draws it, but with the window given back: (y, x), (h, w).
+                anchor, window = fn.random_crop_generator(
+                    shape,
                     random_area=list(opts.rrc_scale),
                     random_aspect_ratio=list(opts.rrc_ratio),
                     num_attempts=10,
+                )
+                img = fn.decoders.image_slice(
+                    enc,
+                    anchor,
+                    window,
+                    axis_names="HW",
+                    device=dev,
+                    output_type=types.RGB,
+                    adjust_orientation=False,
                     **gpu_args,
                 )
                 img = fn.resize(img, resize_x=c, resize_y=c)
+                drawn = [anchor, window]
             else:
                 img = fn.decoders.image(enc, device=dev, output_type=types.RGB, adjust_orientation=False, **gpu_args)
                 side = r if train else c
                 # The protocol resizes to a square, ignoring the aspect ratio.
                 img = fn.resize(img, resize_x=side, resize_y=side)
                 if train:
-                    crop = dict(
-                        crop=(c, c),
-                        crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),
-                        crop_pos_y=fn.random.uniform(range=(0.0, 1.0)),
-                    )
-            mirror = fn.random.coin_flip(probability=0.5) if train and opts.hflip else 0
+                    pos_x, pos_y = fn.random.uniform(range=(0.0, 1.0)), fn.random.uniform(range=(0.0, 1.0))
+                    crop = dict(crop=(c, c), crop_pos_x=pos_x, crop_pos_y=pos_y)
+                    drawn = [pos_x, pos_y]
+            mirror = fn.random.coin_flip(probability=0.5) if train and opts.hflip else None
             out = fn.crop_mirror_normalize(
                 img,
                 dtype=types.FLOAT,
                 output_layout="HWC" if opts.channels_last else "CHW",
                 mean=[255.0 * m for m in opts.mean],
                 std=[255.0 * s for s in opts.std],
-                mirror=mirror,
+                mirror=0 if mirror is None else mirror,
                 **crop,
             )
-            pipe.set_outputs(out, shape)
+            pipe.set_outputs(out, shape, *drawn, *([] if mirror is None else [mirror]))
         pipe.build()
         return pipe
 
@@ -467,4 +486,27 @@ class DaliLoader:
                 if not fb.padding[j]:
                     self.skipped.add(err)
                 fb.padding[j] = True
-        return make_batch(images, fb.metas, fb.padding, fb.masks)
+        views = self._views(outs, fb, plan)
+        return make_batch(images, fb.metas, fb.padding, fb.masks, views=views, pseudo_boxes=self.pseudo_boxes)
+
+    def _views(self, outs, fb: _FedBatch, plan: EpochPlan) -> list[list[float]]:
+        """``Batch.views`` from the windows the decode pipeline drew (see its outputs)."""
+        opts = self.options
+        train = plan.kind == "train"
+        extra = [np.asarray(o.as_tensor()).reshape(len(fb.metas), -1) for o in outs[2:]]
+        mirrored = extra.pop()[:, 0] if train and opts.hflip else np.zeros(len(fb.metas))
+        c, r = opts.crop_size, opts.resize_size
+        views = []
+        for j, meta in enumerate(fb.metas):
+            width, height = float(meta.width), float(meta.height)
+            if train and opts.random_resized_crop:
+                (y0, x0), (h, w) = extra[0][j], extra[1][j]
+                window = [float(x0), float(y0), float(x0 + w), float(y0 + h)]
+            elif train:  # resize to r x r, then the c x c crop at crop_pos * (r - c)
+                left, top = round(float(extra[0][j, 0]) * (r - c)), round(float(extra[1][j, 0]) * (r - c))
+                sx, sy = width / r, height / r
+                window = [left * sx, top * sy, (left + c) * sx, (top + c) * sy]
+            else:
+                window = [0.0, 0.0, width, height]
+            views.append([*window, float(mirrored[j])])
+        return views

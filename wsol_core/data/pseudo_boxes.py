@@ -38,6 +38,7 @@ from wsol_core.metrics.reference import reference_iou
 
 FORMAT = "wsol-pseudo-boxes/1"
 HEADER = "pseudo_boxes.json"
+SUMMARY = "summary.json"  # the finished extraction's merged counts; ``skipped``: corrupt samples left without a box
 CORLOC_IOU = 0.5  # a box is correct at IoU >= 0.5 with some GT box (CorLoc, as C2AM reports it)
 
 
@@ -192,9 +193,21 @@ def read_boxes(out: str | Path) -> dict[str, PseudoBox]:
     return boxes
 
 
+def recorded_skips(out: str | Path) -> int:
+    """The corrupt samples a finished extraction skipped (from its ``summary.json``; 0 without one)."""
+    path = Path(out) / SUMMARY
+    if not path.is_file():
+        return 0
+    try:
+        return int(json.loads(path.read_text())["skipped"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SidecarError(f"{path}: not an extraction summary ({type(exc).__name__}: {exc})") from None
+
+
 def verify_sidecar(out: str | Path, split_dir: str | Path, keys: Sequence[str] | None = None) -> SidecarHeader:
     """Check that the sidecar in ``out`` describes the split in ``split_dir`` as it is now: same
-    ``dataset.json`` (SHA-256), same count, and (given the split's ``keys``) the same keys."""
+    ``dataset.json`` (SHA-256), same count, and (given the split's ``keys``) the same keys. Samples
+    the extraction skipped as corrupt (its ``summary.json``) are the only keys allowed to lack a box."""
     header = read_header(out)
     actual = manifest_sha256(split_dir)
     if header.split_manifest_sha256 != actual:
@@ -203,14 +216,16 @@ def verify_sidecar(out: str | Path, split_dir: str | Path, keys: Sequence[str] |
             f"but {split_dir}/{MANIFEST_NAME} has {actual[:16]}...: the shards changed since; extract the boxes again"
         )
     boxes = read_boxes(out)
-    if len(boxes) != header.num_samples:
+    skipped = recorded_skips(out)
+    if len(boxes) + skipped != header.num_samples:
         raise SidecarError(
-            f"{out}: {len(boxes)} boxes for the split's {header.num_samples} samples (an unfinished extraction?)"
+            f"{out}: {len(boxes)} boxes and {skipped} skipped samples for the split's {header.num_samples} samples "
+            "(an unfinished extraction?)"
         )
     if keys is not None:
         missing = sorted(set(keys) - set(boxes))
         extra = sorted(set(boxes) - set(keys))
-        if missing or extra:
+        if len(missing) != skipped or extra:
             raise SidecarError(
                 f"{out}: keys differ from {split_dir}'s: {len(missing)} missing (e.g. {missing[:3]}), "
                 f"{len(extra)} not in the split (e.g. {extra[:3]})"

@@ -43,7 +43,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from wsol_core.data.batch import Batch
-from wsol_core.data.contract import EpochPlan, LoaderOptions, SkipReport, SplitKind, make_batch, resolve_load_masks
+from wsol_core.data.contract import (
+    EpochPlan,
+    LoaderOptions,
+    SkipReport,
+    SplitKind,
+    load_pseudo_boxes,
+    make_batch,
+    resolve_load_masks,
+)
 from wsol_core.data.format import (
     IndexedSample,
     SampleMeta,
@@ -83,6 +91,19 @@ class _Geometry:
     resize: tuple[int, int]
     post_crop: tuple[int, int, int, int] | None
     flip: bool
+
+    def view(self, width: int, height: int) -> tuple[float, float, float, float, float]:
+        """The window of the ``width x height`` source the output shows (``Batch.views``)."""
+        if self.pre_crop is not None:
+            top, left, h, w = self.pre_crop
+            x0, y0, x1, y1 = float(left), float(top), float(left + w), float(top + h)
+        else:
+            x0, y0, x1, y1 = 0.0, 0.0, float(width), float(height)
+        if self.post_crop is not None:  # a crop of the resized picture, in source pixels
+            top, left, h, w = self.post_crop
+            sx, sy = (x1 - x0) / self.resize[1], (y1 - y0) / self.resize[0]
+            x0, y0, x1, y1 = x0 + left * sx, y0 + top * sy, x0 + (left + w) * sx, y0 + (top + h) * sy
+        return x0, y0, x1, y1, float(self.flip)
 
 
 @dataclass
@@ -279,7 +300,7 @@ class _ShardStream(IterableDataset):
             if self.options.decode == "device":  # a PNG: decoded here, transformed on the device
                 chw = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
                 return _Item(None, meta, mask, None, decoded=chw, geometry=geometry, shard=shard)
-            return _Item(_apply_pil(img, geometry), meta, mask, None)
+            return _Item(_apply_pil(img, geometry), meta, mask, None, geometry=geometry)
         except ShardError as err:
             return _Item(None, None, None, err)
 
@@ -397,6 +418,7 @@ class TorchLoader:
         self.options = options
         self.skipped = SkipReport()
         self.load_masks = resolve_load_masks(split, split_kind, options)
+        self.pseudo_boxes = load_pseudo_boxes(split, split_kind, options)
         workers = options.num_threads
         ctx = multiprocessing.get_context(options.worker_start) if workers > 0 else multiprocessing.get_context()
         self._epoch = ctx.Value("q", 0, lock=False)
@@ -540,7 +562,9 @@ class TorchLoader:
             else:
                 images = self._normalize(torch.stack([it.image for it in batch_items]))  # type: ignore[misc]
             masks = [it.mask for it in batch_items] if self.load_masks else None
-            yield make_batch(images, [it.meta for it in batch_items], batch_pad, masks)  # type: ignore[arg-type,misc]
+            metas = [it.meta for it in batch_items]
+            views = [it.geometry.view(m.width, m.height) for it, m in zip(batch_items, metas)]  # type: ignore[union-attr]
+            yield make_batch(images, metas, batch_pad, masks, views=views, pseudo_boxes=self.pseudo_boxes)  # type: ignore[arg-type]
             emitted += 1
         del stream
         if self.skipped.total > skipped_before:

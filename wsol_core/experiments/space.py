@@ -168,7 +168,7 @@ def load_space(method: str, files: Sequence[str | Path] = (), params: Sequence[s
     allowed = method_parameters(method)
     if not allowed:
         raise ConfigError(
-            f"method {method!r} has none of the searchable parameters {list(PARAMETERS)}; choose fmcg, icl, caml or c2am"
+            f"method {method!r} has none of the searchable parameters {list(PARAMETERS)}; choose fmcg, icl, caml, c2am or regressor"
         )
     raw: dict[str, tuple[Any, str]] = {}
     sources = [default_space_file(method)] if default_space_file(method).is_file() else []

@@ -78,11 +78,12 @@ class Experiment:
         ``name``. Its MLflow experiment is ``run.experiment``, or ``<dataset>-<kind>``."""
         from wsol_core.data.resolve import resolve_data_root
         from wsol_core.tracking import git_commit, resolve_tracking_uri, start_or_resume_run
-        from wsol_core.train.preflight import check_data, default_storage_path
+        from wsol_core.train.preflight import check_data, check_pseudo_boxes, default_storage_path
 
         storage = str(Path(storage_path or cfg.run.storage_path or default_storage_path()).resolve())
         data_root = resolve_data_root(cfg.data)
         data = check_data(data_root)
+        check_pseudo_boxes(cfg, data_root)  # a regressor's sidecar, before any trial starts
         tracking_uri = resolve_tracking_uri(cfg.run.tracking_uri)
         experiment = cfg.run.experiment or f"{data['dataset']}-{kind}"
         parent_id, resumed = start_or_resume_run(

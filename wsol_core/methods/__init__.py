@@ -24,6 +24,7 @@ _REGISTRY = {
     "icl": ("wsol_core.methods.icl", "ICL", "ICLConfig"),
     "caml": ("wsol_core.methods.caml", "CAML", "CAMLConfig"),
     "c2am": ("wsol_core.methods.c2am", "C2AM", "C2AMConfig"),
+    "regressor": ("wsol_core.methods.regressor", "BoxRegressor", "RegressorConfig"),
 }
 METHOD_NAMES = tuple(_REGISTRY)
 
@@ -44,7 +45,8 @@ def method_config_class(name: str) -> type[MethodConfig]:
 
 
 def method_configs() -> dict[str, type[MethodConfig]]:
-    """Every method's config class, in the registry's order (CAM, FMCG, ICL, CAML, C2AM)."""
+    """Every method's config class, in the registry's order (CAM, FMCG, ICL, CAML, C2AM, then the
+    second stage's box regressor)."""
     return {name: method_config_class(name) for name in METHOD_NAMES}
 
 
@@ -63,9 +65,12 @@ def switch_labels() -> dict[str, str]:
 
 
 def ablation_variants() -> dict[str, list[str]]:
-    """Each method as it is, then (where its paper has an ablation table) without each part."""
+    """Each method as it is, then (where its paper has an ablation table) without each part. The
+    box regressor is a second stage trained on another method's boxes, not a variant."""
     variants: dict[str, list[str]] = {}
     for name, config in method_configs().items():
+        if method_class(name).needs_pseudo_boxes:
+            continue
         variants[name] = [f"method.name={name}"]
         for part in config.ABLATED:
             variants[f"{name}-no-{part.replace('_', '-')}"] = [f"method.name={name}", f"method.{part}.enabled=false"]

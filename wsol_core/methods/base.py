@@ -57,6 +57,9 @@ class WSOLMethod(nn.Module):
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     # False for co-localization methods whose maps never see a class label (CAML, C2AM).
     uses_labels: ClassVar[bool] = True
+    # True for a second-stage model that learns from pseudo boxes (``Batch.pseudo_boxes``): it
+    # needs ``data.pseudo_boxes`` and is not a variant of the WSOL ablations.
+    needs_pseudo_boxes: ClassVar[bool] = False
 
     def __init__(self, backbone: Backbone, num_classes: int, cfg: MethodConfig) -> None:
         super().__init__()

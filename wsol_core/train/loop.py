@@ -89,6 +89,14 @@ def loader_options(cfg: Config) -> LoaderOptions:
     return replace(options, resize_size=resize_size, crop_size=crop_size)
 
 
+def pseudo_box_dir(cfg: Config, data_root: Path) -> str:
+    """``data.pseudo_boxes`` as an absolute path (relative ones are under the data root), or ""."""
+    if not cfg.data.pseudo_boxes:
+        return ""
+    path = Path(cfg.data.pseudo_boxes)
+    return str(path if path.is_absolute() else data_root / path)
+
+
 def seed_everything(seed: int, rank: int) -> None:
     """Different streams per rank (augmentation, drops), reproducible per (seed, rank)."""
     value = seed * 1000 + rank
@@ -366,7 +374,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     method = build_method(cfg, num_classes).to(device)
     if cfg.train.channels_last:
         method = method.to(memory_format=torch.channels_last)
-    options = loader_options(cfg)
+    options = replace(loader_options(cfg), pseudo_boxes=pseudo_box_dir(cfg, data_root))
     train_loader = build_loader(
         data_root / "train", split_kind="train", rank=rank, world_size=world_size, device=device, options=options
     )

@@ -27,7 +27,7 @@ from wsol_core.checkpoint import STATE_FILE, load_training_state, verify_checkpo
 from wsol_core.config import Config, load_config
 from wsol_core.data.loader import build_loader
 from wsol_core.data.manifest import load_manifest
-from wsol_core.methods import WSOLMethod, build_method
+from wsol_core.methods import Inference, WSOLMethod, build_method
 from wsol_core.train.evaluate import eval_autocast, evaluate_split
 
 
@@ -109,6 +109,44 @@ def _load_released(path: Path, overrides: list[str], device, layout: str) -> Loa
     return LoadedModel(_ready(method, cfg, device), cfg, None, released.layout, released.note)
 
 
+class PairedModel(torch.nn.Module):
+    """A localizer's maps with a separate classifier's logits: how PSOL and C2AM + PSOL (seed 004,
+    Sec. 3.4) read Top-1 / Top-5 Loc, a class-agnostic box counted only where the classifier is
+    right. Evaluation reads it like a method; it trains nothing."""
+
+    loss_masks = WSOLMethod.loss_masks  # none: nothing is trained
+    inference_variants = WSOLMethod.inference_variants
+
+    def __init__(self, localizer: WSOLMethod, classifier: WSOLMethod) -> None:
+        super().__init__()
+        self.localizer, self.classifier = localizer, classifier
+        self.uses_labels = localizer.uses_labels  # the GT class's CAM where the localizer has one
+
+    @torch.no_grad()
+    def inference(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> Inference:
+        logits = self.classifier.inference(images, None).logits
+        return Inference(logits=logits, maps=self.localizer.inference(images, labels).maps)
+
+
+def pair_with_classifier(
+    loaded: LoadedModel, classifier: str, *, num_classes: int, device, tracking_uri: str = "", layout: str = "auto"
+) -> LoadedModel:
+    """``loaded`` with ``classifier``'s logits (a checkpoint of any method that has a classifier)."""
+    other = load_model(str(local_state_file(classifier, tracking_uri)), device=device, layout=layout)
+    probe = torch.zeros(1, 3, 64, 64, device=device)
+    logits = other.method.inference(probe, None).logits
+    if logits is None:
+        raise ValueError(
+            f"--classifier {classifier}: a {other.cfg.method.name} model has no classifier (no logits); "
+            "pass a checkpoint of a method that classifies (cam, fmcg, icl, or caml / c2am with their probe)"
+        )
+    if num_classes and logits.shape[1] != num_classes:
+        raise ValueError(f"--classifier {classifier}: it scores {logits.shape[1]} classes, the split has {num_classes}")
+    paired = PairedModel(loaded.method, other.method).eval()
+    note = f"Top-k Loc with {other.cfg.method.name}/{other.cfg.model.backbone} from {classifier}"
+    return replace(loaded, method=paired, note="; ".join(n for n in (loaded.note, note) if n))  # type: ignore[arg-type]
+
+
 def _ready(method: WSOLMethod, cfg: Config, device) -> WSOLMethod:
     method = method.to(device).eval()
     if cfg.train.channels_last:  # as in training, so the numbers match the run's own evaluation
@@ -141,6 +179,8 @@ def evaluate_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     device = ray.train.torch.get_device()
     loaded = load_model(config["source"], overrides=config["overrides"], device=device, layout=config["layout"])
+    if config["classifier"]:
+        loaded = pair_with_classifier(loaded, config["classifier"], num_classes=0, device=device)
     method, cfg = (
         loaded.method,
         replace(loaded.cfg, eval=replace(loaded.cfg.eval, cam_curve_interval=config["interval"])),
@@ -179,6 +219,7 @@ def evaluate_checkpoint(
     tracking_uri: str = "",
     layout: str = "auto",
     loc_threshold: float | str = "auto",
+    classifier: str = "",
 ) -> dict[str, float]:
     """Protocol metrics of a checkpoint on ``split_dir``; ``num_workers`` > 0 runs on Ray Train.
 
@@ -187,12 +228,23 @@ def evaluate_checkpoint(
     split) at this split's own best, with a warning; ``self`` always takes the split's own best
     (how val chooses); a number in [0, 1) fixes it. The threshold used is in
     ``<split>/loc_threshold``.
+
+    ``classifier``: a checkpoint whose logits replace the model's own (:class:`PairedModel`), for
+    Top-1 / Top-5 Loc of a class-agnostic localizer such as the box regressor.
     """
     source = str(local_state_file(source, tracking_uri))  # download once; workers read the file
     # A damaged file is named here, not deep in a worker; a released checkpoint stores no threshold.
     stored = verify_checkpoint(Path(source).parent).loc_threshold if Path(source).name == STATE_FILE else None
     split_dir = Path(split_dir)
-    load_manifest(split_dir)  # a clear error for a wrong directory before anything starts
+    manifest = load_manifest(split_dir)  # a clear error for a wrong directory before anything starts
+    if classifier:  # downloaded once, checked here (it has logits, for this split's classes)
+        classifier = str(local_state_file(classifier, tracking_uri))
+        pair_with_classifier(
+            load_model(source, overrides=overrides, layout=layout),
+            classifier,
+            num_classes=manifest.num_classes,
+            device="cpu",
+        )
     index: int | None = None
     if loc_threshold == "auto" and split != "val":
         if stored is not None:
@@ -203,7 +255,16 @@ def evaluate_checkpoint(
                 flush=True,
             )
             chosen = _evaluate(
-                source, split_dir.parent / "val", "val", interval, overrides, num_workers, use_gpu, layout, None
+                source,
+                split_dir.parent / "val",
+                "val",
+                interval,
+                overrides,
+                num_workers,
+                use_gpu,
+                layout,
+                None,
+                classifier,
             )
             if "val/loc_threshold" in chosen:
                 index = threshold_index(chosen["val/loc_threshold"], interval)
@@ -217,15 +278,19 @@ def evaluate_checkpoint(
         if not 0 <= value < 1:
             raise ValueError(f"loc_threshold {value} must be in [0, 1)")
         index = threshold_index(value, interval)
-    return _evaluate(source, split_dir, split, interval, overrides, num_workers, use_gpu, layout, index)
+    return _evaluate(source, split_dir, split, interval, overrides, num_workers, use_gpu, layout, index, classifier)
 
 
-def _evaluate(source, split_dir, split, interval, overrides, num_workers, use_gpu, layout, index) -> dict[str, float]:
+def _evaluate(
+    source, split_dir, split, interval, overrides, num_workers, use_gpu, layout, index, classifier=""
+) -> dict[str, float]:
     if num_workers <= 0:
         from wsol_core.train.loop import eval_loader_options
 
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         loaded = load_model(source, overrides=overrides, device=device, layout=layout)
+        if classifier:
+            loaded = pair_with_classifier(loaded, classifier, num_classes=0, device=device)
         cfg = replace(loaded.cfg, eval=replace(loaded.cfg.eval, cam_curve_interval=interval))
         loader = build_loader(
             split_dir,
@@ -252,6 +317,7 @@ def _evaluate(source, split_dir, split, interval, overrides, num_workers, use_gp
             "overrides": overrides or [],
             "layout": layout,
             "loc_threshold_index": index,
+            "classifier": classifier,
         },
         num_workers=num_workers,
         use_gpu=use_gpu,

@@ -1,4 +1,4 @@
-"""The protocol's optimizer: SGD over two learning-rate groups, step (or poly) decay, optional warmup."""
+"""The protocol's optimizer: SGD over two learning-rate groups, step (or poly, or cosine) decay, optional warmup."""
 
 from __future__ import annotations
 
@@ -29,11 +29,14 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: OptimConfig, epochs: int = 0
 
     ``"step"``: ``lr_decay_factor`` every ``lr_decay_every`` epochs (the protocol's schedule);
     ``"poly"``: ``(1 - step / total_steps) ** poly_power`` over ``epochs`` (C2AM's released
-    recipe, PolyOptimizer with power 0.9)."""
+    recipe, PolyOptimizer with power 0.9); ``"cosine"``: ``(1 + cos(pi * step / total_steps)) / 2``
+    (PSOL's ``CosineAnnealingLR(optimizer, len(train_loader) * epochs)``, stepped per batch)."""
     epoch = step / max(steps_per_epoch, 1)
+    total = max(epochs * steps_per_epoch, 1)
     if cfg.schedule == "poly":
-        total = max(epochs * steps_per_epoch, 1)
         factor = max(1.0 - step / total, 0.0) ** cfg.poly_power
+    elif cfg.schedule == "cosine":
+        factor = 0.5 * (1.0 + math.cos(math.pi * min(step / total, 1.0)))
     else:
         factor = cfg.lr_decay_factor ** math.floor(epoch / cfg.lr_decay_every)
     if cfg.warmup_epochs > 0 and epoch < cfg.warmup_epochs:
@@ -46,6 +49,6 @@ def build_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Stepped once per optimizer step, so a resumed run lands on the same lr. ``epochs`` (the
     run's length) is needed by the ``"poly"`` schedule."""
-    if cfg.schedule == "poly" and epochs < 1:
-        raise ValueError("optim.schedule = 'poly' needs the run's number of epochs")
+    if cfg.schedule in ("poly", "cosine") and epochs < 1:
+        raise ValueError(f"optim.schedule = {cfg.schedule!r} needs the run's number of epochs")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, cfg, epochs))

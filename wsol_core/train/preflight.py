@@ -52,6 +52,7 @@ def check_data(root: Path, cfg: Config | None = None, hash_cache: Path | None = 
         )
     if cfg is not None:
         check_batches(cfg, {split: m.num_samples for split, m in manifests.items()})
+        check_pseudo_boxes(cfg, root)
     train = manifests["train"]
     for split in ("val", "test"):
         if manifests[split].num_classes != train.num_classes:
@@ -66,6 +67,28 @@ def check_data(root: Path, cfg: Config | None = None, hash_cache: Path | None = 
         },
         "counts": {split: m.num_samples for split, m in manifests.items()},
     }
+
+
+def check_pseudo_boxes(cfg: Config, root: Path) -> None:
+    """``data.pseudo_boxes`` describes the training split as it is now (SHA-256 of its manifest,
+    count, keys), and a method that learns from pseudo boxes has them."""
+    from wsol_core.data.pseudo_boxes import SidecarError, verify_sidecar
+    from wsol_core.methods import method_class
+    from wsol_core.train.loop import pseudo_box_dir
+
+    needs = method_class(cfg.method.name).needs_pseudo_boxes
+    sidecar = pseudo_box_dir(cfg, root)
+    if not sidecar:
+        if needs:
+            raise ConfigError(
+                f"method.name = {cfg.method.name!r} learns from pseudo boxes: set data.pseudo_boxes to a sidecar "
+                "written by jobs/extract_boxes.py (e.g. train.pseudo_boxes under the data root)"
+            )
+        return
+    try:
+        verify_sidecar(sidecar, root / "train")
+    except SidecarError as err:
+        raise ConfigError(f"data.pseudo_boxes = {cfg.data.pseudo_boxes!r}: {err}") from None
 
 
 def check_batches(cfg: Config, counts: dict[str, int]) -> None:

@@ -1,0 +1,173 @@
+"""C2AM's two stages (seed 004, Sec. 3.4) on the synthetic benchmark's textured form, per seed:
+
+1. C2AM trained by the training job (Ray Train, MLflow);
+2. its class-agnostic boxes extracted over the training split at the val threshold
+   (``wsol-extract-boxes``), scored against the GT boxes (CorLoc, mean IoU);
+3. the box regressor (PSOL's design) trained by the same job from that sidecar;
+4. both scored on test: C2AM's own map boxes and the regressor's boxes, each with C2AM's linear
+   probe as the classifier for Top-1 Loc (``evaluate_checkpoint(..., classifier=...)``).
+
+    uv run python benchmarks/two_stage.py                          # 3 seeds, about 10 min per seed on 2 cores
+    uv run python benchmarks/two_stage.py --seeds 0 --epochs 2 --regressor-epochs 2
+
+Writes ``benchmarks/results/two_stage_<pool>.json`` (per seed and mean ± std: GT-known Loc, Top-1 Loc,
+MaxBoxAcc at IoU 0.7, MaxBoxAccV2, for both stages; the pseudo boxes' quality and extraction
+throughput) and checks the issue's claim: the regressor's GT-known Loc is at least the first
+stage's own. Re-running resumes: finished runs (same --storage-path) are resumed by the job and
+the sidecar of a finished extraction is reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import machine_info, write_result  # noqa: E402
+from wsol_core.config import load_config  # noqa: E402
+from wsol_core.data.resolve import resolve_data_root  # noqa: E402
+
+# The benchmark's second form, where C2AM's contrast finds whole bodies (BENCHMARKS.md), at the
+# ablation sweep's size: 1200 training images, 300 val and 300 test, one worker per run.
+BASE = [
+    "data.synthetic.upright=true",
+    "data.synthetic.body_texture=true",
+    "data.synthetic.num_train=1200",
+    "data.synthetic.num_val=300",
+    "data.synthetic.num_test=300",
+    "optim.head_lr_mult=1",
+    "run.num_workers=1",
+    "run.cpus_per_worker=2",
+    "eval.num_vis_images=8",
+]
+METRICS = ("gt_known_loc", "top1_loc", "boxacc_v2_iou70", "maxboxacc_v2")
+
+
+def train(overrides: list[str]):
+    from wsol_core.train.driver import run_training
+
+    return run_training(load_config(overrides=overrides))
+
+
+def log_box_pictures(c2am_checkpoint: str, regressor, split_dir: Path) -> None:
+    """GT, C2AM's map box and the regressor's box on 8 test images, into the regressor's MLflow run."""
+    from wsol_core.commands.evaluate import stage_picture
+    from wsol_core.tracking import RunLogger
+
+    figure = stage_picture(c2am_checkpoint, regressor.checkpoint_path, split_dir, regressor.tracking_uri, "auto")
+    RunLogger(regressor.tracking_uri, regressor.mlflow_run_id).log_figure(figure, "eval/test_first_stage_vs_model.png")
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": values,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--epochs", type=int, default=3, help="C2AM's epochs")
+    parser.add_argument("--regressor-epochs", type=int, default=3)
+    parser.add_argument(
+        "--regressor-init",
+        default="c2am",
+        choices=["c2am", "scratch"],
+        help="the regressor's backbone: C2AM's trained one (standing in for PSOL's pretrained trunk) or random",
+    )
+    parser.add_argument(
+        "--pool", default="grid", choices=["gap", "grid"], help="the regressor's head (method.pool; BENCHMARKS.md)"
+    )
+    parser.add_argument("--storage-path", default="/tmp/two_stage/ray")
+    parser.add_argument("--tracking-uri", default="sqlite:////tmp/two_stage/mlflow.db")
+    parser.add_argument("--out", default="", help="default: benchmarks/results/two_stage_<pool>.json")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+
+    from wsol_core.commands import extract_boxes
+    from wsol_core.train.offline_eval import evaluate_checkpoint
+
+    common = [*BASE, *args.overrides, f"run.storage_path={args.storage_path}", f"run.tracking_uri={args.tracking_uri}"]
+    root = resolve_data_root(load_config(overrides=common).data)
+    started = time.perf_counter()
+    per_seed = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        c2am = train(
+            [*common, "method.name=c2am", f"train.seed={seed}", f"train.epochs={args.epochs}", f"run.name=c2am-s{seed}"]
+        )
+        assert c2am.checkpoint_path, "C2AM's run left no checkpoint"
+        sidecar = root / f"train.pseudo_boxes.c2am-s{seed}"
+        if not (sidecar / "summary.json").is_file():
+            code = extract_boxes.main(
+                ["--checkpoint", c2am.checkpoint_path, "--data", str(root), "--out", str(sidecar)]
+            )
+            assert code == 0, f"extraction failed for seed {seed}"
+        extraction = json.loads((sidecar / "summary.json").read_text())
+        init = [f"model.pretrained={c2am.checkpoint_path}"] if args.regressor_init == "c2am" else []
+        regressor = train(
+            [
+                *common,
+                "method.name=regressor",
+                f"method.pool={args.pool}",
+                f"data.pseudo_boxes={sidecar}",
+                "optim.head_lr_mult=2",  # PSOL: the box head at twice the backbone's rate
+                *init,
+                f"train.seed={seed}",
+                f"train.epochs={args.regressor_epochs}",
+                f"run.name=regressor-{args.pool}-{args.regressor_init}-e{args.regressor_epochs}-s{seed}",
+            ]
+        )
+        assert regressor.checkpoint_path, "the regressor's run left no checkpoint"
+        first = evaluate_checkpoint(c2am.checkpoint_path, root / "test", split="test")
+        second = evaluate_checkpoint(
+            regressor.checkpoint_path, root / "test", split="test", classifier=c2am.checkpoint_path
+        )
+        log_box_pictures(c2am.checkpoint_path, regressor, root / "test")
+        row = {
+            "seed": seed,
+            "c2am_run": c2am.mlflow_run_id,
+            "regressor_run": regressor.mlflow_run_id,
+            "pseudo_boxes": {"corloc": extraction["quality"]["corloc"], "mean_iou": extraction["quality"]["mean_iou"]},
+            "extraction_images_per_s": extraction["images_per_s"],
+            "first_stage": {k: first[f"test/{k}"] for k in METRICS},
+            "regressor": {k: second[f"test/{k}"] for k in METRICS},
+        }
+        print(json.dumps(row, indent=2), flush=True)
+        per_seed.append(row)
+
+    summary = {
+        stage: {k: mean_std([r[stage][k] for r in per_seed]) for k in METRICS} for stage in ("first_stage", "regressor")
+    }
+    summary["pseudo_boxes"] = {k: mean_std([r["pseudo_boxes"][k] for r in per_seed]) for k in ("corloc", "mean_iou")}
+    claim = summary["regressor"]["gt_known_loc"]["mean"] >= summary["first_stage"]["gt_known_loc"]["mean"]
+    result = {
+        "benchmark": "two_stage",
+        "command": "uv run python benchmarks/two_stage.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine_info(),
+        "settings": {
+            "base": BASE + args.overrides,
+            "epochs": args.epochs,
+            "regressor_epochs": args.regressor_epochs,
+            "regressor_init": args.regressor_init,
+            "regressor_pool": args.pool,
+            "checkpoint": "each run's last checkpoint (the job's result)",
+        },
+        "seeds": per_seed,
+        "summary": summary,
+        "target": {"regressor_gt_known_loc_at_least_first_stage": claim},
+        "seconds": time.perf_counter() - started,
+    }
+    write_result(f"two_stage_{args.pool}", result, args.out or None)
+    print(json.dumps({"summary": summary, "target": result["target"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
