@@ -19,6 +19,7 @@ CHECKOUT = {
     "wsol-make-shards": "jobs/make_shards.py",
     "wsol-ablation-report": "jobs/ablation_report.py",
     "wsol-search": "tune/search_srd.py",
+    "wsol-extract-boxes": "jobs/extract_boxes.py",
 }
 
 
