@@ -237,7 +237,7 @@ def test_dry_run_measures_every_tier(tmp_path):
     assert sorted(os.listdir(out)) == ["gpu_check.json", "gpu_check.log"]  # the device tool returns at most 8 files
 
     rows = steps["train_step_eager"]["result"]["rows"]
-    assert {r["method"] for r in rows} == {"cam", "fmcg", "icl", "caml", "c2am"}
+    assert {r["method"] for r in rows} == {"cam", "fmcg", "icl", "caml", "c2am", "regressor"}
     assert all(r["images_per_s"] > 0 and r["ratio_to_cam"] > 0 for r in rows)
     compiled = steps["train_step_compiled"]["result"]["rows"]
     assert compiled and compiled[0]["mode"] == "compiled" and compiled[0]["images_per_s"] > 0

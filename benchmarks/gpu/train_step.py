@@ -70,6 +70,9 @@ def _batch(batch_size: int, size: int, num_classes: int, device: torch.device, c
         sizes,
         boxes,
         torch.ones(batch_size, dtype=torch.int64, device=device),
+        # The box regressor learns from pseudo boxes through each crop's window (the whole image here).
+        views=torch.tensor([[0.0, 0.0, float(size), float(size), 0.0]], device=device).repeat(batch_size, 1),
+        pseudo_boxes=boxes[:, 0].clone(),
     )
 
 
