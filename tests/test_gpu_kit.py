@@ -258,7 +258,7 @@ def test_dry_run_measures_every_tier(tmp_path):
     )  # no GPU here
     assert steps["train_job"]["exit"] == 0
     summary = report["summary"]
-    assert len(summary["train_step_img_s"]) == 6 and summary["evaluator"]["maps"] == 64
+    assert len(summary["train_step_img_s"]) == 7 and summary["evaluator"]["maps"] == 64  # 6 methods eager, cam compiled
     assert (
         set(summary["inputs_vs_exact"]) == {"exact", "dali", "torch_device_decode"}
         and summary["gpu_tests"]["tests"] >= 2
