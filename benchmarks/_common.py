@@ -42,3 +42,27 @@ def write_result(name: str, payload: dict, out: str | Path | None = None) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def random_checkpoint(directory: Path, overrides: list[str], num_classes: int, threshold: float) -> Path:
+    """A training checkpoint of random weights (speed does not depend on them) built from
+    ``overrides``, with ``threshold`` stored as its val choice, in ``directory``."""
+    from wsol_core.checkpoint import TrainingState, save_training_state
+    from wsol_core.config import load_config, to_dict
+    from wsol_core.methods import build_method
+
+    cfg = load_config(overrides=[*overrides, "model.pretrained=null"])
+    directory.mkdir(parents=True, exist_ok=True)
+    save_training_state(
+        directory,
+        TrainingState(
+            epoch=1,
+            model=build_method(cfg, num_classes).state_dict(),
+            optimizer={},
+            scheduler={},
+            config=to_dict(cfg),
+            loc_threshold_index=round(threshold / 0.001),
+            cam_curve_interval=0.001,
+        ),
+    )
+    return directory

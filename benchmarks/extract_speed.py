@@ -23,34 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import machine_info, write_result  # noqa: E402
-from wsol_core.checkpoint import TrainingState, save_training_state  # noqa: E402
-from wsol_core.config import load_config, to_dict  # noqa: E402
-from wsol_core.methods import build_method  # noqa: E402
+from benchmarks._common import machine_info, random_checkpoint, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def checkpoint(directory: Path, backbone: str, num_classes: int, root: Path) -> Path:
-    # With data.root set the evaluation input is the protocol's 224 x 224, as on real data.
-    cfg = load_config(
-        overrides=["method.name=c2am", f"model.backbone={backbone}", "model.pretrained=null", f"data.root={root}"]
-    )
-    method = build_method(cfg, num_classes)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_training_state(
-        directory,
-        TrainingState(
-            epoch=1,
-            model=method.state_dict(),
-            optimizer={},
-            scheduler={},
-            config=to_dict(cfg),
-            loc_threshold_index=300,
-            cam_curve_interval=0.001,
-        ),
-    )
-    return directory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         num_classes = json.loads((root / "train" / "dataset.json").read_text())["num_classes"]
         for backbone in args.backbones.split(","):
-            ckpt = checkpoint(Path(tmp) / f"ckpt-{backbone}", backbone, num_classes, root)
+            # With data.root set the evaluation input is the protocol's 224 x 224, as on real data.
+            overrides = ["method.name=c2am", f"model.backbone={backbone}", f"data.root={root}"]
+            ckpt = random_checkpoint(Path(tmp) / f"ckpt-{backbone}", overrides, num_classes, 0.3)
             out = Path(tmp) / f"boxes-{backbone}"
             command = ["--checkpoint", str(ckpt), "--data", str(root), "--out", str(out)]
             command += ["--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers)]

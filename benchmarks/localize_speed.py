@@ -29,10 +29,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import machine_info, write_result  # noqa: E402
-from wsol_core.checkpoint import TrainingState, save_training_state  # noqa: E402
-from wsol_core.config import load_config  # noqa: E402
-from wsol_core.methods import build_method  # noqa: E402
+from benchmarks._common import machine_info, random_checkpoint, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,27 +44,6 @@ def write_pictures(root: Path, count: int, seed: int = 0) -> None:
         img[y0 : y0 + bh, x0 : x0 + bw] = rng.integers(0, 256, 3)
         (root / f"{i // 100:02d}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(root / f"{i // 100:02d}" / f"p{i:05d}.jpg", quality=90)
-
-
-def checkpoint(directory: Path, backbone: str) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(overrides=["method.name=cam", f"model.backbone={backbone}", "model.pretrained=null"])
-    method = build_method(cfg, 200)
-    from wsol_core.config import to_dict
-
-    save_training_state(
-        directory,
-        TrainingState(
-            epoch=1,
-            model=method.state_dict(),
-            optimizer={},
-            scheduler={},
-            config=to_dict(cfg),
-            loc_threshold_index=200,
-            cam_curve_interval=0.001,
-        ),
-    )
-    return directory
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -88,7 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
         tmp = Path(tmp)
         write_pictures(tmp / "pictures", args.num_images)
         for backbone in args.backbones.split(","):
-            ckpt = checkpoint(tmp / f"ckpt_{backbone}", backbone)
+            ckpt = random_checkpoint(
+                tmp / f"ckpt_{backbone}", ["method.name=cam", f"model.backbone={backbone}"], 200, 0.2
+            )
             for overlays in (True, False):
                 out = tmp / f"out_{backbone}_{overlays}"
                 argv_job = [

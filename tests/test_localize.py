@@ -195,3 +195,17 @@ def test_clear_errors(tmp_path, shards, capsys):
         == 2
     )
     assert "not a released checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_evaluation_on_two_ray_workers_scores_what_one_process_scores(tmp_path, shards):
+    """``evaluate_checkpoint(num_workers=2)``: each rank scores its share and the all-reduced
+    metrics are the single process's."""
+    from wsol_core.train.offline_eval import evaluate_checkpoint
+
+    ckpt = str(checkpoint(tmp_path / "ckpt"))
+    alone = evaluate_checkpoint(ckpt, shards / "test", split="test")
+    spread = evaluate_checkpoint(ckpt, shards / "test", split="test", num_workers=2)
+    assert alone.keys() == spread.keys() and "test/maxboxacc_v2" in alone
+    for key, value in alone.items():
+        assert spread[key] == pytest.approx(value, abs=1e-6), key

@@ -125,11 +125,7 @@ def extract_shards(
         earlier = read_boxes(out) if writer.done else {}
         bar = tqdm(total=len(loader), unit="batch", disable=not progress, desc=f"extract rank {rank}")
         for batch in loader:
-            keep = (
-                (~batch.is_padding).nonzero().squeeze(1).tolist()
-                if batch.is_padding is not None
-                else list(range(len(batch)))
-            )
+            keep = batch.real_indices()
             todo = [i for i in keep if batch.keys[i] not in writer.done]
             found: dict[str, PseudoBox] = {}
             if todo:

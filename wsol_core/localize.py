@@ -337,11 +337,7 @@ def localize_shards(
     bar = tqdm(total=len(loader), unit="batch", disable=not progress, desc=f"localize rank {rank}")
     for batch in loader:
         batch = batch.to(device)
-        keep = (
-            (~batch.is_padding).nonzero().squeeze(1).tolist()
-            if batch.is_padding is not None
-            else list(range(len(batch)))
-        )
+        keep = batch.real_indices()
         sizes = [(int(batch.orig_sizes[i, 0]), int(batch.orig_sizes[i, 1])) for i in keep]
         results, maps = localize_batch(method, batch.images[keep], sizes, threshold, class_names)
         pictures = denormalize(batch.images[keep]) if overlays else None

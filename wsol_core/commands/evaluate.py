@@ -101,31 +101,24 @@ def main(argv: list[str] | None = None) -> int:
                     f"{args.checkpoint} is a released {loaded.source} checkpoint: pass --data (it carries no data location)"
                 )
             root = resolve_data_root(loaded.cfg.data)
-        metrics = evaluate_checkpoint(
-            args.checkpoint,
-            root / args.split,
+        scoring = dict(
             split=args.split,
             interval=args.interval,
-            overrides=args.overrides,
             num_workers=args.num_workers,
             use_gpu=args.use_gpu,
             tracking_uri=tracking_uri,
             layout=args.layout,
-            loc_threshold=args.loc_threshold,
             classifier=args.classifier,
         )
-        if args.first_stage:
-            first = evaluate_checkpoint(
-                args.first_stage,
-                root / args.split,
-                split=args.split,
-                interval=args.interval,
-                num_workers=args.num_workers,
-                use_gpu=args.use_gpu,
-                tracking_uri=tracking_uri,
-                layout=args.layout,
-                classifier=args.classifier,
-            )
+        metrics = evaluate_checkpoint(
+            args.checkpoint,
+            root / args.split,
+            overrides=args.overrides,
+            loc_threshold=args.loc_threshold,
+            **scoring,
+        )
+        if args.first_stage:  # its own config and val threshold; --set is for --checkpoint
+            first = evaluate_checkpoint(args.first_stage, root / args.split, **scoring)
             metrics |= {f"first_stage/{k}": v for k, v in first.items()}
     except (ConfigError, FileNotFoundError, ValueError, ReleasedCheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)

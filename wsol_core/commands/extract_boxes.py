@@ -39,19 +39,15 @@ from wsol_core.train.ray_session import RayStartError, init_ray, report_start_fa
 
 def resolve_rule(asked: str, stored: float | None, source: str) -> tuple[str, float]:
     """``(rule, threshold)`` from ``--threshold``: ``best_val`` or a fixed value in [0, 1)."""
+    from wsol_core.commands.localize import resolve_threshold
+
     if asked == "best_val":
-        if stored is None:
-            raise ValueError(
-                f"{source} stores no threshold chosen on val (a released checkpoint?): pass --threshold VALUE"
-            )
-        return "best_val", float(stored)
+        return "best_val", resolve_threshold("auto", stored, source)
     try:
-        value = float(asked)
+        float(asked)
     except ValueError:
         raise ValueError(f"--threshold {asked!r} is neither 'best_val' nor a number") from None
-    if not 0 <= value < 1:
-        raise ValueError(f"--threshold {value} must be in [0, 1)")
-    return "fixed", value
+    return "fixed", resolve_threshold(asked, stored, source)
 
 
 def check_world_size(out: Path, world_size: int) -> None:
@@ -67,27 +63,23 @@ def check_world_size(out: Path, world_size: int) -> None:
 def extract_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: this rank's share of the split into the sidecar."""
     import ray.train
-    import ray.train.torch
 
     from wsol_core.extraction import extract_shards
     from wsol_core.train.loop import eval_loader_options
-    from wsol_core.train.offline_eval import load_model
+    from wsol_core.train.offline_eval import inference_worker
 
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    device = ray.train.torch.get_device()
-    loaded = load_model(config["checkpoint"], overrides=config["overrides"], device=device, layout=config["layout"])
+    worker = inference_worker(config["checkpoint"], config["overrides"], config["layout"])
     summary = extract_shards(
-        loaded.method,
+        worker.loaded.method,
         config["split_dir"],
         config["out"],
         threshold=config["threshold"],
-        device=device,
-        options=eval_loader_options(loaded.cfg),
+        device=worker.device,
+        options=eval_loader_options(worker.loaded.cfg),
         batch_size=config["batch_size"],
-        rank=rank,
-        world_size=context.get_world_size(),
-        progress=rank == 0,
+        rank=worker.rank,
+        world_size=worker.world_size,
+        progress=worker.rank == 0,
     )
     ray.train.report({"extracted": summary.extracted})
 

@@ -60,26 +60,23 @@ def class_names_for(loaded, names_file: str) -> list[str] | None:
 def localize_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: this rank's share of a shard split into ``out/rank_<r>``."""
     import ray.train
-    import ray.train.torch
 
     from wsol_core.localize import localize_shards
     from wsol_core.train.loop import eval_loader_options
-    from wsol_core.train.offline_eval import load_model
+    from wsol_core.train.offline_eval import inference_worker
 
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    device = ray.train.torch.get_device()
-    loaded = load_model(config["checkpoint"], overrides=config["overrides"], device=device, layout=config["layout"])
+    worker = inference_worker(config["checkpoint"], config["overrides"], config["layout"])
+    rank = worker.rank
     summary = localize_shards(
-        loaded.method,
+        worker.loaded.method,
         Path(config["images"]),
         Path(config["out"]) / f"rank_{rank}",
         threshold=config["threshold"],
-        device=device,
-        options=eval_loader_options(loaded.cfg),
+        device=worker.device,
+        options=eval_loader_options(worker.loaded.cfg),
         batch_size=config["batch_size"],
         rank=rank,
-        world_size=context.get_world_size(),
+        world_size=worker.world_size,
         overlays=config["overlays"],
         save_maps=config["save_maps"],
         class_names=config["class_names"],

@@ -61,6 +61,12 @@ class Batch:
             moved[f.name] = value
         return replace(self, **moved)
 
+    def real_indices(self) -> list[int]:
+        """The positions of the real samples (not the padding repeats)."""
+        if self.is_padding is None:
+            return list(range(len(self)))
+        return (~self.is_padding).nonzero().squeeze(1).tolist()
+
     def gt_boxes_list(self) -> list[torch.Tensor]:
         """The valid GT boxes of each sample, ``[k_i, 4]`` each."""
         return [self.boxes[i, : int(n)] for i, n in enumerate(self.num_boxes.tolist())]

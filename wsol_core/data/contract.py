@@ -254,8 +254,9 @@ def load_pseudo_boxes(split: VerifiedSplit, split_kind: SplitKind, options: Load
     split: its ``dataset.json`` SHA-256, count and keys), else None."""
     if not options.pseudo_boxes or split_kind != "train":
         return None
-    verify_sidecar(options.pseudo_boxes, split.root)
-    return PseudoBoxTable(options.pseudo_boxes, read_boxes(options.pseudo_boxes))
+    boxes = read_boxes(options.pseudo_boxes)
+    verify_sidecar(options.pseudo_boxes, split.root, boxes=boxes)
+    return PseudoBoxTable(options.pseudo_boxes, boxes)
 
 
 @dataclass(frozen=True)

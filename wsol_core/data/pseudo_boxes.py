@@ -204,9 +204,15 @@ def recorded_skips(out: str | Path) -> int:
         raise SidecarError(f"{path}: not an extraction summary ({type(exc).__name__}: {exc})") from None
 
 
-def verify_sidecar(out: str | Path, split_dir: str | Path, keys: Sequence[str] | None = None) -> SidecarHeader:
+def verify_sidecar(
+    out: str | Path,
+    split_dir: str | Path,
+    keys: Sequence[str] | None = None,
+    boxes: Mapping[str, PseudoBox] | None = None,
+) -> SidecarHeader:
     """Check that the sidecar in ``out`` describes the split in ``split_dir`` as it is now: same
-    ``dataset.json`` (SHA-256), same count, and (given the split's ``keys``) the same keys. Samples
+    ``dataset.json`` (SHA-256), same count, and (given the split's ``keys``) the same keys;
+    ``boxes``: the sidecar's boxes when the caller has read them already. Samples
     the extraction skipped as corrupt (its ``summary.json``) are the only keys allowed to lack a box."""
     header = read_header(out)
     actual = manifest_sha256(split_dir)
@@ -215,7 +221,7 @@ def verify_sidecar(out: str | Path, split_dir: str | Path, keys: Sequence[str] |
             f"{out}: written for a split whose {MANIFEST_NAME} has SHA-256 {header.split_manifest_sha256[:16]}..., "
             f"but {split_dir}/{MANIFEST_NAME} has {actual[:16]}...: the shards changed since; extract the boxes again"
         )
-    boxes = read_boxes(out)
+    boxes = read_boxes(out) if boxes is None else boxes  # a caller that reads them anyway passes them
     skipped = recorded_skips(out)
     if len(boxes) + skipped != header.num_samples:
         raise SidecarError(

@@ -169,16 +169,36 @@ def threshold_index(value: float, interval: float) -> int:
     return int(np.abs(grid - value).argmin())
 
 
-def evaluate_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker: score this rank's share and report the all-reduced metrics."""
+@dataclass(frozen=True)
+class InferenceWorker:
+    """Where a Ray Train inference worker stands: its model on its device, its rank and world size."""
+
+    loaded: LoadedModel
+    device: torch.device
+    rank: int
+    world_size: int
+
+
+def inference_worker(source: str, overrides: list[str], layout: str) -> InferenceWorker:
+    """Inside a Ray Train worker (``evaluate``, ``localize``, ``extract_boxes``): load ``source``
+    on this worker's device."""
     import ray.train
     import ray.train.torch
 
-    from wsol_core.train.loop import eval_loader_options
-
     context = ray.train.get_context()
     device = ray.train.torch.get_device()
-    loaded = load_model(config["source"], overrides=config["overrides"], device=device, layout=config["layout"])
+    loaded = load_model(source, overrides=overrides, device=device, layout=layout)
+    return InferenceWorker(loaded, device, context.get_world_rank(), context.get_world_size())
+
+
+def evaluate_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: score this rank's share and report the all-reduced metrics."""
+    import ray.train
+
+    from wsol_core.train.loop import eval_loader_options
+
+    worker = inference_worker(config["source"], config["overrides"], config["layout"])
+    loaded, device = worker.loaded, worker.device
     if config["classifier"]:
         loaded = pair_with_classifier(loaded, config["classifier"], num_classes=0, device=device)
     method, cfg = (
@@ -188,8 +208,8 @@ def evaluate_worker(config: dict[str, Any]) -> None:
     loader = build_loader(
         config["split_dir"],
         split_kind="eval",
-        rank=context.get_world_rank(),
-        world_size=context.get_world_size(),
+        rank=worker.rank,
+        world_size=worker.world_size,
         device=device,
         options=eval_loader_options(cfg),
         batch_size=cfg.eval.batch_size,
@@ -198,7 +218,7 @@ def evaluate_worker(config: dict[str, Any]) -> None:
         outcome = evaluate_split(
             method, loader, cfg.eval, split=config["split"], loc_threshold_index=config["loc_threshold_index"]
         )
-    if context.get_world_rank() != 0:
+    if worker.rank != 0:
         ray.train.report(outcome.metrics)
         return
     # The metrics travel back in a checkpoint: Ray keeps a result's metrics with its checkpoint.
