@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_ray_job_submit import BIN, free_port, wait_for_head
+from test_ray_job_submit import BIN, free_port, submit_job, wait_for_head
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,7 +92,7 @@ def test_a_head_started_as_ray_cluster_yaml_starts_it_refuses_unauthenticated_jo
         assert re.search(r"401|[Uu]nauthori[sz]ed|authenticat", refused.stdout + refused.stderr), refused.stderr[-2000:]
 
         client = dict(stranger, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
-        accepted = subprocess.run(submit, env=client, capture_output=True, text=True, timeout=300)
+        accepted = submit_job(submit, env=client, timeout=300)
         assert accepted.returncode == 0 and "the job ran" in accepted.stdout + accepted.stderr, accepted.stderr[-3000:]
     finally:
         try:
