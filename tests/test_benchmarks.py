@@ -198,3 +198,50 @@ def test_jpeg_check_times_every_path(tmp_path):
         assert result[key] > 0, key
     assert result["strict_check_ms"] > result["structure_check_ms"]  # the strict pass decodes: it cannot be free
     assert (tmp_path / "jpeg_check.json").is_file()
+
+
+def _row(maxboxacc_v2: float, std: float = 1.0, iou70: float = 10.0) -> dict:
+    return {"maxboxacc_v2": {"mean": maxboxacc_v2, "std": std}, "boxacc_v2_iou70": {"mean": iou70, "std": std}}
+
+
+def test_ablation_targets_of_issues_9_and_16():
+    from benchmarks import ablation
+
+    rows = {
+        "cam": _row(40.0),
+        "fmcg": _row(52.0),
+        "fmcg-no-srd": _row(45.0),
+        "fmcg-no-cg": _row(47.0),
+        "fmcg-no-pnl": _row(49.0),
+        "icl": _row(40.0),
+        "caml": _row(41.0),
+        "c2am": _row(39.0, iou70=12.0),
+    }
+    found = ablation.targets(rows, "upright")
+    assert found["fmcg_over_cam"]["gap_beyond_spread"] == pytest.approx(10.0) and found["fmcg_over_cam"]["met"]
+    assert found["table1_ordering"]["met"] and found["icl_at_or_above_cam"]["met"]
+    assert found["caml_over_cam"] == {"gap_maxboxacc_v2": 1.0, "met": True, "judged_on": "upright", "applies": True}
+    assert found["c2am_over_cam_iou70"]["met"] and not found["c2am_over_cam_iou70"]["applies"]
+
+    # Each target fails when its comparison does.
+    broken = dict(rows, **{"fmcg-no-cg": _row(53.0), "icl": _row(39.9), "caml": _row(40.0), "cam": _row(40.0, std=8)})
+    found = ablation.targets(broken, "upright+textured")
+    assert not found["table1_ordering"]["met"] and not found["icl_at_or_above_cam"]["met"]
+    assert not found["caml_over_cam"]["met"] and not found["fmcg_over_cam"]["met"]  # 12 - (1 + 8) < 5
+    assert found["c2am_over_cam_iou70"]["applies"] and found["caml_over_cam"]["applies"]
+    below_cam = ablation.targets(dict(rows, **{"fmcg-no-srd": _row(39.0)}), "default")
+    assert not below_cam["table1_ordering"]["met"]  # an ablation must still beat CAM
+    assert set(ablation.targets({"cam": rows["cam"]})) == set()  # nothing to compare: no target
+
+
+def test_ablation_fine_tuning_regime_scales_the_protocols_decay(tmp_path):
+    from benchmarks import ablation
+    from wsol_core.config import load_config
+
+    for epochs, every in ((3, 1), (6, 2), (10, 3), (50, 15)):  # 10 of 50 and 3 of 10 are the protocol's own
+        cfg = load_config(base=ablation.merged(ablation.BASE, ablation.finetune_base(str(tmp_path / "t.pth"), epochs)))
+        assert cfg.optim.lr_decay_every == every and cfg.optim.schedule == "step"
+        assert cfg.optim.head_lr_mult == 10.0 and cfg.model.pretrained == str(tmp_path / "t.pth")
+        assert cfg.run.num_workers == 1 and cfg.data.synthetic.num_train == 1200  # the rest of BASE kept
+    assert ablation.benchmark_form(load_config(overrides=["data.synthetic.upright=true"])) == "upright"
+    assert ablation.benchmark_form(load_config()) == "default"

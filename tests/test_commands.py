@@ -20,6 +20,7 @@ CHECKOUT = {
     "wsol-ablation-report": "jobs/ablation_report.py",
     "wsol-search": "tune/search_srd.py",
     "wsol-extract-boxes": "jobs/extract_boxes.py",
+    "wsol-pretrain-trunk": "jobs/pretrain_trunk.py",
 }
 
 

@@ -114,8 +114,10 @@ def test_mismatched_weights_are_reported_not_ignored(tmp_path):
 def test_missing_file_and_tiny_backbone_have_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.pth"):
         load_pretrained(build_backbone("vgg16"), tmp_path / "nothing.pth")
-    with pytest.raises(PretrainedMismatchError, match="from scratch"):
-        load_pretrained(build_backbone("tiny"), tmp_path / "x.pth")
+    with pytest.raises(
+        PretrainedMismatchError, match="no torchvision weights; pretrain a trunk with `wsol-pretrain-trunk`"
+    ):
+        load_pretrained(build_backbone("tiny"), "torchvision")
 
 
 class NotAStateDict:

@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -39,24 +40,35 @@ def synthetic_dataset_dir(cfg: SyntheticDataConfig) -> Path:
 
 def ensure_synthetic(cfg: SyntheticDataConfig) -> Path:
     """The synthetic shards for ``cfg``, written once (the writer verifies and keeps finished shards)."""
-    root = synthetic_dataset_dir(cfg)
+    return write_once(
+        synthetic_dataset_dir(cfg),
+        "the synthetic WSOL benchmark",
+        lambda root: write_synthetic(
+            root,
+            num_train=cfg.num_train,
+            num_val=cfg.num_val,
+            num_test=cfg.num_test,
+            config=SyntheticConfig(
+                size=cfg.size, num_classes=cfg.classes, upright=cfg.upright, body_texture=cfg.body_texture
+            ),
+            seed=cfg.seed,
+        ),
+    )
+
+
+def write_once(root: Path, what: str, write: Callable[[Path], object]) -> Path:
+    """``root`` with its three splits, calling ``write(root)`` first unless they are all there.
+
+    Under a file lock: concurrent first users wait for one writer instead of racing, and a writer
+    that died part-way is resumed by the next (the shard writer keeps finished shards)."""
     if all((root / split / "dataset.json").is_file() for split in SPLITS):
         return root
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not all((root / split / "dataset.json").is_file() for split in SPLITS):
-            print(f"[wsol] generating the synthetic WSOL benchmark into {root} (first use)", flush=True)
-            write_synthetic(
-                root,
-                num_train=cfg.num_train,
-                num_val=cfg.num_val,
-                num_test=cfg.num_test,
-                config=SyntheticConfig(
-                    size=cfg.size, num_classes=cfg.classes, upright=cfg.upright, body_texture=cfg.body_texture
-                ),
-                seed=cfg.seed,
-            )
+            print(f"[wsol] generating {what} into {root} (first use)", flush=True)
+            write(root)
     return root
 
 

@@ -12,6 +12,9 @@ too: its method's ``backbone.*`` weights, for any backbone including ``tiny``, m
 architecture exactly. This is how a method starts from a classifier trained with labels on the
 same data, the way the papers start from ImageNet-supervised weights (BENCHMARKS.md: C2AM on the
 synthetic benchmark).
+
+:func:`wsol_core.models.export.export_trunk` goes the other way. The tiny backbone loads such a
+file like VGG16 loads ImageNet weights: its blocks from the file, its ``conv6`` new.
 """
 
 from __future__ import annotations
@@ -23,16 +26,19 @@ import torch
 
 from wsol_core.models.base import Backbone
 
-# Source keys the protocol drops, and target keys it adds, per backbone class name.
-_DROPPED_SOURCE_PREFIXES = {
+# Source keys the protocol drops, and target keys it adds, per backbone class name (what a
+# torchvision-format file of that backbone holds beyond it, and what it never holds).
+DROPPED_SOURCE_PREFIXES = {
     "VGG16": ("classifier.",),
     "ResNet50": ("fc.",),
     "InceptionV3": ("Mixed_7", "AuxLogits.", "fc."),
+    "TinyCNN": ("fc.",),
 }
-_NEW_TARGET_PREFIXES = {
+NEW_TARGET_PREFIXES = {
     "VGG16": ("conv6.",),
     "ResNet50": (),
     "InceptionV3": ("SPG_A3_1b.", "SPG_A3_2b."),
+    "TinyCNN": ("conv6.",),  # VGG16-GAP's shape: the last stage is the protocol's new conv6
 }
 _TORCHVISION_WEIGHTS = {
     "VGG16": ("VGG16_Weights", "IMAGENET1K_V1"),
@@ -73,7 +79,10 @@ def _torchvision_state_dict(backbone: Backbone) -> dict[str, torch.Tensor]:
 
     kind = type(backbone).__name__
     if kind not in _TORCHVISION_WEIGHTS:
-        raise PretrainedMismatchError(f"{kind} has no torchvision weights")
+        raise PretrainedMismatchError(
+            f"{kind} has no torchvision weights; pretrain a trunk with `wsol-pretrain-trunk` and pass its file, "
+            f"or start from a training checkpoint of this project"
+        )
     enum_name, member = _TORCHVISION_WEIGHTS[kind]
     weights = getattr(getattr(tvm, enum_name), member)
     return weights.get_state_dict(progress=True)  # downloads: online machines only
@@ -120,13 +129,13 @@ def load_pretrained(backbone: Backbone, source: str | Path) -> LoadReport:
     if state_file is not None:
         return load_backbone_from_checkpoint(backbone, state_file)
     kind = type(backbone).__name__
-    if kind not in _DROPPED_SOURCE_PREFIXES:
+    if kind not in DROPPED_SOURCE_PREFIXES:
         raise PretrainedMismatchError(
             f"{kind} has no ImageNet-pretrained form; train it from scratch or start from a training checkpoint of this project"
         )
     state = _torchvision_state_dict(backbone) if str(source) == "torchvision" else _read_state_dict(source)
     target = backbone.state_dict()
-    dropped_prefixes, new_prefixes = _DROPPED_SOURCE_PREFIXES[kind], _NEW_TARGET_PREFIXES[kind]
+    dropped_prefixes, new_prefixes = DROPPED_SOURCE_PREFIXES[kind], NEW_TARGET_PREFIXES[kind]
 
     dropped = sorted(k for k in state if k not in target and k.startswith(dropped_prefixes))
     unexpected = sorted(k for k in state if k not in target and not k.startswith(dropped_prefixes))
