@@ -49,6 +49,7 @@ PLANS: dict[str, dict[str, tuple[str, list[str], str]]] = {
         "ray_start_load": ("ray_start_load.py", [], "ray_start_load.json"),
         "extract_speed": ("extract_speed.py", [], "extract_speed_cpu.json"),
         "two_stage": ("two_stage.py", [], "two_stage_grid.json"),  # C2AM -> pseudo boxes -> regressor, 3 seeds
+        "trunk_budget": ("trunk_budget.py", [], "trunk_budget.json"),  # issue 16: which trunk the CPU affords
     },
     "cuda": {
         # The issues' GPU targets: 50,000 maps at 1000 thresholds; DALI mixed decode; training

@@ -245,3 +245,14 @@ def test_ablation_fine_tuning_regime_scales_the_protocols_decay(tmp_path):
         assert cfg.run.num_workers == 1 and cfg.data.synthetic.num_train == 1200  # the rest of BASE kept
     assert ablation.benchmark_form(load_config(overrides=["data.synthetic.upright=true"])) == "upright"
     assert ablation.benchmark_form(load_config()) == "default"
+
+
+def test_trunk_budget_times_every_candidate(tmp_path):
+    from benchmarks import trunk_budget
+
+    out = tmp_path / "budget.json"
+    assert trunk_budget.main(["--image-size", "32", "--batch-size", "4", "--steps", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"tiny", "resnet18", "resnet18-large"}
+    assert rows["tiny"]["map"] == "4x4" and rows["resnet18"]["map"] == "2x2" and rows["resnet18-large"]["map"] == "4x4"
+    assert all(row["images_per_s"] > 0 and row["plan_hours"] > 0 for row in rows.values())
