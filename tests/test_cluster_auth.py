@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_ray_job_submit import BIN, free_port, submit_job, wait_for_head
+from test_ray_job_submit import BIN, free_port, private_agent_ports, submit_job, wait_for_head
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,8 +49,9 @@ def test_a_head_started_as_ray_cluster_yaml_starts_it_refuses_unauthenticated_jo
     port, dashboard = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="raya", dir="/tmp")  # short: Ray's socket paths have a length limit
     # The config's commands as they are, but: no `ray stop` (it would stop every Ray on this
-    # machine), free ports instead of 6379 / 8265, no autoscaler config (no `ray up` here), one
-    # CPU, a private temp dir, and --block so that the test owns the head's process group.
+    # machine), free ports instead of 6379 / 8265 and the agents' defaults, no autoscaler config
+    # (no `ray up` here), one CPU, a private temp dir, and --block so that the test owns the
+    # head's process group.
     commands = [c for c in raw["head_start_ray_commands"] if c.strip() != "ray stop"]
     start = commands[-1]
     assert "ray start --head" in start and "--dashboard-host=127.0.0.1" in start
@@ -58,7 +59,8 @@ def test_a_head_started_as_ray_cluster_yaml_starts_it_refuses_unauthenticated_jo
         start.replace("--port=6379", f"--port={port}")
         .replace("--autoscaling-config=~/ray_bootstrap_config.yaml", "")
         .replace("ray start", f"exec {BIN / 'ray'} start")
-        + f" --node-ip-address=127.0.0.1 --dashboard-port={dashboard} --num-cpus=1 --temp-dir={temp_dir} --block"
+        + f" --node-ip-address=127.0.0.1 --dashboard-port={dashboard} --num-cpus=1 --temp-dir={temp_dir}"
+        + f" {' '.join(private_agent_ports())} --block"
     )
     head = subprocess.Popen(
         ["bash", "-c", "\n".join([*commands[:-1], start])],
@@ -92,7 +94,7 @@ def test_a_head_started_as_ray_cluster_yaml_starts_it_refuses_unauthenticated_jo
         assert re.search(r"401|[Uu]nauthori[sz]ed|authenticat", refused.stdout + refused.stderr), refused.stderr[-2000:]
 
         client = dict(stranger, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
-        accepted = submit_job(submit, env=client, timeout=300)
+        accepted = submit_job(submit, env=client, timeout=300, temp_dir=temp_dir)
         assert accepted.returncode == 0 and "the job ran" in accepted.stdout + accepted.stderr, accepted.stderr[-3000:]
     finally:
         try:

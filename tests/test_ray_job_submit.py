@@ -28,6 +28,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def private_agent_ports() -> list[str]:
+    """``ray start`` options giving the head's agents free ports of their own.
+
+    Their defaults (the job agent's HTTP port 52365 above all) are fixed numbers in the ephemeral
+    range: when anything on the machine holds one, the agent stays alive with its HTTP service
+    disabled ("Failed to start HTTP server ... address already in use" in dashboard_agent.log), and
+    every ``ray job submit`` is refused with "No available agent" for as long as the head runs
+    (seen in the suite). cluster/ray_on_slurm.py gives each job's head its own ports likewise.
+    """
+    return [
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+    ]
+
+
 def wait_for_head(head: subprocess.Popen, dashboard: int, timeout: float = 300) -> int:
     """Wait until the head's dashboard answers; its HTTP status without credentials (401 when the
     head requires a token)."""
@@ -44,18 +61,28 @@ def wait_for_head(head: subprocess.Popen, dashboard: int, timeout: float = 300) 
             time.sleep(2)
 
 
-def submit_job(command: list[str], env: dict[str, str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
-    """Run ``ray job submit``, again while the head answers that it has no job agent yet.
+def submit_job(
+    command: list[str], env: dict[str, str], timeout: float, temp_dir: str = "", **kwargs
+) -> subprocess.CompletedProcess:
+    """Run ``ray job submit``, again for two minutes while the head answers that it has no job
+    agent yet.
 
     The dashboard answers before the head's job agent has registered, and the job head waits only
     10 s for one (``WAIT_AVAILABLE_AGENT_TIMEOUT``) before it refuses with "No available agent to
-    submit job, please try again later". On a loaded 2-core box the agent takes longer than that
-    (seen in CI); the refused submission created no job, so trying again is what Ray asks for.
+    submit job, please try again later". On a loaded 2-core box the agent can take longer than
+    that; the refused submission created no job, so trying again is what Ray asks for. An agent
+    that has not come in two minutes will not come: the refusal is returned with the tail of the
+    head's ``dashboard_agent.log`` (from ``temp_dir``), which says why.
     """
-    deadline = time.time() + timeout
+    deadline = time.time() + 120
     while True:
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
-        if "No available agent" not in result.stdout + result.stderr or time.time() > deadline - 60:
+        if "No available agent" not in result.stdout + result.stderr:
+            return result
+        if time.time() > deadline:
+            logs = sorted(Path(temp_dir).glob("session_*/logs/dashboard_agent.log")) if temp_dir else []
+            agent_log = logs[-1].read_text()[-3000:] if logs else "(no dashboard_agent.log found)"
+            result.stderr += f"\n--- the head's dashboard_agent.log ---\n{agent_log}"
             return result
         time.sleep(5)
 
@@ -80,6 +107,7 @@ def test_job_submitted_to_a_ray_head_trains_and_records(tmp_path):
             "--num-cpus=2",
             f"--temp-dir={temp_dir}",
             "--include-dashboard=true",
+            *private_agent_ports(),
             "--block",
         ],
         env=env,
@@ -129,7 +157,7 @@ def test_job_submitted_to_a_ray_head_trains_and_records(tmp_path):
             "--set",
             "run.cpus_per_worker=0.5",
         ]
-        result = submit_job(submit, env, timeout=900, cwd=REPO)
+        result = submit_job(submit, env, timeout=900, temp_dir=temp_dir, cwd=REPO)
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
         assert "succeeded" in (result.stdout + result.stderr).lower()
         client = MlflowClient(f"sqlite:///{db}")
