@@ -68,7 +68,15 @@ def test_targets_arithmetic():
     met = targets({"cam": _row(30.0, 1.0, 5.0), "fmcg": _row(37.5, 1.0, 9.0), "c2am": _row(31.0, 0.5, 6.0)})
     assert met["fmcg_over_cam"]["gap_maxboxacc_v2"] == pytest.approx(7.5)
     assert met["fmcg_over_cam"]["gap_beyond_spread"] == pytest.approx(5.5) and met["fmcg_over_cam"]["met"]
-    assert met["c2am_over_cam_iou70"] == {"gap_boxacc_v2_iou70": pytest.approx(1.0), "met": True}
+    assert met["c2am_over_cam_iou70"] == {
+        "gap_boxacc_v2_iou70": pytest.approx(1.0),
+        "met": True,
+        "judged_on": "textured",
+        "applies": False,  # judged on the textured form; this table is the default one
+    }
+    assert targets({"cam": _row(30.0, 1.0, 5.0), "c2am": _row(31.0, 0.5, 6.0)}, form="upright+textured")[
+        "c2am_over_cam_iou70"
+    ]["applies"]
     missed = targets({"cam": _row(30.0, 2.0, 5.0), "fmcg": _row(37.5, 1.0, 9.0), "c2am": _row(31.0, 0.5, 4.0)})
     assert not missed["fmcg_over_cam"]["met"] and not missed["c2am_over_cam_iou70"]["met"]
     assert targets({"fmcg": _row(1, 0, 0)}) == {}
