@@ -43,11 +43,11 @@ FINETUNE_IMAGES = 48 * 1200 * 3
 def resnet18_trunk(large_feature_map: bool) -> nn.Module:
     from torchvision.models import resnet18
 
+    from wsol_core.models.resnet import set_stride_one
+
     net = resnet18(weights=None)
-    layers = [net.layer4, net.layer3] if large_feature_map else [net.layer4]
-    for layer in layers:  # the protocol's stride-1 change, as wsol_core.models.resnet makes it
-        layer[0].conv1.stride = (1, 1)
-        layer[0].downsample[0].stride = (1, 1)
+    for layer in [net.layer4, net.layer3] if large_feature_map else [net.layer4]:
+        set_stride_one(layer)  # the protocol's change, as the ResNet50 backbone makes it
     return nn.Sequential(*list(net.children())[:-2])
 
 

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 from torch import nn
 from torchvision.models import resnet50
-from torchvision.models.resnet import Bottleneck
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from wsol_core.models.base import Backbone
 
 
-def _set_stride_one(layer: nn.Sequential) -> None:
-    first: Bottleneck = layer[0]
-    first.conv2.stride = (1, 1)  # torchvision (v1.5) strides in the 3x3 conv
+def set_stride_one(layer: nn.Sequential) -> None:
+    """The protocol's change to a ResNet stage: its first block keeps the resolution. Works for
+    torchvision's ``Bottleneck`` (v1.5 strides in the 3x3 ``conv2``) and ``BasicBlock`` (``conv1``)."""
+    first: Bottleneck | BasicBlock = layer[0]
+    strided = first.conv2 if isinstance(first, Bottleneck) else first.conv1
+    strided.stride = (1, 1)
     assert first.downsample is not None  # the first block of every stage projects its shortcut
     downsample_conv: nn.Conv2d = first.downsample[0]
     downsample_conv.stride = (1, 1)
@@ -32,9 +35,9 @@ class ResNet50(Backbone):
         net = resnet50(weights=None)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        _set_stride_one(self.layer4)
+        set_stride_one(self.layer4)
         if large_feature_map:
-            _set_stride_one(self.layer3)
+            set_stride_one(self.layer3)
         self._set_stages(
             [
                 ("stem", [self.conv1, self.bn1, self.relu, self.maxpool], 64),
