@@ -13,7 +13,7 @@ run. They run as one Ray Tune grid (``wsol_core.experiments.sweep``), as many at
 recorded as a nested MLflow run; the sweep's parent run holds the ablation table.
 
 Writes ``benchmarks/results/ablation.json`` (per variant: mean, sample std and values of
-MaxBoxAcc at IoU 30/50/70, MaxBoxAccV2, GT-known and Top-1 Loc on the test split, with run ids)
+MaxBoxAcc v1, MaxBoxAcc at IoU 30/50/70, MaxBoxAccV2, GT-known and Top-1 Loc on the test split, with run ids)
 and ``ablation.md``, and checks the issue's targets:
 
 - full FMCG above CAM by >= 5 MaxBoxAccV2 points beyond the seed spread, read as

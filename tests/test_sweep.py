@@ -137,7 +137,8 @@ def test_ablation_sweep_end_to_end(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     result = json.loads(out_json.read_text())
     assert set(result["rows"]) == {"cam", "fmcg"} and not result["failed"]
-    assert out_json.with_suffix(".md").read_text().startswith("# Ablation")
+    table_md = out_json.with_suffix(".md").read_text()
+    assert table_md.startswith("# Ablation") and "MaxBoxAcc (v1)" in table_md
 
     from mlflow.tracking import MlflowClient
 
@@ -161,7 +162,7 @@ def test_ablation_sweep_end_to_end(tmp_path):
     for name, row in result["rows"].items():
         runs = [c for c in children if c.data.tags["wsol.sweep.variant"] == name]
         assert sorted(row["run_ids"]) == sorted(c.info.run_id for c in runs)
-        for column in ("maxboxacc_v2", "boxacc_v2_iou70", "gt_known_loc"):
+        for column in ("maxboxacc_v1", "maxboxacc_v2", "boxacc_v2_iou70", "gt_known_loc"):
             values = [c.data.metrics[f"test/{column}"] for c in runs]
             assert row[column]["mean"] == pytest.approx(statistics.fmean(values))
             assert row[column]["std"] == pytest.approx(statistics.stdev(values))
@@ -177,6 +178,11 @@ def test_ablation_sweep_end_to_end(tmp_path):
                 child.data.metrics["test/maxboxacc_v2"]
             )
     assert set(result["rows_best_val_checkpoint"]) == {"cam", "fmcg"}
+    for name, row in result["rows_best_val_checkpoint"].items():
+        runs = [c for c in children if c.data.tags["wsol.sweep.variant"] == name]
+        assert row["maxboxacc_v1"]["mean"] == pytest.approx(
+            statistics.fmean(c.data.metrics["test_best/maxboxacc_v1"] for c in runs)
+        )
 
 
 def test_variant_from_a_search_best_config_takes_its_method_only(tmp_path):
