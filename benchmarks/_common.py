@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,18 @@ def machine_info(device: str = "cpu") -> dict:
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def payload_header(benchmark: str, argv: list[str] | None, device: str = "cpu") -> dict:
+    """The fields every result opens with: the benchmark's name (its file under benchmarks/), the
+    command that reproduces it, quoted so that it can be pasted back into a shell, and the machine
+    with its load at the time of writing (timings on a shared box mean little without it)."""
+    args = list(argv if argv is not None else sys.argv[1:])
+    return {
+        "benchmark": benchmark,
+        "command": shlex.join(["uv", "run", "python", f"benchmarks/{benchmark}.py", *args]),
+        "machine": {**machine_info(device), "load_average": [round(x, 2) for x in os.getloadavg()]},
+    }
 
 
 def write_result(name: str, payload: dict, out: str | Path | None = None) -> Path:

@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RESULTS_DIR, machine_info, write_result  # noqa: E402
+from benchmarks._common import RESULTS_DIR, payload_header, write_result  # noqa: E402
 from wsol_core.cli import add_config_options, config_from_args  # noqa: E402
 from wsol_core.config import ConfigError  # noqa: E402
 from wsol_core.experiments.sweep import ABLATION_VARIANTS, REPORT_COLUMNS, SweepSettings, run_sweep  # noqa: E402
@@ -321,9 +321,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, best_rows = rows_of(outcome.table), rows_of(outcome.best_table)
     payload = {
-        "benchmark": "ablation",
-        "machine": machine_info("cuda" if base.run.use_gpu else "cpu"),
-        "command": " ".join(["python", "benchmarks/ablation.py", *(argv if argv is not None else sys.argv[1:])]),
+        **payload_header("ablation", argv, "cuda" if base.run.use_gpu else "cpu"),
         "split": outcome.table.split,
         "variants": variants,
         "seeds": seeds,

@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import machine_info, write_result  # noqa: E402
+from benchmarks._common import payload_header, write_result  # noqa: E402
 from wsol_core.metrics import (  # noqa: E402
     MaxBoxAccumulator,
     PxAPAccumulator,
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     acc, elapsed, maps_u8, maps_float, boxes_224 = end_to_end(args, thresholds, device, keep=compare)
     result = acc.compute()
     payload: dict = {
-        "benchmark": "eval_speed",
+        **payload_header("eval_speed", argv, str(device)),
         "num_maps": args.num_maps,
         "num_thresholds": len(thresholds),
         "interval": args.interval,
@@ -254,8 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
         "maxboxacc": {str(k): v for k, v in result.max_box_acc.items()},
         "maxboxacc_v2": result.max_box_acc_v2,
         "state_shape": list(acc.state_tensor().shape),
-        "machine": {**machine_info(str(device)), "numba": numba.__version__, "numpy": np.__version__},
     }
+    payload["machine"] |= {"numba": numba.__version__, "numpy": np.__version__}
 
     if compare:
         paths = {"fast": best_iou_per_threshold}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import machine_info, random_checkpoint, write_result  # noqa: E402
+from benchmarks._common import payload_header, random_checkpoint, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             print(backbone, json.dumps(results[backbone]), flush=True)
     payload = {
-        "benchmark": "extract_speed",
-        "command": "uv run python benchmarks/extract_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine_info(args.device),
+        **payload_header("extract_speed", argv, args.device),
         "settings": vars(args),
         "results": results,
     }

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RESULTS_DIR, machine_info, write_result  # noqa: E402
+from benchmarks._common import RESULTS_DIR, payload_header, write_result  # noqa: E402
 
 COLUMNS = ("boxacc_v2_iou30", "boxacc_v2_iou50", "boxacc_v2_iou70", "maxboxacc_v2", "gt_known_loc")
 
@@ -75,9 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
             flush=True,
         )
     payload = {
-        "benchmark": "inference_maps",
-        "machine": machine_info("cpu"),
-        "command": " ".join(["python", "benchmarks/inference_maps.py", *(argv if argv is not None else sys.argv[1:])]),
+        **payload_header("inference_maps", argv, "cpu"),
         "variant": args.variant,
         "split": args.split,
         "run_ids": runs,

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from benchmarks._common import machine_info, write_result  # noqa: E402
+from benchmarks._common import payload_header, write_result  # noqa: E402
 from wsol_core.data.format import decode_jpeg_strict, encoded_image_problem  # noqa: E402
 
 
@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
         "strict_check_ms": per_call_ms(lambda d: encoded_image_problem(d, "jpg", entropy=True), images, args.repeat),
     }
     result = {
+        **payload_header("jpeg_check", argv),
         "images": {"count": len(images), "size": [500, 375], "mean_bytes": int(np.mean([len(d) for d in images]))},
         "repeat": args.repeat,
         **{k: round(v, 4) for k, v in timings.items()},
@@ -73,7 +74,6 @@ def main(argv: list[str] | None = None) -> dict:
         "torch_workers_cost_ratio": round(timings["strict_decode_ms"] / timings["pil_decode_ms"], 3),
         "dali_feeder_extra_ms": round(timings["strict_check_ms"] - timings["structure_check_ms"], 4),
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "machine": machine_info(),
     }
     path = write_result("jpeg_check", result, args.out)
     print(result)

@@ -16,7 +16,6 @@ import argparse
 import importlib.util
 import io
 import json
-import os
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import machine_info, random_checkpoint, write_result  # noqa: E402
+from benchmarks._common import payload_header, random_checkpoint, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,12 +103,11 @@ def main(argv: list[str] | None = None) -> dict:
                     flush=True,
                 )
     payload = {
-        "benchmark": "localize_speed",
+        **payload_header("localize_speed", argv, args.device),
         "runs": runs,
         "batch_size": args.batch_size,
         "decode_threads": args.num_threads,
         "torch_threads": torch.get_num_threads(),
-        "machine": {**machine_info(args.device), "load_average_1min_at_end": os.getloadavg()[0]},
     }
     path = write_result("localize_speed", payload, args.out)
     print(f"-> {path}")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import machine_info, write_result  # noqa: E402
+from benchmarks._common import payload_header, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSS_TESTS = "tests/test_loss_terms.py"
@@ -333,9 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work)
     survived = [r["id"] for r in rows if not r["killed"]]
     payload = {
-        "benchmark": "mutants",
-        "machine": machine_info("cpu"),
-        "command": " ".join(["python", "benchmarks/mutants.py", *(argv if argv is not None else sys.argv[1:])]),
+        **payload_header("mutants", argv, "cpu"),
         "mutants": rows,
         "killed": len(rows) - len(survived),
         "survived": survived,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import machine_info, write_result  # noqa: E402
+from benchmarks._common import payload_header, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 START = """
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs.append(one_start(max(args.burners) or 4, args.settle, 19, args.timeout))
     for run in runs:
         print(run, flush=True)
-    result = {"runs": runs, "cores": os.cpu_count(), "machine": machine_info()}
+    result = {**payload_header("ray_start_load", argv), "runs": runs, "cores": os.cpu_count()}
     path = write_result("ray_start_load", result, args.out)
     print(f"wrote {path}")
     return result

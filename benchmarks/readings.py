@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import machine_info, write_result  # noqa: E402
+from benchmarks._common import payload_header, write_result  # noqa: E402
 from wsol_core.config import load_config  # noqa: E402
 from wsol_core.data.batch import Batch  # noqa: E402
 from wsol_core.data.synthetic import SyntheticConfig, SyntheticWSOL  # noqa: E402
@@ -149,9 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     start = time.perf_counter()
     payload: dict = {
-        "benchmark": "readings",
-        "machine": machine_info("cpu"),
-        "command": " ".join(["python", "benchmarks/readings.py", *(argv if argv is not None else sys.argv[1:])]),
+        **payload_header("readings", argv, "cpu"),
     }
     if args.only in (None, "icl"):
         data = pictures(8, upright=True, body_texture=True)

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import machine_info, write_result  # noqa: E402
+from benchmarks._common import payload_header, write_result  # noqa: E402
 from wsol_core.config import load_config  # noqa: E402
 from wsol_core.data.batch import Batch  # noqa: E402
 from wsol_core.methods import METHOD_NAMES, build_method  # noqa: E402
@@ -86,12 +86,11 @@ def main() -> None:
     for result in results.values():
         result["ratio_to_cam"] = result["median_s"] / baseline
     payload = {
-        "benchmark": "step_cost",
+        **payload_header("step_cost", None, args.device),
         "backbone": args.backbone,
         "image_size": args.image_size,
         "batch_size": args.batch_size,
         "amp_bf16": device.type == "cuda" or args.bf16,
-        "machine": machine_info(args.device),
         "target_ratio": 1.6,
         "methods": results,
     }

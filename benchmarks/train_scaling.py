@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import machine_info, write_result  # noqa: E402
+from benchmarks._common import payload_header, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,9 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     for row in rows:
         row["efficiency_per_worker"] = row["images_per_s"] / (row["workers"] * base["images_per_s"]) if base else None
     payload = {
-        "benchmark": "train_scaling",
-        "machine": machine_info("cuda" if args.use_gpu else "cpu"),
-        "command": " ".join(["python", "benchmarks/train_scaling.py", *(argv if argv is not None else sys.argv[1:])]),
+        **payload_header("train_scaling", argv, "cuda" if args.use_gpu else "cpu"),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "workdir")},
         "rows": rows,
     }

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import machine_info, write_result  # noqa: E402
+from benchmarks._common import payload_header, write_result  # noqa: E402
 from wsol_core.config import Config, load_config  # noqa: E402
 from wsol_core.data.loader import build_loader  # noqa: E402
 from wsol_core.data.manifest import load_manifest  # noqa: E402
@@ -150,11 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
                 )
             rows.append(row)
     payload = {
-        "benchmark": "train_throughput",
-        "machine": machine_info(args.device),
-        "command": " ".join(
-            ["python", "benchmarks/train_throughput.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
+        **payload_header("train_throughput", argv, args.device),
         "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"threads": threads},
         "rows": rows,
     }

@@ -30,7 +30,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import machine_info, write_result  # noqa: E402
+from benchmarks._common import payload_header, write_result  # noqa: E402
 from wsol_core.models import TinyCNN  # noqa: E402
 
 # Images a plan trains on: pretraining 120 classes x 150 images x 8 epochs, then 48 fine-tuning
@@ -99,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         rows[name] = time_trunk(trunk, channels, args)
         print(f"{name:>15}: {rows[name]}", flush=True)
     payload = {
-        "benchmark": "trunk_budget",
-        "machine": machine_info("cpu"),
-        "command": " ".join(["python", "benchmarks/trunk_budget.py", *(argv if argv is not None else sys.argv[1:])]),
+        **payload_header("trunk_budget", argv, "cpu"),
         "image_size": args.image_size,
         "batch_size": args.batch_size,
         "threads": args.threads,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import machine_info, write_result  # noqa: E402
+from benchmarks._common import payload_header, write_result  # noqa: E402
 from wsol_core.config import load_config  # noqa: E402
 from wsol_core.data.resolve import resolve_data_root  # noqa: E402
 
@@ -148,9 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["pseudo_boxes"] = {k: mean_std([r["pseudo_boxes"][k] for r in per_seed]) for k in ("corloc", "mean_iou")}
     claim = summary["regressor"]["gt_known_loc"]["mean"] >= summary["first_stage"]["gt_known_loc"]["mean"]
     result = {
-        "benchmark": "two_stage",
-        "command": "uv run python benchmarks/two_stage.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine_info(),
+        **payload_header("two_stage", argv, "cpu"),
         "settings": {
             "base": BASE + args.overrides,
             "epochs": args.epochs,

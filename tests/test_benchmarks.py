@@ -256,3 +256,28 @@ def test_trunk_budget_times_every_candidate(tmp_path):
     assert set(rows) == {"tiny", "resnet18", "resnet18-large"}
     assert rows["tiny"]["map"] == "4x4" and rows["resnet18"]["map"] == "2x2" and rows["resnet18-large"]["map"] == "4x4"
     assert all(row["images_per_s"] > 0 and row["plan_hours"] > 0 for row in rows.values())
+
+
+def test_payload_header_gives_a_command_that_pastes_back_into_a_shell():
+    import shlex
+
+    from benchmarks._common import payload_header
+
+    argv = ["--variant", "cam-erased=method.name=fmcg method.cg.enabled=false", "--seeds", "0,1"]
+    header = payload_header("ablation", argv)
+    assert header["benchmark"] == "ablation"
+    assert shlex.split(header["command"]) == ["uv", "run", "python", "benchmarks/ablation.py", *argv]
+    assert len(header["machine"]["load_average"]) == 3 and header["machine"]["cpu_cores"] >= 1
+
+
+def test_every_benchmark_names_itself_in_its_header():
+    # payload_header builds the command from the name, so a copied line that keeps another
+    # script's name would record a command that reruns the wrong benchmark.
+    import re
+
+    named = 0
+    for script in sorted((ROOT / "benchmarks").glob("*.py")):
+        for name in re.findall(r'payload_header\(\s*"([^"]+)"', script.read_text()):
+            assert name == script.stem, f"{script.name} records itself as {name!r}"
+            named += 1
+    assert named >= 14
