@@ -1,16 +1,22 @@
 """C2AM's two stages (seed 004, Sec. 3.4) on the synthetic benchmark's textured form, per seed:
 
-1. C2AM trained by the training job (Ray Train, MLflow);
-2. its class-agnostic boxes extracted over the training split at the val threshold
-   (``wsol-extract-boxes``), scored against the GT boxes (CorLoc, mean IoU);
+1. the first stage (C2AM, or ``--first-stage cam``) trained by the training job (Ray Train, MLflow),
+   from scratch or, with ``--trunk``, fine-tuned from a pretrained trunk with the protocol's
+   recipe shape (``benchmarks/ablation.py``'s ``finetune_base``);
+2. its boxes extracted over the training split at the val threshold (``wsol-extract-boxes``:
+   C2AM's class-agnostic map, CAM's map of the GT class), scored against the GT boxes (CorLoc,
+   mean IoU);
 3. the box regressor (PSOL's design) trained by the same job from that sidecar;
-4. both scored on test: C2AM's own map boxes and the regressor's boxes, each with C2AM's linear
-   probe as the classifier for Top-1 Loc (``evaluate_checkpoint(..., classifier=...)``).
+4. both scored on test: the first stage's own map boxes and the regressor's boxes, each with the
+   first stage's classifier (C2AM's linear probe, CAM's own head) for Top-1 Loc
+   (``evaluate_checkpoint(..., classifier=...)``).
 
     uv run python benchmarks/two_stage.py                          # 3 seeds, about 10 min per seed on 2 cores
     uv run python benchmarks/two_stage.py --seeds 0 --epochs 2 --regressor-epochs 2
+    uv run python benchmarks/two_stage.py --first-stage cam --trunk ~/.cache/wsol/trunks/tiny-<key>.pth
 
-Writes ``benchmarks/results/two_stage_<pool>.json`` (per seed and mean ± std: GT-known Loc, Top-1 Loc,
+Writes ``benchmarks/results/two_stage_<pool>.json`` (``two_stage_<first stage>[_pretrained]_<pool>.json``
+for the other variants) (per seed and mean ± std: GT-known Loc, Top-1 Loc,
 MaxBoxAcc at IoU 0.7, MaxBoxAccV2, for both stages; the pseudo boxes' quality and extraction
 throughput) and checks the issue's claim: the regressor's GT-known Loc is at least the first
 stage's own. Re-running resumes: finished runs (same --storage-path) are resumed by the job and
@@ -48,6 +54,23 @@ BASE = [
 METRICS = ("gt_known_loc", "top1_loc", "boxacc_v2_iou70", "maxboxacc_v2")
 
 
+def finetune_overrides(trunk: str, epochs: int) -> list[str]:
+    """The ablation's fine-tuning recipe (issue 16) as ``--set`` overrides, so that a first stage
+    trained here is the ablation's row of the same method."""
+    from benchmarks.ablation import finetune_base
+    from wsol_core.config import flatten
+
+    path = Path(trunk).expanduser()
+    if not path.is_file():
+        raise SystemExit(f"--trunk {trunk}: no such file (uv run wsol-pretrain-trunk writes it)")
+    return [f"{key}={value}" for key, value in flatten(finetune_base(str(path), epochs)).items()]
+
+
+def regressor_init_tag(init: str, first_stage_tag: str) -> str:
+    # The run names of the first C2AM grid (``c2am``) are kept, so that its runs still resume.
+    return first_stage_tag if init == "first-stage" else init
+
+
 def train(overrides: list[str]):
     from wsol_core.train.driver import run_training
 
@@ -74,13 +97,24 @@ def mean_std(values: list[float]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--epochs", type=int, default=3, help="C2AM's epochs")
+    parser.add_argument(
+        "--first-stage", default="c2am", choices=["c2am", "cam"], help="the method whose boxes are mined"
+    )
+    parser.add_argument("--epochs", type=int, default=3, help="the first stage's epochs")
+    parser.add_argument(
+        "--trunk",
+        default="",
+        metavar="WEIGHTS.pth",
+        help="fine-tune the first stage from this pretrained trunk (wsol-pretrain-trunk) with the protocol's "
+        "recipe shape; default: from scratch",
+    )
     parser.add_argument("--regressor-epochs", type=int, default=3)
     parser.add_argument(
         "--regressor-init",
-        default="c2am",
-        choices=["c2am", "scratch"],
-        help="the regressor's backbone: C2AM's trained one (standing in for PSOL's pretrained trunk) or random",
+        default="first-stage",
+        choices=["first-stage", "scratch"],
+        help="the regressor's backbone: the first stage's trained one (standing in for PSOL's pretrained trunk) "
+        "or random",
     )
     parser.add_argument(
         "--pool", default="grid", choices=["gap", "grid"], help="the regressor's head (method.pool; BENCHMARKS.md)"
@@ -95,22 +129,31 @@ def main(argv: list[str] | None = None) -> int:
     from wsol_core.train.offline_eval import evaluate_checkpoint
 
     common = [*BASE, *args.overrides, f"run.storage_path={args.storage_path}", f"run.tracking_uri={args.tracking_uri}"]
+    first_stage_recipe = finetune_overrides(args.trunk, args.epochs) if args.trunk else []
+    tag = args.first_stage + ("-pre" if args.trunk else "")
     root = resolve_data_root(load_config(overrides=common).data)
     started = time.perf_counter()
     per_seed = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        c2am = train(
-            [*common, "method.name=c2am", f"train.seed={seed}", f"train.epochs={args.epochs}", f"run.name=c2am-s{seed}"]
+        first_run = train(
+            [
+                *common,
+                *first_stage_recipe,
+                f"method.name={args.first_stage}",
+                f"train.seed={seed}",
+                f"train.epochs={args.epochs}",
+                f"run.name={tag}-s{seed}",
+            ]
         )
-        assert c2am.checkpoint_path, "C2AM's run left no checkpoint"
-        sidecar = root / f"train.pseudo_boxes.c2am-s{seed}"
+        assert first_run.checkpoint_path, f"the first stage's run ({tag}, seed {seed}) left no checkpoint"
+        sidecar = root / f"train.pseudo_boxes.{tag}-s{seed}"
         if not (sidecar / "summary.json").is_file():
             code = extract_boxes.main(
-                ["--checkpoint", c2am.checkpoint_path, "--data", str(root), "--out", str(sidecar)]
+                ["--checkpoint", first_run.checkpoint_path, "--data", str(root), "--out", str(sidecar)]
             )
             assert code == 0, f"extraction failed for seed {seed}"
         extraction = json.loads((sidecar / "summary.json").read_text())
-        init = [f"model.pretrained={c2am.checkpoint_path}"] if args.regressor_init == "c2am" else []
+        init = [f"model.pretrained={first_run.checkpoint_path}"] if args.regressor_init == "first-stage" else []
         regressor = train(
             [
                 *common,
@@ -121,18 +164,19 @@ def main(argv: list[str] | None = None) -> int:
                 *init,
                 f"train.seed={seed}",
                 f"train.epochs={args.regressor_epochs}",
-                f"run.name=regressor-{args.pool}-{args.regressor_init}-e{args.regressor_epochs}-s{seed}",
+                f"run.name=regressor-{args.pool}-{regressor_init_tag(args.regressor_init, tag)}"
+                f"-e{args.regressor_epochs}-s{seed}",
             ]
         )
         assert regressor.checkpoint_path, "the regressor's run left no checkpoint"
-        first = evaluate_checkpoint(c2am.checkpoint_path, root / "test", split="test")
+        first = evaluate_checkpoint(first_run.checkpoint_path, root / "test", split="test")
         second = evaluate_checkpoint(
-            regressor.checkpoint_path, root / "test", split="test", classifier=c2am.checkpoint_path
+            regressor.checkpoint_path, root / "test", split="test", classifier=first_run.checkpoint_path
         )
-        log_box_pictures(c2am.checkpoint_path, regressor, root / "test")
+        log_box_pictures(first_run.checkpoint_path, regressor, root / "test")
         row = {
             "seed": seed,
-            "c2am_run": c2am.mlflow_run_id,
+            "first_stage_run": first_run.mlflow_run_id,
             "regressor_run": regressor.mlflow_run_id,
             "pseudo_boxes": {"corloc": extraction["quality"]["corloc"], "mean_iou": extraction["quality"]["mean_iou"]},
             "extraction_images_per_s": extraction["images_per_s"],
@@ -151,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         **payload_header("two_stage", argv, "cpu"),
         "settings": {
             "base": BASE + args.overrides,
+            "first_stage": args.first_stage,
+            "first_stage_recipe": first_stage_recipe or "from scratch (BASE)",
             "epochs": args.epochs,
             "regressor_epochs": args.regressor_epochs,
             "regressor_init": args.regressor_init,
@@ -162,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         "target": {"regressor_gt_known_loc_at_least_first_stage": claim},
         "seconds": time.perf_counter() - started,
     }
-    write_result(f"two_stage_{args.pool}", result, args.out or None)
+    name = f"two_stage_{args.pool}" if tag == "c2am" else f"two_stage_{tag.replace('-pre', '_pretrained')}_{args.pool}"
+    write_result(name, result, args.out or None)
     print(json.dumps({"summary": summary, "target": result["target"]}, indent=2))
     return 0
 

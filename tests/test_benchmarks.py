@@ -281,3 +281,20 @@ def test_every_benchmark_names_itself_in_its_header():
             assert name == script.stem, f"{script.name} records itself as {name!r}"
             named += 1
     assert named >= 14
+
+
+def test_the_two_stage_first_stage_fine_tunes_with_the_ablations_recipe(tmp_path):
+    # The pipeline's fine-tuned first stage must be the ablation's row of the same method, so the
+    # two benchmarks' figures can sit side by side: the same config from the same trunk.
+    from benchmarks import ablation, two_stage
+    from wsol_core.config import load_config
+
+    trunk = tmp_path / "trunk.pth"
+    trunk.write_bytes(b"weights")
+    overrides = two_stage.finetune_overrides(str(trunk), epochs=6)
+    cfg = load_config(overrides=[*two_stage.BASE, *overrides, "method.name=cam", "train.epochs=6"])
+    assert cfg.model.pretrained == str(trunk)
+    expected = ablation.finetune_base(str(trunk), 6)["optim"]
+    assert {k: getattr(cfg.optim, k) for k in expected} == expected and cfg.optim.lr_decay_every == 2
+    with pytest.raises(SystemExit, match="no such file"):
+        two_stage.finetune_overrides(str(tmp_path / "missing.pth"), epochs=3)
