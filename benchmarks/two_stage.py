@@ -51,6 +51,8 @@ BASE = [
     "run.cpus_per_worker=2",
     "eval.num_vis_images=8",
 ]
+# The regressor's rate when its backbone comes from a fine-tuned first stage (--trunk).
+FINETUNED_REGRESSOR_LR = 0.001
 METRICS = ("gt_known_loc", "top1_loc", "boxacc_v2_iou70", "maxboxacc_v2")
 
 
@@ -64,11 +66,6 @@ def finetune_overrides(trunk: str, epochs: int) -> list[str]:
     if not path.is_file():
         raise SystemExit(f"--trunk {trunk}: no such file (uv run wsol-pretrain-trunk writes it)")
     return [f"{key}={value}" for key, value in flatten(finetune_base(str(path), epochs)).items()]
-
-
-def regressor_init_tag(init: str, first_stage_tag: str) -> str:
-    # The run names of the first C2AM grid (``c2am``) are kept, so that its runs still resume.
-    return first_stage_tag if init == "first-stage" else init
 
 
 def train(overrides: list[str]):
@@ -128,8 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     from wsol_core.commands import extract_boxes
     from wsol_core.train.offline_eval import evaluate_checkpoint
 
-    common = [*BASE, *args.overrides, f"run.storage_path={args.storage_path}", f"run.tracking_uri={args.tracking_uri}"]
+    site = [f"run.storage_path={args.storage_path}", f"run.tracking_uri={args.tracking_uri}"]
+    common = [*BASE, *args.overrides, *site]
     first_stage_recipe = finetune_overrides(args.trunk, args.epochs) if args.trunk else []
+    # A regressor started from a fine-tuned backbone collapses at the job's from-scratch rate 0.01
+    # (BENCHMARKS.md, "A first stage with headroom"); PSOL fine-tunes at 0.002. --set still wins.
+    regressor_recipe = [f"optim.lr={FINETUNED_REGRESSOR_LR}"] if args.trunk else []
     tag = args.first_stage + ("-pre" if args.trunk else "")
     root = resolve_data_root(load_config(overrides=common).data)
     started = time.perf_counter()
@@ -154,9 +155,13 @@ def main(argv: list[str] | None = None) -> int:
             assert code == 0, f"extraction failed for seed {seed}"
         extraction = json.loads((sidecar / "summary.json").read_text())
         init = [f"model.pretrained={first_run.checkpoint_path}"] if args.regressor_init == "first-stage" else []
+        init_tag = tag if init else "scratch"  # the first C2AM grid's names (c2am / scratch), so its runs resume
         regressor = train(
             [
-                *common,
+                *BASE,
+                *regressor_recipe,
+                *args.overrides,
+                *site,
                 "method.name=regressor",
                 f"method.pool={args.pool}",
                 f"data.pseudo_boxes={sidecar}",
@@ -164,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 *init,
                 f"train.seed={seed}",
                 f"train.epochs={args.regressor_epochs}",
-                f"run.name=regressor-{args.pool}-{regressor_init_tag(args.regressor_init, tag)}"
-                f"-e{args.regressor_epochs}-s{seed}",
+                f"run.name=regressor-{args.pool}-{init_tag}-e{args.regressor_epochs}-s{seed}",
             ]
         )
         assert regressor.checkpoint_path, "the regressor's run left no checkpoint"
@@ -197,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             "base": BASE + args.overrides,
             "first_stage": args.first_stage,
             "first_stage_recipe": first_stage_recipe or "from scratch (BASE)",
+            "regressor_recipe": regressor_recipe or "the job's defaults over BASE",
             "epochs": args.epochs,
             "regressor_epochs": args.regressor_epochs,
             "regressor_init": args.regressor_init,
