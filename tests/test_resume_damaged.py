@@ -217,7 +217,10 @@ def by_epoch(run_dir: Path) -> dict[int, Path]:
 
 
 @pytest.mark.integration
-def test_truncated_newest_checkpoint_resumes_from_the_previous_one(tmp_path):
+def test_a_damaged_newest_checkpoint_is_skipped_and_all_damaged_stops_before_ray(tmp_path, machine_alone):
+    """One trained run, damaged twice (each training job costs the suite a minute or more): first
+    its newest checkpoint, which the resume skips for the previous one; then every checkpoint,
+    which stops the job before Ray with the list."""
     first = job(tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     run_dir = tmp_path / "ray" / "corr1"
@@ -234,26 +237,22 @@ def test_truncated_newest_checkpoint_resumes_from_the_previous_one(tmp_path):
     steps = sorted(m.step for m in client.get_metric_history(found[0].info.run_id, "train/loss"))
     assert steps == [1, 2, 2, 3]  # epoch 2 trained again from epoch 1's state, then 3
 
-
-@pytest.mark.integration
-def test_all_checkpoints_damaged_stops_before_ray_with_the_list(tmp_path):
-    first = job(tmp_path)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    run_dir = tmp_path / "ray" / "corr1"
     checkpoints = [d for d in run_dir.glob("checkpoint_*") if d.is_dir()]  # not Ray's checkpoint_manager_snapshot.json
     for directory in checkpoints:
         truncate(directory)
-    start = time.monotonic()
-    second = job(tmp_path)
-    assert second.returncode == 2, second.stdout[-3000:] + second.stderr[-3000:]
-    assert time.monotonic() - start < 60 and "Started a local Ray instance" not in second.stdout + second.stderr
+    with machine_alone():  # the refusal is timed
+        start = time.monotonic()
+        refused = job(tmp_path, "--epochs", "3")
+        refused_after = time.monotonic() - start
+    assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
+    assert refused_after < 60 and "Started a local Ray instance" not in refused.stdout + refused.stderr
     assert (
-        "every checkpoint of the run" in second.stderr
-        and "--resume-from" in second.stderr
-        and "--no-resume" in second.stderr
+        "every checkpoint of the run" in refused.stderr
+        and "--resume-from" in refused.stderr
+        and "--no-resume" in refused.stderr
     )
     for directory in checkpoints:
-        assert str(directory) in second.stderr
+        assert str(directory) in refused.stderr
     fresh = job(tmp_path, "--no-resume", "--epochs", "1")
     assert fresh.returncode == 0 and "a fresh run under the new name 'corr1-" in fresh.stdout
     _, found = runs(tmp_path)

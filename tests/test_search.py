@@ -174,7 +174,7 @@ def test_search_end_to_end_nested_runs_and_best_config(tmp_path):
         _command(tmp_path, "--num-samples", "4", "--tpe-startup-trials", "2"),
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1200,
         cwd=tmp_path,
         env=_env(),
     )
@@ -228,7 +228,8 @@ def test_search_end_to_end_nested_runs_and_best_config(tmp_path):
 
 @pytest.mark.integration
 def test_interrupted_search_is_restored(tmp_path):
-    command = _command(tmp_path, "--num-samples", "3", "--max-concurrent-trials", "1")
+    # Two trials, one at a time: the first is cut after its first epoch, the second has not started.
+    command = _command(tmp_path, "--num-samples", "2", "--max-concurrent-trials", "1")
     proc = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
@@ -250,7 +251,7 @@ def test_interrupted_search_is_restored(tmp_path):
     first, _ = proc.communicate(timeout=180)
     assert proc.returncode != 0, first[-2000:]
 
-    out = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=_env())
+    out = subprocess.run(command, capture_output=True, text=True, timeout=1200, cwd=tmp_path, env=_env())
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "restoring the search" in out.stdout and "(restored)" in out.stdout
     from mlflow.tracking import MlflowClient
@@ -260,5 +261,5 @@ def test_interrupted_search_is_restored(tmp_path):
     parents = [r for r in runs if r.data.tags.get("wsol.search") == "true"]
     assert len(parents) == 1  # the same parent run, resumed
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(children) == 3  # no trial started over as a new one
+    assert len(children) == 2  # no trial started over as a new one
     assert (state / "best_config.yaml").is_file()

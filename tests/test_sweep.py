@@ -133,7 +133,7 @@ def test_ablation_sweep_end_to_end(tmp_path):
         "--out",
         str(out_json),
     ]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
+    out = subprocess.run(command, capture_output=True, text=True, timeout=1500, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     result = json.loads(out_json.read_text())
     assert set(result["rows"]) == {"cam", "fmcg"} and not result["failed"]
