@@ -1,21 +1,22 @@
 """Shared pytest setup.
 
-The suite runs on two pytest-xdist workers (``-n 2`` in pyproject.toml): an integration test
-spends much of its time waiting on process start-ups (Ray's daemons, the Train controller, the
-workers), which leaves a 2-core machine about 40 % idle, so two tests at a time finish sooner than
-one after the other. A few tests cannot share the machine: they load it on purpose (CPU burners)
-or time themselves. They are marked ``alone`` and take an exclusive lock that every other test
-takes shared (``flock`` on one file per test run), so they run with nothing beside them; a test
-that needs the machine to itself for one step only uses the ``machine_alone`` fixture instead.
-Without xdist (``-n 0``) the lock is not taken at all.
+The suite runs on two pytest-xdist workers (``-n 2 --dist loadfile`` in pyproject.toml): an
+integration test spends much of its time waiting on process start-ups (Ray's daemons, the Train
+controller and its helper actors, the workers), so two test files at a time finish sooner than one
+after the other on a 2-core machine. A few tests cannot share the machine: they load it on purpose
+(CPU burners) or time themselves in wall-clock seconds. They are marked ``alone`` and take an
+exclusive lock that every other test takes shared (``flock`` on one file per test run), so nothing
+runs beside them. A module marked ``alone`` as a whole holds the exclusive lock from its first test
+to its last, so that the other worker does not slip a test in between. Without xdist (``-n 0``)
+no lock is taken.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,9 +25,6 @@ import pytest
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 # Keep torch from oversubscribing the 2-core CI machine when tests run beside Ray workers.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-
-
-_LOCK_HANDLE = pytest.StashKey()  # the open lock file of the running test, for machine_alone
 
 
 @pytest.fixture(scope="session")
@@ -38,36 +36,35 @@ def _lock_path(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
     return tmp_path_factory.getbasetemp().parent / "machine.lock"
 
 
-@pytest.fixture(autouse=True)
-def _share_the_machine(request: pytest.FixtureRequest, _lock_path: Path | None) -> Iterator[None]:
-    path = _lock_path
-    if path is None:
-        yield
-        return
+def _marked_alone(marks: object) -> bool:
+    marks = marks if isinstance(marks, list) else [marks]
+    return any(getattr(mark, "name", None) == "alone" for mark in marks)
+
+
+@contextmanager
+def _held(path: Path, exclusive: bool) -> Iterator[None]:
     with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX if request.node.get_closest_marker("alone") else fcntl.LOCK_SH)
-        request.node.stash[_LOCK_HANDLE] = handle
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-@pytest.fixture
-def machine_alone(request: pytest.FixtureRequest) -> Callable[[], AbstractContextManager[None]]:
-    """``with machine_alone(): ...`` runs the block with no other test beside it (the shared lock
-    is turned into the exclusive one for the block, and back)."""
+@pytest.fixture(scope="module", autouse=True)
+def _module_alone(request: pytest.FixtureRequest, _lock_path: Path | None) -> Iterator[bool]:
+    """The exclusive lock for the whole of a module marked ``alone`` (its ``pytestmark``)."""
+    if _lock_path is None or not _marked_alone(getattr(request.module, "pytestmark", [])):
+        yield False
+        return
+    with _held(_lock_path, exclusive=True):
+        yield True
 
-    @contextmanager
-    def alone() -> Iterator[None]:
-        handle = request.node.stash.get(_LOCK_HANDLE, None)
-        if handle is None:
-            yield
-            return
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_SH)
 
-    return alone
+@pytest.fixture(autouse=True)
+def _share_the_machine(request: pytest.FixtureRequest, _lock_path: Path | None, _module_alone: bool) -> Iterator[None]:
+    if _lock_path is None or _module_alone:  # not under xdist, or the module holds the exclusive lock
+        yield
+        return
+    with _held(_lock_path, exclusive=request.node.get_closest_marker("alone") is not None):
+        yield

@@ -223,6 +223,7 @@ def test_budget_stops_cleanly_with_partial_results(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.alone  # the check runs inside its time budget (450 s, each step capped)
 def test_dry_run_measures_every_tier(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, GPUKIT_STORE=str(tmp_path / "no-kit"))

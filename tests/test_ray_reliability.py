@@ -22,12 +22,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 from test_train_job import job_command, job_env, only_run
 
-pytestmark = pytest.mark.integration
+# Two jobs at once, and CPU burners: the module runs with nothing beside it (tests/conftest.py).
+pytestmark = [pytest.mark.integration, pytest.mark.alone]
 
 STILL_STARTING = re.compile(r"\[wsol\] Ray is still starting: (the machine is busy \()?load \d+\.\d on \d+ cores")
 
 
-@pytest.mark.alone  # two jobs at once are the load this test is about
 def test_two_jobs_at_once_each_finish_in_their_own_run(tmp_path):
     """Two private Ray instances on one machine: Train's placement-group cleaner in each must
     find its own instance ("Found multiple active Ray instances" before the fix)."""
@@ -140,7 +140,6 @@ def starved_job(tmp_path: Path, attempts: int):
         burners.stop()
 
 
-@pytest.mark.alone  # CPU burners: nothing else beside them
 def test_a_starved_ray_start_says_so_and_is_tried_again(tmp_path):
     """The first start meets CPU burners and a raylet that never gets to run; the second start
     (burners gone: Ray's workers run niced and would crawl beside them) comes up and trains."""
@@ -159,7 +158,6 @@ def test_a_starved_ray_start_says_so_and_is_tried_again(tmp_path):
     assert run.info.status == "FINISHED"
 
 
-@pytest.mark.alone  # CPU burners: nothing else beside them
 def test_a_ray_start_that_never_comes_up_fails_with_what_to_do(tmp_path):
     with starved_job(tmp_path, attempts=1) as (job, freezer, _):
         out, err = job.communicate(timeout=600)
