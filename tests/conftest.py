@@ -36,11 +36,6 @@ def _lock_path(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
     return tmp_path_factory.getbasetemp().parent / "machine.lock"
 
 
-def _marked_alone(marks: object) -> bool:
-    marks = marks if isinstance(marks, list) else [marks]
-    return any(getattr(mark, "name", None) == "alone" for mark in marks)
-
-
 @contextmanager
 def _held(path: Path, exclusive: bool) -> Iterator[None]:
     with path.open("a") as handle:
@@ -54,7 +49,7 @@ def _held(path: Path, exclusive: bool) -> Iterator[None]:
 @pytest.fixture(scope="module", autouse=True)
 def _module_alone(request: pytest.FixtureRequest, _lock_path: Path | None) -> Iterator[bool]:
     """The exclusive lock for the whole of a module marked ``alone`` (its ``pytestmark``)."""
-    if _lock_path is None or not _marked_alone(getattr(request.module, "pytestmark", [])):
+    if _lock_path is None or request.node.get_closest_marker("alone") is None:  # request.node: the module
         yield False
         return
     with _held(_lock_path, exclusive=True):
