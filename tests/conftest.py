@@ -3,12 +3,14 @@
 The suite runs on two pytest-xdist workers (``-n 2 --dist loadfile`` in pyproject.toml): an
 integration test spends much of its time waiting on process start-ups (Ray's daemons, the Train
 controller and its helper actors, the workers), so two test files at a time finish sooner than one
-after the other on a 2-core machine. A few tests cannot share the machine: they load it on purpose
-(CPU burners) or time themselves in wall-clock seconds. They are marked ``alone`` and take an
-exclusive lock that every other test takes shared (``flock`` on one file per test run), so nothing
-runs beside them. A module marked ``alone`` as a whole holds the exclusive lock from its first test
-to its last, so that the other worker does not slip a test in between. Without xdist (``-n 0``)
-no lock is taken.
+after the other on a 2-core machine.
+
+* **Order.** xdist hands out test files in collection order. The files that start real jobs go
+  first, so that the unit tests, seconds each, fill the end of the run on whichever worker frees
+  up first, instead of one worker ending the run alone on a nine-minute job.
+* **Tests that cannot share the machine** (two jobs at once, a wall-clock bound) are marked
+  ``alone`` and take an exclusive lock that every other test takes shared (``flock`` on one file
+  per test run), so nothing runs beside them. Without xdist (``-n 0``) no lock is taken.
 """
 
 from __future__ import annotations
@@ -46,20 +48,20 @@ def _held(path: Path, exclusive: bool) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _module_alone(request: pytest.FixtureRequest, _lock_path: Path | None) -> Iterator[bool]:
-    """The exclusive lock for the whole of a module marked ``alone`` (its ``pytestmark``)."""
-    if _lock_path is None or request.node.get_closest_marker("alone") is None:  # request.node: the module
-        yield False
-        return
-    with _held(_lock_path, exclusive=True):
-        yield True
-
-
 @pytest.fixture(autouse=True)
-def _share_the_machine(request: pytest.FixtureRequest, _lock_path: Path | None, _module_alone: bool) -> Iterator[None]:
-    if _lock_path is None or _module_alone:  # not under xdist, or the module holds the exclusive lock
+def _share_the_machine(request: pytest.FixtureRequest, _lock_path: Path | None) -> Iterator[None]:
+    if _lock_path is None:  # not under xdist
         yield
         return
     with _held(_lock_path, exclusive=request.node.get_closest_marker("alone") is not None):
         yield
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with integration tests first, the rest after, each keeping its order (see above)."""
+
+    def is_integration(item: pytest.Item) -> bool:
+        return item.get_closest_marker("integration") is not None
+
+    heavy_files = {item.path for item in items if is_integration(item)}
+    items.sort(key=lambda item: item.path not in heavy_files)  # stable: False (heavy) sorts first

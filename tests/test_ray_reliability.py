@@ -1,9 +1,11 @@
 """Local Ray as users meet it on a shared workstation: two jobs at once, and a start on a machine so
 busy that Ray's processes miss their start-up window. Real jobs, real Ray, real MLflow (SQLite).
 
-A starved start is made certain rather than likely: beside the CPU burners, the test freezes the
-job's raylet (SIGSTOP) as soon as it appears, which is what a raylet that gets no CPU looks like
-to Ray; the retry's raylet is left alone, or frozen too when the start must fail.
+A starved start is made certain rather than likely: the test freezes the job's raylet (SIGSTOP) as
+soon as it appears, which is what a raylet that gets no CPU looks like to Ray; the retry's raylet
+is left alone, or frozen too when the start must fail. (Earlier versions also ran CPU burners
+beside the job; the frozen raylet alone decides the outcome, and the burners slowed whatever test
+ran on the other xdist worker, so they are gone.)
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -22,12 +23,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 from test_train_job import job_command, job_env, only_run
 
-# Two jobs at once, and CPU burners: the module runs with nothing beside it (tests/conftest.py).
-pytestmark = [pytest.mark.integration, pytest.mark.alone]
+pytestmark = pytest.mark.integration
 
 STILL_STARTING = re.compile(r"\[wsol\] Ray is still starting: (the machine is busy \()?load \d+\.\d on \d+ cores")
 
 
+@pytest.mark.alone  # two jobs at once: with a third beside them, their Ray starts would crowd out
 def test_two_jobs_at_once_each_finish_in_their_own_run(tmp_path):
     """Two private Ray instances on one machine: Train's placement-group cleaner in each must
     find its own instance ("Found multiple active Ray instances" before the fix)."""
@@ -60,20 +61,6 @@ def test_two_jobs_at_once_each_finish_in_their_own_run(tmp_path):
     assert all(len(client.get_metric_history(run.info.run_id, "val/maxboxacc_v2")) == 2 for run in runs)
 
 
-class CpuBurners:
-    """Busy-loop processes, one per core and as many again (a load of about twice the cores)."""
-
-    def __init__(self) -> None:
-        self.burners = [
-            subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (psutil.cpu_count() or 1))
-        ]
-
-    def stop(self) -> None:
-        for burner in self.burners:
-            burner.kill()
-            burner.wait()
-
-
 class RayletFreezer:
     """SIGSTOP the first ``how_many`` raylets a job starts, as soon as each appears, and count
     all the raylets it starts."""
@@ -100,12 +87,6 @@ class RayletFreezer:
                 pass
             time.sleep(0.05)
 
-    def wait_for_raylets(self, count: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.seen) < count and self.job.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert len(self.seen) >= count, f"the job started {len(self.seen)} raylet(s), expected {count}"
-
     def stop(self) -> None:
         self.done.set()
         self.watcher.join()
@@ -118,36 +99,30 @@ class RayletFreezer:
 
 @contextmanager
 def starved_job(tmp_path: Path, attempts: int):
-    """The job started beside CPU burners with its first raylet frozen; ``(job, freezer, burners)``.
-    Burners, watcher and any raylet left frozen are stopped on the way out."""
+    """The job started with its first raylet frozen; ``(job, freezer)``. The watcher and any
+    raylet left frozen are stopped on the way out."""
     env = job_env() | {"WSOL_RAY_START_ATTEMPTS": str(attempts), "WSOL_RAY_START_REPORT_S": "5"}
-    burners = CpuBurners()
+    job = subprocess.Popen(
+        job_command(tmp_path, "--method", "cam", epochs=1),
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    freezer = RayletFreezer(job, how_many=1)
     try:
-        job = subprocess.Popen(
-            job_command(tmp_path, "--method", "cam", epochs=1),
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        freezer = RayletFreezer(job, how_many=1)
-        try:
-            yield job, freezer, burners
-        finally:
-            freezer.stop()
+        yield job, freezer
     finally:
-        burners.stop()
+        freezer.stop()
 
 
 def test_a_starved_ray_start_says_so_and_is_tried_again(tmp_path):
-    """The first start meets CPU burners and a raylet that never gets to run; the second start
-    (burners gone: Ray's workers run niced and would crawl beside them) comes up and trains."""
-    with starved_job(tmp_path, attempts=2) as (job, freezer, burners):
-        freezer.wait_for_raylets(2, timeout=600)
-        burners.stop()
+    """The first start meets a raylet that never gets to run; the second start comes up and trains."""
+    with starved_job(tmp_path, attempts=2) as (job, freezer):
         out, err = job.communicate(timeout=900)
     assert job.returncode == 0, out[-3000:] + err[-3000:]
+    assert len(freezer.seen) == 2, f"the job started {len(freezer.seen)} raylet(s), expected 2"
     assert not psutil.pid_exists(freezer.frozen[0]), "the failed attempt's raylet was not stopped"
     assert STILL_STARTING.search(err), err[-3000:]
     assert "(attempt 1 of 2)" in err and "[wsol] Ray did not start (The current node timed out during startup" in err, (
@@ -159,7 +134,7 @@ def test_a_starved_ray_start_says_so_and_is_tried_again(tmp_path):
 
 
 def test_a_ray_start_that_never_comes_up_fails_with_what_to_do(tmp_path):
-    with starved_job(tmp_path, attempts=1) as (job, freezer, _):
+    with starved_job(tmp_path, attempts=1) as (job, freezer):
         out, err = job.communicate(timeout=600)
     assert job.returncode == 75, out[-3000:] + err[-3000:]
     assert "Traceback" not in err, err[-3000:]

@@ -1,9 +1,9 @@
 """The hyperparameter search (wsol_core/experiments, tune/search_srd.py).
 
 Unit tests check the space and its errors (no Ray); the integration tests run real Ray Tune and
-MLflow on tiny synthetic data: a search end to end with ASHA stopping a trial, nested runs read
-back through the MLflow client, the best-config YAML accepted by the training job's config
-loader, and an interrupted search restored by the same command.
+MLflow on tiny synthetic data: one search, interrupted and restored by the same command, then
+checked end to end: ASHA stopping a trial, nested runs read back through the MLflow client, the
+best-config YAML accepted by the training job's config loader.
 """
 
 from __future__ import annotations
@@ -169,17 +169,37 @@ def _env() -> dict:
 
 
 @pytest.mark.integration
-def test_search_end_to_end_nested_runs_and_best_config(tmp_path):
-    out = subprocess.run(
-        _command(tmp_path, "--num-samples", "4", "--tpe-startup-trials", "2"),
-        capture_output=True,
+def test_search_interrupted_then_restored_end_to_end(tmp_path):
+    """One search, cut by Ctrl-C after its first trial's first epoch and restored by the same
+    command (a search costs the suite minutes): the restore, then the finished search's nested
+    runs, ASHA's early stop, the summary artifacts and the best config."""
+    # Four trials, one at a time: the first is cut after its first epoch, the others have not started.
+    command = _command(tmp_path, "--num-samples", "4", "--tpe-startup-trials", "2", "--max-concurrent-trials", "1")
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=1200,
         cwd=tmp_path,
         env=_env(),
+        start_new_session=True,
     )
+    state = tmp_path / "ray" / "s"
+    deadline = time.time() + 300
+    # Interrupt once the first trial has reported an epoch (its result file has a row).
+    while time.time() < deadline and proc.poll() is None:
+        if any(p.stat().st_size > 0 for p in state.glob("run_trial_*/result.json")):
+            break
+        time.sleep(2)
+    assert proc.poll() is None, "the search ended before it could be interrupted"
+    os.kill(proc.pid, signal.SIGINT)
+    first, _ = proc.communicate(timeout=180)
+    assert proc.returncode != 0, first[-2000:]
+
+    out = subprocess.run(command, capture_output=True, text=True, timeout=1500, cwd=tmp_path, env=_env())
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    best_path = tmp_path / "ray" / "s" / "best_config.yaml"
+    assert "restoring the search" in out.stdout and "(restored)" in out.stdout
+    best_path = state / "best_config.yaml"
     assert f"best config written to {best_path}" in out.stdout
 
     from mlflow.tracking import MlflowClient
@@ -187,10 +207,10 @@ def test_search_end_to_end_nested_runs_and_best_config(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     parents = [r for r in runs if r.data.tags.get("wsol.search") == "true"]
-    assert len(parents) == 1
+    assert len(parents) == 1  # the same parent run, resumed
     parent = parents[0]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 4
+    assert len(children) == 4  # no trial started over as a new one
     assert (
         parent.data.params["space.theta_drop"].startswith("uniform") and parent.data.params["search.metric"] == METRIC
     )
@@ -224,42 +244,3 @@ def test_search_end_to_end_nested_runs_and_best_config(tmp_path):
     )
     assert "train.epochs = 0" in help_out.stderr  # parsed the file, then rejected only the override
     assert read_yaml(best_path)["method"]["name"] == "fmcg"
-
-
-@pytest.mark.integration
-def test_interrupted_search_is_restored(tmp_path):
-    # Two trials, one at a time: the first is cut after its first epoch, the second has not started.
-    command = _command(tmp_path, "--num-samples", "2", "--max-concurrent-trials", "1")
-    proc = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=tmp_path,
-        env=_env(),
-        start_new_session=True,
-    )
-    state = tmp_path / "ray" / "s"
-    deadline = time.time() + 300
-    # Interrupt once the first trial has reported an epoch (its result file has a row).
-    while time.time() < deadline and proc.poll() is None:
-        if any(p.stat().st_size > 0 for p in state.glob("run_trial_*/result.json")):
-            break
-        time.sleep(2)
-    assert proc.poll() is None, "the search ended before it could be interrupted"
-    os.kill(proc.pid, signal.SIGINT)
-    first, _ = proc.communicate(timeout=180)
-    assert proc.returncode != 0, first[-2000:]
-
-    out = subprocess.run(command, capture_output=True, text=True, timeout=1200, cwd=tmp_path, env=_env())
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "restoring the search" in out.stdout and "(restored)" in out.stdout
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    parents = [r for r in runs if r.data.tags.get("wsol.search") == "true"]
-    assert len(parents) == 1  # the same parent run, resumed
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(children) == 2  # no trial started over as a new one
-    assert (state / "best_config.yaml").is_file()

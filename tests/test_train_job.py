@@ -7,10 +7,8 @@ instance, on a tiny synthetic dataset, then checks what landed in MLflow through
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -242,75 +240,6 @@ def test_two_workers_train_and_record_everything_in_mlflow(tmp_path):
         assert (found / "overlays" / f"{stem}.png").is_file() and (found / "maps" / f"{stem}.npy").is_file()
     assert (found / "contact_sheet.png").is_file()
     assert len((found / "predictions.csv").read_text().splitlines()) == 25
-
-
-def _descendants(pid: int):
-    import psutil
-
-    return psutil.Process(pid).children(recursive=True)
-
-
-def _wait_for_checkpoint(run_dir: Path, process: subprocess.Popen, timeout: float = 400) -> None:
-    deadline = time.time() + timeout
-    while not list(run_dir.glob("checkpoint_*/state.pt")):
-        assert process.poll() is None, process.communicate()[0][-4000:]
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(1)
-
-
-def test_killed_worker_resumes_from_checkpoint_and_finishes(tmp_path):
-    process = subprocess.Popen(
-        job_command(tmp_path, "--method", "cam", epochs=3),
-        cwd=tmp_path,
-        env=job_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        _wait_for_checkpoint(tmp_path / "ray" / "job", process)
-        workers = [p for p in _descendants(process.pid) if "RayTrainWorker" in " ".join(p.cmdline())]
-        assert workers, "no Ray Train worker process found"
-        workers[-1].kill()
-        output, _ = process.communicate(timeout=600)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 0, output[-4000:]
-    client, run = only_run(tmp_path)
-    assert run.info.status == "FINISHED"
-    assert epochs_logged(client, run.info.run_id, "val/maxboxacc_v2")[-1] == 3
-    assert "test/maxboxacc_v2" in run.data.metrics
-
-
-def test_interrupted_driver_resumes_the_same_run(tmp_path):
-    command = job_command(tmp_path, "--method", "cam", epochs=3, name="resumable")
-    process = subprocess.Popen(
-        command,
-        cwd=tmp_path,
-        env=job_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        _wait_for_checkpoint(tmp_path / "ray" / "resumable", process)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the driver and its private Ray instance
-        process.communicate(timeout=60)
-    client, first = only_run(tmp_path)
-    assert "test/maxboxacc_v2" not in first.data.metrics
-
-    result = subprocess.run(command, cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert "(resumed)" in result.stdout and "resuming at epoch" in result.stdout + result.stderr
-    client, run = only_run(tmp_path)
-    assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
-    steps = epochs_logged(client, run.info.run_id, "train/loss")
-    assert steps[0] == 1 and steps[-1] == 3
-    assert "test/maxboxacc_v2" in run.data.metrics
 
 
 def test_bad_option_fails_before_ray_starts(tmp_path):
