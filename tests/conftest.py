@@ -5,9 +5,12 @@ integration test spends much of its time waiting on process start-ups (Ray's dae
 controller and its helper actors, the workers), so two test files at a time finish sooner than one
 after the other on a 2-core machine.
 
-* **Order.** xdist hands out test files in collection order. The files that start real jobs go
-  first, so that the unit tests, seconds each, fill the end of the run on whichever worker frees
-  up first, instead of one worker ending the run alone on a nine-minute job.
+* **Order.** xdist hands out test files in collection order (``--no-loadscope-reorder``; its
+  default would sort files by their number of tests). The slowest files go first
+  (:data:`SLOWEST_FIRST`, measured), then the other files with integration tests, then the unit
+  tests, seconds each, which fill the end of the run on whichever worker frees up first, instead
+  of one worker ending the run alone on a long job. Files with an ``alone`` test go last, when
+  the other worker is down to unit tests and the exclusive lock waits seconds.
 * **Tests that cannot share the machine** (two jobs at once, a wall-clock bound) are marked
   ``alone`` and take an exclusive lock that every other test takes shared (``flock`` on one file
   per test run), so nothing runs beside them. Without xdist (``-n 0``) no lock is taken.
@@ -57,11 +60,34 @@ def _share_the_machine(request: pytest.FixtureRequest, _lock_path: Path | None) 
         yield
 
 
+#: The files whose tests take longest together, slowest first (BENCHMARKS.md, "The suite on two
+#: workers": each about 5-16 min on the shared 2-core box).
+SLOWEST_FIRST = (
+    "test_search.py",
+    "test_resume_damaged.py",
+    "test_run_states.py",
+    "test_ray_reliability.py",
+    "test_extract_boxes.py",
+    "test_fail_fast.py",
+    "test_gpu_kit.py",
+    "test_sweep.py",
+    "test_train_job.py",
+    "test_cluster_slurm.py",
+    "test_localize.py",
+    "test_ray_job_submit.py",
+)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Files with integration tests first, the rest after, each keeping its order (see above)."""
+    """The order the module docstring gives; stable, so each file keeps its own order."""
+    integration = {item.path for item in items if item.get_closest_marker("integration")}
+    alone = {item.path for item in items if item.get_closest_marker("alone")}
 
-    def is_integration(item: pytest.Item) -> bool:
-        return item.get_closest_marker("integration") is not None
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        if item.path in alone:
+            return (3, 0)
+        if item.path.name in SLOWEST_FIRST:
+            return (0, SLOWEST_FIRST.index(item.path.name))
+        return (1, 0) if item.path in integration else (2, 0)
 
-    heavy_files = {item.path for item in items if is_integration(item)}
-    items.sort(key=lambda item: item.path not in heavy_files)  # stable: False (heavy) sorts first
+    items.sort(key=rank)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import stat
 import subprocess
 import tempfile
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_ray_job_submit import BIN, free_port, private_agent_ports, submit_job, wait_for_head
+from test_ray_job_submit import BIN, free_port, private_agent_ports, running_head, submit_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,16 +61,8 @@ def test_a_head_started_as_ray_cluster_yaml_starts_it_refuses_unauthenticated_jo
         + f" --node-ip-address=127.0.0.1 --dashboard-port={dashboard} --num-cpus=1 --temp-dir={temp_dir}"
         + f" {' '.join(private_agent_ports())} --block"
     )
-    head = subprocess.Popen(
-        ["bash", "-c", "\n".join([*commands[:-1], start])],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert wait_for_head(head, dashboard) in (401, 403)  # up, and asking for the token
+    with running_head(["bash", "-c", "\n".join([*commands[:-1], start])], env, dashboard, temp_dir) as status:
+        assert status in (401, 403)  # up, and asking for the token
         token = shared / ".ray" / "auth_token"
         assert stat.S_IMODE(token.stat().st_mode) == 0o600 and stat.S_IMODE(token.parent.stat().st_mode) == 0o700
         assert len(token.read_text().strip()) == 64
@@ -96,9 +87,3 @@ def test_a_head_started_as_ray_cluster_yaml_starts_it_refuses_unauthenticated_jo
         client = dict(stranger, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
         accepted = submit_job(submit, env=client, timeout=300, temp_dir=temp_dir)
         assert accepted.returncode == 0 and "the job ran" in accepted.stdout + accepted.stderr, accepted.stderr[-3000:]
-    finally:
-        try:
-            os.killpg(head.pid, signal.SIGKILL)  # `ray start --block` ignores SIGTERM
-        except ProcessLookupError:
-            pass
-        head.wait(timeout=30)

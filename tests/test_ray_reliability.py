@@ -1,5 +1,6 @@
-"""Local Ray as users meet it on a shared workstation: two jobs at once, and a start on a machine so
-busy that Ray's processes miss their start-up window. Real jobs, real Ray, real MLflow (SQLite).
+"""Local Ray as users meet it on a shared workstation: a start on a machine so busy that Ray's
+processes miss their start-up window (two jobs at once: ``tests/test_ray_two_jobs.py``). Real
+jobs, real Ray, real MLflow (SQLite).
 
 A starved start is made certain rather than likely: the test freezes the job's raylet (SIGSTOP) as
 soon as it appears, which is what a raylet that gets no CPU looks like to Ray; the retry's raylet
@@ -20,45 +21,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from mlflow.tracking import MlflowClient
 from test_train_job import job_command, job_env, only_run
 
 pytestmark = pytest.mark.integration
 
 STILL_STARTING = re.compile(r"\[wsol\] Ray is still starting: (the machine is busy \()?load \d+\.\d on \d+ cores")
-
-
-@pytest.mark.alone  # two jobs at once: with a third beside them, their Ray starts would crowd out
-def test_two_jobs_at_once_each_finish_in_their_own_run(tmp_path):
-    """Two private Ray instances on one machine: Train's placement-group cleaner in each must
-    find its own instance ("Found multiple active Ray instances" before the fix)."""
-    jobs = [
-        subprocess.Popen(
-            job_command(tmp_path, "--method", "cam", name=name, epochs=2),
-            cwd=tmp_path,
-            env=job_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for name in ("left", "right")
-    ]
-    logs = [job.communicate(timeout=900)[0] for job in jobs]
-    for job, log in zip(jobs, logs):
-        assert job.returncode == 0, log[-4000:]
-        assert "multiple active Ray instances" not in log, log[-4000:]
-        assert "Failed to launch PlacementGroupCleaner" not in log, log[-4000:]
-        # The one traceback allowed: Ray Train's own warning when its first autoscaler request
-        # (5 s timeout) meets a worker process still starting on a loaded machine, which Ray
-        # itself calls "safe to ignore" and which has no effect on a fixed local instance.
-        assert log.count("Traceback (most recent call last)") == log.count("Failed to send resource request"), log[
-            -4000:
-        ]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id])
-    assert sorted(run.info.run_name for run in runs) == ["left", "right"]
-    assert all(run.info.status == "FINISHED" for run in runs)
-    assert all(len(client.get_metric_history(run.info.run_id, "val/maxboxacc_v2")) == 2 for run in runs)
 
 
 class RayletFreezer:
@@ -157,3 +124,14 @@ def test_the_attempt_count_is_checked(monkeypatch):
         _positive_int(ATTEMPTS_ENV, 3)
     monkeypatch.setenv(ATTEMPTS_ENV, "4")
     assert _positive_int(ATTEMPTS_ENV, 3) == 4
+
+
+def test_a_private_instance_pins_its_address_and_turns_the_preemption_watcher_off(monkeypatch):
+    from wsol_core.train.ray_session import PREEMPTION_WATCHER_ENV, private_runtime_env
+
+    monkeypatch.delenv(PREEMPTION_WATCHER_ENV, raising=False)
+    assert private_runtime_env("10.0.0.1:6380") == {
+        "env_vars": {"RAY_ADDRESS": "10.0.0.1:6380", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    }
+    monkeypatch.setenv(PREEMPTION_WATCHER_ENV, "1")  # the user's choice wins
+    assert private_runtime_env("10.0.0.1:6380")["env_vars"][PREEMPTION_WATCHER_ENV] == "1"

@@ -46,6 +46,12 @@ _TRANSIENT_MARKS = (
     "failed to connect",
 )
 
+#: Ray Train V2 starts a preemption watcher beside every fit's controller: one more actor (6-7 s
+#: of CPU to start on 2 cores, BENCHMARKS.md) that polls Ray Core for nodes being drained. A
+#: private local instance is one node that no autoscaler drains, so there it is off unless the
+#: user sets the variable; a cluster joined by address keeps Ray's default.
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
 _pinned_address: str | None = None  # the private instance this process started, once started
 
 
@@ -108,7 +114,7 @@ def _start_private_instance() -> None:
                 _stopping_leftovers_on_failure(),
                 _environment(RAY_GCS_SERVER_PORT=gcs_address.rsplit(":", 1)[1]),
             ):
-                ray.init(address="local", log_to_driver=True, runtime_env={"env_vars": {"RAY_ADDRESS": gcs_address}})
+                ray.init(address="local", log_to_driver=True, runtime_env=private_runtime_env(gcs_address))
         except Exception as err:
             reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
             if not _looks_transient(err):
@@ -141,6 +147,15 @@ def _start_private_instance() -> None:
         os.environ["RAY_ADDRESS"] = actual  # for this driver's own state-API calls and the tools it spawns
         _pinned_address = actual
         return
+
+
+def private_runtime_env(gcs_address: str) -> dict:
+    """The runtime environment of a private instance's job, which Ray hands to every worker and
+    actor of it (Train controllers, their helpers, Tune trials): the pinned address (module
+    docstring) and the preemption watcher off (:data:`PREEMPTION_WATCHER_ENV`)."""
+    return {
+        "env_vars": {"RAY_ADDRESS": gcs_address, PREEMPTION_WATCHER_ENV: os.environ.get(PREEMPTION_WATCHER_ENV, "0")}
+    }
 
 
 def _looks_transient(err: BaseException) -> bool:
