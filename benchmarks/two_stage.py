@@ -1,14 +1,15 @@
 """C2AM's two stages (seed 004, Sec. 3.4) on the synthetic benchmark's textured form, per seed:
 
-1. the first stage (C2AM, or ``--first-stage cam``) trained by the training job (Ray Train, MLflow),
+1. the first stage (C2AM, or ``--first-stage cam`` / ``fmcg``) trained by the training job (Ray Train, MLflow),
    from scratch or, with ``--trunk``, fine-tuned from a pretrained trunk with the protocol's
    recipe shape (``benchmarks/ablation.py``'s ``finetune_base``);
 2. its boxes extracted over the training split at the val threshold (``wsol-extract-boxes``:
-   C2AM's class-agnostic map, CAM's map of the GT class), scored against the GT boxes (CorLoc,
+   C2AM's class-agnostic map, CAM's and FMCG's map of the GT class, FMCG's from the SRD-erased
+   feature as at its inference), scored against the GT boxes (CorLoc,
    mean IoU);
 3. the box regressor (PSOL's design) trained by the same job from that sidecar;
 4. both scored on test: the first stage's own map boxes and the regressor's boxes, each with the
-   first stage's classifier (C2AM's linear probe, CAM's own head) for Top-1 Loc
+   first stage's classifier (C2AM's linear probe, CAM's and FMCG's own head) for Top-1 Loc
    (``evaluate_checkpoint(..., classifier=...)``).
 
     uv run python benchmarks/two_stage.py                          # 3 seeds, about 10 min per seed on 2 cores
@@ -95,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument(
-        "--first-stage", default="c2am", choices=["c2am", "cam"], help="the method whose boxes are mined"
+        "--first-stage",
+        default="c2am",
+        choices=["c2am", "cam", "fmcg"],
+        help="the method whose boxes are mined (C2AM's class-agnostic map; CAM's and FMCG's map of the GT class)",
     )
     parser.add_argument("--epochs", type=int, default=3, help="the first stage's epochs")
     parser.add_argument(
