@@ -161,7 +161,7 @@ def targets(rows: dict[str, dict], form: str = "default") -> dict:
             "met": gap - spread >= FMCG_MARGIN,
         }
     if cam and c2am:
-        gap = c2am["boxacc_v2_iou70"]["mean"] - cam["boxacc_v2_iou70"]["mean"]
+        gap = _mean(c2am, "boxacc_v2_iou70") - _mean(cam, "boxacc_v2_iou70")
         out["c2am_over_cam_iou70"] = {
             "gap_boxacc_v2_iou70": gap,
             "met": gap > 0,
