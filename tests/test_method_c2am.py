@@ -233,6 +233,57 @@ def test_inference_applies_the_orientation():
     torch.testing.assert_close(model.localization_maps(images), 1 - raw)
 
 
+def test_both_orientations_are_offered_for_scoring_whichever_was_chosen():
+    model = _model().eval()
+    images = torch.randn(2, 3, 64, 64)
+    raw = model.raw_maps(images)
+    for flip in (False, True):
+        if flip:
+            model.calibrate_orientation(torch.ones(2, 8, 8))  # border all on: flip
+        variants = model.inference_variants(images)
+        assert set(variants) == {"p", "one_minus_p"}
+        torch.testing.assert_close(variants["p"], raw)
+        torch.testing.assert_close(variants["one_minus_p"], 1 - raw)
+        chosen = "one_minus_p" if flip else "p"
+        torch.testing.assert_close(model.inference(images).maps, variants[chosen])
+
+
+def test_evaluation_scores_the_rejected_orientation_beside_the_chosen_one(monkeypatch):
+    """A head whose P is the object, scored with either orientation: each run logs the other
+    side's score under its name (``maxboxacc_v2_map_p`` / ``_one_minus_p``)."""
+    from wsol_core.config import EvalConfig
+    from wsol_core.train.evaluate import evaluate_split
+
+    def object_blob(features: torch.Tensor) -> torch.Tensor:  # P: 0.9 on the box's cells, 0.1 elsewhere
+        maps = torch.full((features.shape[0], 8, 8), 0.1)
+        maps[:, :4, :4] = 0.9
+        return maps
+
+    plain = _batch(torch.randn(4, 3, 64, 64), torch.zeros(4, dtype=torch.long))
+    batch = Batch(
+        images=plain.images,
+        labels=plain.labels,
+        keys=plain.keys,
+        orig_sizes=plain.orig_sizes,
+        boxes=torch.tensor([[[0.0, 0.0, 31.0, 31.0]]] * 4),  # cells 0-3 of 8 on a 64 px image
+        num_boxes=torch.ones(4, dtype=torch.long),
+    )
+    scored = {}
+    for orientation in (1.0, -1.0):
+        model = _model().eval()
+        monkeypatch.setattr(model, "_activation", object_blob)
+        model.calibrate_orientation(_blob_maps() if orientation > 0 else torch.ones(2, 8, 8))
+        assert model.orientation.item() == orientation
+        evaluation = EvalConfig(num_vis_images=0, mask_stat_images=0)
+        scored[orientation] = evaluate_split(model, [batch], evaluation, split="val").metrics
+    right, wrong = scored[1.0], scored[-1.0]  # P is the object, so +1 is the right call
+    assert right["val/maxboxacc_v2"] == pytest.approx(100.0)
+    assert wrong["val/maxboxacc_v2"] < right["val/maxboxacc_v2"]  # 1 - P: a frame around the object
+    for metrics in (right, wrong):  # both sides in every run, whichever was chosen
+        assert metrics["val/maxboxacc_v2_map_p"] == pytest.approx(right["val/maxboxacc_v2"])
+        assert metrics["val/maxboxacc_v2_map_one_minus_p"] == pytest.approx(wrong["val/maxboxacc_v2"])
+
+
 def test_orientation_persists_through_state_dict_round_trip(tmp_path):
     model = _model()
     model.calibrate_orientation(1 - _blob_maps())

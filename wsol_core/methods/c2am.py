@@ -47,7 +47,9 @@ generic hooks call it once:
 
 ``orientation_images`` images of the checked batch vote (1 by default, the released code's
 image 0; 0 = all of them). Under DDP the border statistics are all-reduced, so every rank takes
-the same decision.
+the same decision. Evaluation scores both sides (:meth:`C2AM.inference_variants`, logged as
+``<split>/maxboxacc_v2_map_p`` and ``_one_minus_p`` beside the chosen map's ``maxboxacc_v2``), so
+a wrong call is visible on val as the rejected side scoring higher.
 
 **Classification.** C2AM itself has no classifier: the paper follows PSOL and classifies with a
 separate network (Sec. 3.4). As the project's addition, ``probe_classifier`` (default on) trains
@@ -357,6 +359,16 @@ class C2AM(WSOLMethod):
         maps = 0.5 + self.orientation.to(maps.dtype) * (maps - 0.5)  # P, or 1 - P: no branch
         logits = self.probe(final) if self.probe is not None else None
         return Inference(logits=logits, maps=maps)
+
+    @torch.no_grad()
+    def inference_variants(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Both orientations, ``p`` (``P``) and ``one_minus_p`` (``1 - P``), so that evaluation
+        scores the side the orientation check rejected beside the one it chose
+        (``<split>/maxboxacc_v2_map_p`` / ``_one_minus_p``): a wrong call shows as the rejected
+        side scoring higher, a map that splits the image along something other than the object
+        as both sides scoring low."""
+        maps = self.raw_maps(images)
+        return {"p": maps, "one_minus_p": 1.0 - maps}
 
     # -- the one-time orientation decision ------------------------------------------------
 
