@@ -216,8 +216,9 @@ class EvalConfig:
     # Images per rank on which the method's training-time loss masks are measured (area and
     # share inside the GT boxes, logged as <split>/mask_<name>_*); 0 turns it off.
     mask_stat_images: int = spec(256, ge=0)
-    # Score the method's alternative inference maps (FMCG's erased / original / max) beside the
-    # configured one, as <split>/maxboxacc_v2_map_<name>.
+    # Score the method's alternative inference maps (FMCG's erased / original / max, C2AM's two
+    # orientations p / one_minus_p) beside the configured one, as <split>/maxboxacc_v2_map_<name>.
+    # Costs one more forward pass per evaluation batch for those methods.
     compare_inference_maps: bool = True
     # The protocol computes CAMs in fp32; bf16 maps moved MaxBoxAccV2 by about 0.2 points (CPU),
     # so evaluation runs in fp32 whatever train.amp says. bf16 is an explicit, faster option.
