@@ -3,6 +3,7 @@ check, the detached probe, shapes on every backbone, a CPU smoke fit and config 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -259,12 +260,8 @@ def test_evaluation_scores_the_rejected_orientation_beside_the_chosen_one(monkey
         maps[:, :4, :4] = 0.9
         return maps
 
-    plain = _batch(torch.randn(4, 3, 64, 64), torch.zeros(4, dtype=torch.long))
-    batch = Batch(
-        images=plain.images,
-        labels=plain.labels,
-        keys=plain.keys,
-        orig_sizes=plain.orig_sizes,
+    batch = dataclasses.replace(
+        _batch(torch.randn(4, 3, 64, 64), torch.zeros(4, dtype=torch.long)),
         boxes=torch.tensor([[[0.0, 0.0, 31.0, 31.0]]] * 4),  # cells 0-3 of 8 on a 64 px image
         num_boxes=torch.ones(4, dtype=torch.long),
     )
