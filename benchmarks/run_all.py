@@ -44,6 +44,11 @@ PLANS: dict[str, dict[str, tuple[str, list[str], str]]] = {
             "ablation.json",
         ),
         "inference_maps": ("inference_maps.py", [], "inference_maps_fmcg_val.json"),  # on the ablation's FMCG models
+        "pnl_attention": (  # where PNL's attention goes, on the same FMCG models
+            "pnl_attention.py",
+            ["--ablation", str(RESULTS / "ablation.json"), "--name", "ablation"],
+            "pnl_attention_ablation.json",
+        ),
         "localize_speed": ("localize_speed.py", [], "localize_speed.json"),
         "jpeg_check": ("jpeg_check.py", [], "jpeg_check.json"),
         "ray_start_load": ("ray_start_load.py", [], "ray_start_load.json"),

@@ -306,3 +306,54 @@ def test_the_two_stage_first_stage_fine_tunes_with_the_ablations_recipe(tmp_path
     assert {k: getattr(cfg.optim, k) for k in expected} == expected and cfg.optim.lr_decay_every == 2
     with pytest.raises(SystemExit, match="no such file"):
         two_stage.finetune_overrides(str(tmp_path / "missing.pth"), epochs=3)
+
+
+def test_pnl_attention_says_where_each_query_attends_and_what_the_residual_adds():
+    import torch
+
+    from benchmarks.pnl_attention import attention_sums, mass_in_box, measure, residual_removed
+    from wsol_core.config import load_config
+    from wsol_core.data.batch import Batch
+    from wsol_core.methods import build_method
+
+    # Four cells, the first inside the box: every query attending to it, then attention spread evenly.
+    coverage = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    onto_box = torch.zeros(1, 4, 4)
+    onto_box[..., 0] = 1.0
+    s = attention_sums(onto_box, coverage)
+    assert s["to_box_from_background"] / s["background_queries"] == pytest.approx(1.0)
+    assert s["to_box_from_object"] / s["object_queries"] == pytest.approx(1.0)
+    assert (s["row_max"], s["effective_cells"]) == (pytest.approx(1.0), pytest.approx(1.0))
+    even = attention_sums(torch.full((1, 4, 4), 0.25), coverage)
+    assert even["to_box_from_background"] / even["background_queries"] == pytest.approx(even["box_area"])
+    assert even["effective_cells"] == pytest.approx(4.0)
+    maps = torch.tensor([[[2.0, 0.0], [-1.0, 2.0]]])
+    assert mass_in_box(maps, torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])).item() == pytest.approx(0.5)
+
+    cfg = load_config(base={"method": {"name": "fmcg"}}, overrides=["model.backbone=tiny", "model.pretrained=null"])
+    torch.manual_seed(0)
+    method = build_method(cfg, 3).eval()
+    images = torch.randn(2, 3, 64, 64)
+    batch = Batch(
+        images=images,
+        labels=torch.tensor([0, 1]),
+        keys=["a", "b"],
+        orig_sizes=torch.full((2, 2), 64),
+        boxes=torch.tensor([[[8.0, 8.0, 40.0, 40.0]], [[20.0, 0.0, 63.0, 30.0]]]),
+        num_boxes=torch.ones(2, dtype=torch.long),
+        is_padding=torch.tensor([False, False]),
+    )
+    block = method.pnl
+    # Zero-initialized, the block is the identity: no residual, the same map without it.
+    start = measure(method, [batch], with_pnl=True)
+    assert start["residual_norm_ratio"] == pytest.approx(0.0, abs=1e-7)
+    assert start["map_mass_in_box"] == pytest.approx(start["map_mass_in_box_residual_removed"])
+    assert start["images"] == 2 and 0.0 < start["box_area_share"] < 1.0
+    # Switched on, the residual is measured, and removing it changes the map; the block comes back.
+    torch.nn.init.ones_(block.bn.weight)
+    active = measure(method, [batch], with_pnl=True)
+    assert active["residual_norm_ratio"] > 0.01
+    assert active["map_mass_in_box"] != pytest.approx(active["map_mass_in_box_residual_removed"], abs=1e-6)
+    with residual_removed(method):
+        assert isinstance(method.pnl, torch.nn.Identity)
+    assert method.pnl is block
