@@ -106,7 +106,9 @@ def measure(method, loader, with_pnl: bool) -> dict[str, float]:
             features, enhanced = captured["features"][keep], captured["enhanced"][keep]  # original branch
             pnl = method.pnl
             weights = pairwise_weights(pnl.query(features).flatten(2), pnl.key(features).flatten(2), pnl.scale)
-            cells = box_coverage(boxes, batch.orig_sizes[keep], (features.shape[-2], features.shape[-1]), features.device)
+            cells = box_coverage(
+                boxes, batch.orig_sizes[keep], (features.shape[-2], features.shape[-1]), features.device
+            )
             for name, value in attention_sums(weights, cells.flatten(1)).items():
                 sums[name] = sums.get(name, 0.0) + value
             residual = (enhanced - features).flatten(1).norm(dim=1) / features.flatten(1).norm(dim=1)
