@@ -84,7 +84,6 @@ def residual_removed(method):
 @torch.no_grad()
 def measure(method, loader, with_pnl: bool) -> dict[str, float]:
     """The statistics above for one model over ``loader`` (padding samples left out)."""
-    from wsol_core.methods.components import pairwise_weights
     from wsol_core.train.evaluate import box_coverage
 
     captured: dict[str, torch.Tensor] = {}
@@ -104,8 +103,7 @@ def measure(method, loader, with_pnl: bool) -> dict[str, float]:
             if not with_pnl:
                 continue
             features, enhanced = captured["features"][keep], captured["enhanced"][keep]  # original branch
-            pnl = method.pnl
-            weights = pairwise_weights(pnl.query(features).flatten(2), pnl.key(features).flatten(2), pnl.scale)
+            _, weights = method.pnl(features, return_weights=True)  # eq. 6's W, as the block computes it
             cells = box_coverage(
                 boxes, batch.orig_sizes[keep], (features.shape[-2], features.shape[-1]), features.device
             )
