@@ -357,3 +357,155 @@ def test_pnl_attention_says_where_each_query_attends_and_what_the_residual_adds(
     with residual_removed(method):
         assert isinstance(method.pnl, torch.nn.Identity)
     assert method.pnl is block
+
+
+def _objectness_split(features_of, n: int = 12, seed: int = 0):
+    """A split of 64 px images on an 8 x 8 grid (8 px cells), each with one cell-aligned box away
+    from the border; ``features_of(inside)`` makes the ``[N, C, 8, 8]`` features."""
+    import torch
+
+    from benchmarks.trunk_objectness import Split
+
+    generator = torch.Generator().manual_seed(seed)
+    inside = torch.zeros(n, 8, 8, dtype=torch.bool)
+    boxes = []
+    for i in range(n):
+        x0, y0 = (int(v) for v in torch.randint(1, 4, (2,), generator=generator))
+        w, h = (int(v) for v in torch.randint(2, 4, (2,), generator=generator))
+        inside[i, y0 : y0 + h, x0 : x0 + w] = True
+        boxes.append(torch.tensor([[8.0 * x0, 8.0 * y0, 8.0 * (x0 + w) - 1, 8.0 * (y0 + h) - 1]]))
+    return Split({"s": features_of(inside, generator)}, boxes, torch.full((n, 2), 64)), inside
+
+
+def test_trunk_objectness_scores_a_direction_that_marks_the_object_and_none_in_noise():
+    import torch
+
+    from benchmarks.trunk_objectness import cell_auc, coverage, measure_stage, principal_directions
+
+    # The AUC: perfect, reversed, and a constant map (all ties) at chance.
+    truth = torch.tensor([True, True, False, False])
+    assert cell_auc(torch.tensor([3.0, 2.0, 1.0, 0.0]), truth) == 1.0
+    assert cell_auc(torch.tensor([0.0, 1.0, 2.0, 3.0]), truth) == 0.0
+    assert cell_auc(torch.zeros(4), truth) == 0.5
+    with pytest.raises(ValueError, match="both inside and outside"):
+        cell_auc(torch.zeros(2), torch.tensor([True, True]))
+    # Principal directions: the axis of largest variance first, with its share of the variance.
+    rows = torch.randn(4000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * torch.tensor(
+        [2.0, 1.0], dtype=torch.float64
+    )
+    _, directions, explained = principal_directions(rows, 2)
+    assert abs(float(directions[0, 0])) > 0.99 and float(explained[0]) == pytest.approx(0.8, abs=0.03)
+
+    def marked(inside, generator):  # channel 0 carries the object, above the others' noise
+        noise = 0.3 * torch.randn(len(inside), 4, 8, 8, generator=generator)
+        noise[:, 0] += 3.0 * inside
+        return noise
+
+    def noise_only(inside, generator):
+        return torch.randn(len(inside), 4, 8, 8, generator=generator)
+
+    val, _ = _objectness_split(marked, seed=1)
+    test, inside = _objectness_split(marked, seed=2)
+    assert torch.equal(coverage(test, (8, 8)) > 0.5, inside)  # the boxes land on the cells meant
+    found = measure_stage(val, test, "s", components=2)
+    first = found["components"][0]
+    assert max(first["cell_auc"], 1 - first["cell_auc"]) > 0.99
+    assert first["better_maxboxacc_v2"] > 90.0 and first["explained_variance"] > 0.5
+    # The object is away from the border, so the border check picks the better side.
+    assert first["picked_maxboxacc_v2"] == first["better_maxboxacc_v2"]
+    assert found["probe"]["cell_auc"] > 0.99 and found["probe"]["maxboxacc_v2"] > 90.0
+    assert found["components"][1]["better_maxboxacc_v2"] < first["better_maxboxacc_v2"]
+
+    val, _ = _objectness_split(noise_only, seed=1)
+    test, _ = _objectness_split(noise_only, seed=2)
+    blind = measure_stage(val, test, "s", components=1)
+    assert abs(blind["components"][0]["cell_auc"] - 0.5) < 0.1
+    assert abs(blind["probe"]["cell_auc"] - 0.5) < 0.1
+    assert blind["probe"]["maxboxacc_v2"] < found["probe"]["maxboxacc_v2"] - 30
+
+
+def test_trunk_objectness_runs_on_a_trunk_file_and_the_benchmarks_shards(tmp_path):
+    import torch
+
+    from benchmarks import trunk_objectness
+    from wsol_core.data.batch import Batch
+    from wsol_core.models import TinyCNN
+
+    torch.manual_seed(1)
+    backbone = TinyCNN()
+    trunk = tmp_path / "trunk.pth"
+    torch.save({k: v for k, v in backbone.state_dict().items() if not k.startswith("conv6.")}, trunk)
+
+    # collect: every stage asked for, the padding left out.
+    batch = Batch(
+        images=torch.randn(3, 3, 64, 64),
+        labels=torch.tensor([0, 1, 1]),
+        keys=["a", "b", "pad"],
+        orig_sizes=torch.full((3, 2), 64),
+        boxes=torch.tensor([[[8.0, 8.0, 40.0, 40.0]], [[20.0, 0.0, 63.0, 30.0]], [[8.0, 8.0, 40.0, 40.0]]]),
+        num_boxes=torch.ones(3, dtype=torch.long),
+        is_padding=torch.tensor([False, False, True]),
+    )
+    split = trunk_objectness.collect(backbone, [batch], ["image", "block3", "block4"])
+    assert {k: tuple(v.shape) for k, v in split.features.items()} == {
+        "image": (2, 3, 8, 8),
+        "block3": (2, 128, 16, 16),
+        "block4": (2, 128, 8, 8),
+    }
+    assert len(split.boxes) == 2 and split.sizes.shape == (2, 2)
+
+    out = tmp_path / "objectness.json"
+    small = [
+        f"data.synthetic.cache_dir={tmp_path / 'cache'}",
+        "data.synthetic.num_train=4",
+        "data.synthetic.num_val=12",
+        "data.synthetic.num_test=12",
+    ]
+    argv = ["--trunk", str(trunk), "--stages", "image,block4", "--components", "1", "--out", str(out)]
+    payload = trunk_objectness.main(argv + [a for s in small for a in ("--set", s)])
+    assert json.loads(out.read_text())["sources"] == payload["sources"]
+    assert payload["images"] == {"val": 12, "test": 12} and payload["form"] == "textured"
+    stages = {source: payload["sources"][source]["stages"] for source in ("pretrained", "random_init")}
+    assert set(stages["pretrained"]) == {"image", "block4"}
+    assert set(stages["random_init"]) == {"block4"}  # the input does not depend on the weights
+    # The two sources are different weights, so their block4 directions score differently.
+    pretrained = stages["pretrained"]["block4"]["components"][0]
+    random_init = stages["random_init"]["block4"]["components"][0]
+    assert pretrained["cell_auc"] != random_init["cell_auc"]
+    objective = stages["pretrained"]["block4"]["c2am_objective"]
+    assert set(objective) == {"gt_box", "other_images_box", "pc1"} and objective["gt_box"]["total"] > 0
+    for figure in (pretrained["plus"]["maxboxacc_v2"], stages["pretrained"]["block4"]["probe"]["iou50"]):
+        assert 0.0 <= figure <= 100.0
+    with pytest.raises(SystemExit):
+        trunk_objectness.main(["--trunk", str(tmp_path / "missing.pth")])
+    # Without a trunk: the random initialisation alone, the input measured with it.
+    alone = trunk_objectness.main(
+        ["--stages", "image", "--out", str(tmp_path / "alone.json")] + [a for s in small for a in ("--set", s)]
+    )
+    assert alone["trunk"] is None and list(alone["sources"]) == ["random_init"]
+    assert set(alone["sources"]["random_init"]["stages"]) == {"image"}
+
+
+def test_trunk_objectness_c2am_objective_is_lowest_at_the_split_the_features_mark():
+    import torch
+
+    from benchmarks.trunk_objectness import c2am_objective
+
+    generator = torch.Generator().manual_seed(0)
+    n, c = 16, 8
+    inside = torch.zeros(n, 6, 6)
+    inside[:, 1:4, 1:4] = 1.0
+    inside[::2] = inside[::2].roll(2, dims=2)  # the object in one of two places
+    common = torch.rand(c, generator=generator)  # every object alike, every background its own
+    backgrounds = torch.rand(n, c, 1, 1, generator=generator)
+    features = torch.where(inside[:, None].bool(), common[None, :, None, None], backgrounds.expand(n, c, 6, 6))
+    features = features + 0.01 * torch.rand(n, c, 6, 6, generator=generator)
+    at_object = c2am_objective(features, inside, batch_size=8)
+    off_object = c2am_objective(features, inside.roll(1, dims=0), batch_size=8)
+    assert at_object["total"] == pytest.approx(at_object["neg"] + at_object["pos_fg"] + at_object["pos_bg"])
+    assert at_object["total"] < off_object["total"] - 0.1
+    assert at_object["pos_fg"] < 0.01 < off_object["pos_fg"]  # the objects are alike, the mixed masks not
+    # Symmetric in P and 1 - P (eq. 9), so the sign of a split does not matter.
+    assert c2am_objective(features, 1 - inside, batch_size=8)["total"] == pytest.approx(at_object["total"])
+    with pytest.raises(ValueError, match="two images"):
+        c2am_objective(features[:1], inside[:1])
