@@ -209,16 +209,9 @@ def c2am_objective(features: torch.Tensor, masks: torch.Tensor, batch_size: int 
     ``[N, h, w]`` on ``features`` ``[N, C, h, w]``, averaged over batches of ``batch_size``
     images drawn in a fixed random order (training batches mix the classes; a split is stored
     in class order), a last batch of one image, which has no pairs, left out."""
-    from wsol_core.methods.c2am import (
-        C2AMConfig,
-        cosine_matrix,
-        fg_bg_representations,
-        negative_loss,
-        positive_loss,
-        rank_weights,
-    )
+    from wsol_core.methods.c2am import C2AMConfig, contrastive_terms, fg_bg_representations
 
-    cfg = C2AMConfig()
+    cfg = C2AMConfig()  # the method's defaults: every term at weight 1
     sums = {"neg": 0.0, "pos_fg": 0.0, "pos_bg": 0.0}
     batches = 0
     order = torch.randperm(len(features), generator=torch.Generator().manual_seed(0))
@@ -228,10 +221,8 @@ def c2am_objective(features: torch.Tensor, masks: torch.Tensor, batch_size: int 
         if len(z) < 2:
             continue
         v_f, v_b = fg_bg_representations(p, z, cfg.pool_norm)
-        s_fg, s_bg = cosine_matrix(v_f, v_f, cfg.sim_eps), cosine_matrix(v_b, v_b, cfg.sim_eps)
-        sums["neg"] += float(negative_loss(cosine_matrix(v_f, v_b, cfg.sim_eps)))
-        sums["pos_fg"] += float(positive_loss(s_fg, rank_weights(s_fg, cfg.alpha, cfg.rank_scope)))
-        sums["pos_bg"] += float(positive_loss(s_bg, rank_weights(s_bg, cfg.alpha, cfg.rank_scope)))
+        for name, value in contrastive_terms(v_f, v_b, cfg).items():
+            sums[name] += float(value)
         batches += 1
     if not batches:
         raise ValueError("C2AM's objective needs at least two images")
@@ -250,8 +241,10 @@ def measure_stage(val: Split, test: Split, stage: str, components: int) -> dict:
     mean, directions, explained = principal_directions(rows, components)
     out: dict = {"channels": features.shape[1], "grid": list(grid), "box_cell_share": float(inside.float().mean())}
     found = []
+    splits = {"gt_box": inside.float(), "other_images_box": inside.roll(1, dims=0).float()}
     for index, direction in enumerate(directions):
         maps = project(features, mean, direction)
+        splits[f"pc{index + 1}"] = (maps > 0).float()
         plus, minus = box_scores(maps, test), box_scores(-maps, test)
         flip = border_says_flip(maps)
         found.append(
@@ -267,9 +260,6 @@ def measure_stage(val: Split, test: Split, stage: str, components: int) -> dict:
             }
         )
     out["components"] = found
-    splits = {"gt_box": inside.float(), "other_images_box": inside.roll(1, dims=0).float()}
-    for index, direction in enumerate(directions):
-        splits[f"pc{index + 1}"] = (project(features, mean, direction) > 0).float()
     out["c2am_objective"] = {
         name: {"area": float(mask.mean()), **c2am_objective(features, mask)} for name, mask in splits.items()
     }

@@ -237,6 +237,19 @@ def positive_loss(sim: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return -terms.sum() / max(n * (n - 1), 1)
 
 
+def contrastive_terms(fg: torch.Tensor, bg: torch.Tensor, cfg: C2AMConfig) -> dict[str, torch.Tensor]:
+    """Eq. 9 as weighted terms of eq. 1's representations ``fg`` / ``bg`` ``[B, C]``: ``neg``
+    (eq. 2), ``pos_fg`` (eq. 7), ``pos_bg`` (eq. 8); a term whose weight is 0 is left out."""
+    terms: dict[str, torch.Tensor] = {}
+    if cfg.neg_weight > 0:
+        terms["neg"] = cfg.neg_weight * negative_loss(cosine_matrix(fg, bg, cfg.sim_eps))
+    for name, weight, v in (("pos_fg", cfg.pos_fg_weight, fg), ("pos_bg", cfg.pos_bg_weight, bg)):
+        if weight > 0:
+            sim = cosine_matrix(v, v, cfg.sim_eps)
+            terms[name] = weight * positive_loss(sim, rank_weights(sim, cfg.alpha, cfg.rank_scope))
+    return terms
+
+
 def border_foreground_fraction(maps: torch.Tensor, threshold: float = 0.5, border: int = 1) -> torch.Tensor:
     """The released code's orientation statistic, per image: binarize at ``threshold``
     (``> threshold`` is 1) and average the means of the top rows, bottom rows, left columns and
@@ -331,15 +344,7 @@ class C2AM(WSOLMethod):
     def losses(self, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         """Eq. 9 as weighted terms ``neg`` (eq. 2), ``pos_fg`` (eq. 7), ``pos_bg`` (eq. 8), plus the
         probe's ``cls`` (labelled samples only; 0 when none is labelled)."""
-        cfg = self.cfg
-        fg, bg = outputs["fg"], outputs["bg"]
-        terms: dict[str, torch.Tensor] = {}
-        if cfg.neg_weight > 0:
-            terms["neg"] = cfg.neg_weight * negative_loss(cosine_matrix(fg, bg, cfg.sim_eps))
-        for name, weight, v in (("pos_fg", cfg.pos_fg_weight, fg), ("pos_bg", cfg.pos_bg_weight, bg)):
-            if weight > 0:
-                sim = cosine_matrix(v, v, cfg.sim_eps)
-                terms[name] = weight * positive_loss(sim, rank_weights(sim, cfg.alpha, cfg.rank_scope))
+        terms = contrastive_terms(outputs["fg"], outputs["bg"], self.cfg)
         if self.probe is not None and "logits" in outputs:
             terms["cls"] = probe_loss(outputs["logits"], batch.labels)
         return terms
@@ -476,6 +481,7 @@ __all__ = [
     "C2AM",
     "C2AMConfig",
     "border_foreground_fraction",
+    "contrastive_terms",
     "cosine_matrix",
     "fg_bg_representations",
     "negative_loss",
