@@ -60,6 +60,17 @@ def _share_the_machine(request: pytest.FixtureRequest, _lock_path: Path | None) 
         yield
 
 
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[str]:
+    """The Ray head that this pytest worker's training jobs join (``job_env(ray_head)`` in
+    ``tests/test_train_job.py``): started on the first test that asks for it, stopped at the end of
+    the session (``tests/ray_head.py`` says which tests keep their own instance, and why)."""
+    from ray_head import shared_head
+
+    with shared_head() as address:
+        yield address
+
+
 #: The files whose tests take longest together, slowest first (BENCHMARKS.md, "The suite on two
 #: workers": each about 5-16 min on the shared 2-core box).
 SLOWEST_FIRST = (

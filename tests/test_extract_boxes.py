@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -269,9 +268,11 @@ def test_the_command_names_bad_input_before_any_work(tmp_path, shards, capsys): 
 
 
 @pytest.mark.integration
-def test_the_command_on_two_ray_workers(tmp_path, shards):  # noqa: F811
+def test_the_command_on_two_ray_workers(tmp_path, shards, ray_head):  # noqa: F811
+    from test_train_job import job_env
+
     out = tmp_path / "sidecar"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = job_env(ray_head)
     done = subprocess.run(
         [
             sys.executable,
@@ -308,6 +309,7 @@ def test_the_command_on_two_ray_workers(tmp_path, shards):  # noqa: F811
 def test_the_two_stages_end_to_end_extract_train_the_regressor_on_ray_and_pair_it_with_a_classifier(
     tmp_path,
     shards,  # noqa: F811
+    ray_head,
 ):
     """A CAM checkpoint's boxes over train -> the box regressor trained by the training job (Ray
     Train, MLflow) from that sidecar -> scored with the CAM as its classifier."""
@@ -327,7 +329,7 @@ def test_the_two_stages_end_to_end_extract_train_the_regressor_on_ray_and_pair_i
     command = job_command(tmp_path, "--method", "regressor", name="regressor")
     command += ["--set", f"data.root={data}", "--set", "data.pseudo_boxes=train.pseudo_boxes"]
     command += ["--set", "optim.head_lr_mult=2"]
-    done = subprocess.run(command, cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=tmp_path, env=job_env(ray_head), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

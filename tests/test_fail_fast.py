@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from data_fixtures import bogus_huffman_jpeg, sample_members, write_raw_split
 from mlflow.tracking import MlflowClient
-from test_train_job import JOB, job_command, job_env
+from test_train_job import JOB, TEST_WORKERS, job_command, job_env
 
 from wsol_core.data.manifest import check_shard_hashes, verify_split
 
@@ -35,7 +35,9 @@ def _data_root(root: Path, bad_train_key: str | None = None, n_train: int = 32) 
     return root
 
 
-def _job(tmp_path: Path, root: Path, *extra: str, name: str = "job", timeout: int = 600) -> subprocess.CompletedProcess:
+def _job(
+    tmp_path: Path, root: Path, *extra: str, name: str = "job", ray_address: str | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     command = [
         sys.executable,
         str(JOB),
@@ -61,16 +63,18 @@ def _job(tmp_path: Path, root: Path, *extra: str, name: str = "job", timeout: in
         "eval.batch_size=4",
         "--set",
         "eval.num_vis_images=2",
+        "--set",
+        f"run.num_workers={TEST_WORKERS}",
         *extra,
     ]
-    env = dict(job_env(), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    env = dict(job_env(ray_address), XDG_CACHE_HOME=str(tmp_path / "cache"))
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_a_batch_larger_than_the_split_fails_before_ray(tmp_path):
     start = time.monotonic()
     result = subprocess.run(
-        job_command(tmp_path, "--set", "data.synthetic.num_train=12", "--set", "data.batch_size=32"),
+        job_command(tmp_path, "--set", "data.synthetic.num_train=12", "--set", "data.batch_size=32", workers=2),
         cwd=tmp_path,
         env=job_env(),
         capture_output=True,
@@ -121,10 +125,10 @@ def test_hashes_are_checked_once_per_file_version(tmp_path):
     assert set(cached) == {str(s.tar.resolve()) for s in split.shards}
 
 
-def test_a_fault_only_the_workers_see_is_not_retried(tmp_path):
+def test_a_fault_only_the_workers_see_is_not_retried(tmp_path, ray_head):
     root = _data_root(tmp_path / "data", bad_train_key="train_005")
     start = time.monotonic()
-    result = _job(tmp_path, root, "--set", "run.max_failures=3")
+    result = _job(tmp_path, root, "--set", "run.max_failures=3", ray_address=ray_head)
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
     assert "not retried: ShardError is a fault of the data or the configuration" in result.stderr
     assert "sample 'train_005': cannot decode image" in result.stderr
@@ -135,7 +139,7 @@ def test_a_fault_only_the_workers_see_is_not_retried(tmp_path):
     print(f"failed after {time.monotonic() - start:.0f} s")
 
     # The same data with data.skip_corrupt: trains, and MLflow counts the skipped sample per epoch.
-    result = _job(tmp_path, root, "--set", "data.skip_corrupt=true", name="skipping")
+    result = _job(tmp_path, root, "--set", "data.skip_corrupt=true", name="skipping", ray_address=ray_head)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     run = next(
         r

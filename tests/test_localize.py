@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -114,9 +113,11 @@ def test_shard_split_in_one_process(tmp_path, shards, capsys):
 
 
 @pytest.mark.integration
-def test_shard_split_on_two_ray_workers(tmp_path, shards):
+def test_shard_split_on_two_ray_workers(tmp_path, shards, ray_head):
+    from test_train_job import job_env
+
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = job_env(ray_head)
     done = subprocess.run(
         [
             sys.executable,

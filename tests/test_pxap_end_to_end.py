@@ -61,7 +61,7 @@ def protocol_layout(root: Path) -> None:
             (meta / "localization.txt").write_text("\n".join(loc) + "\n")
 
 
-def test_masks_to_shards_to_training_to_pxap_in_mlflow(tmp_path):
+def test_masks_to_shards_to_training_to_pxap_in_mlflow(tmp_path, ray_head):
     protocol_layout(tmp_path / "src")
     shards = tmp_path / "shards"
     convert = [
@@ -105,7 +105,9 @@ def test_masks_to_shards_to_training_to_pxap_in_mlflow(tmp_path):
         "--set",
         "run.experiment=openimages",
     ]
-    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    from test_train_job import job_env
+
+    env = job_env(ray_head)
     done = subprocess.run(train, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train_job import TEST_WORKERS, job_env, used_ray
 
 from wsol_core.checkpoint import (
     MANIFEST_FILE,
@@ -167,7 +168,9 @@ def test_evaluate_and_pretrained_name_a_truncated_checkpoint(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def job(tmp_path: Path, *extra: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def job(
+    tmp_path: Path, *extra: str, ray_address: str, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     command = [
         sys.executable,
         str(REPO / "jobs" / "train_imagenet.py"),
@@ -197,9 +200,11 @@ def job(tmp_path: Path, *extra: str, env: dict | None = None, timeout: int = 600
         "eval.num_vis_images=0",
         "--set",
         "train.keep_best=3",
+        "--set",
+        f"run.num_workers={TEST_WORKERS}",
         *extra,
     ]
-    full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONUNBUFFERED": "1"} | (env or {})
+    full_env = job_env(ray_address) | (env or {})
     return subprocess.run(command, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -223,7 +228,7 @@ def by_epoch(run_dir: Path) -> dict[int, Path]:
 
 
 @pytest.mark.integration
-def test_a_kill_mid_save_then_damaged_checkpoints_resume_cleanly_or_stop_before_ray(tmp_path):
+def test_a_kill_mid_save_then_damaged_checkpoints_resume_cleanly_or_stop_before_ray(tmp_path, ray_head):
     """One run, harmed three ways in turn (each training job costs the suite a minute or more): a
     worker killed while it writes epoch 2's checkpoint, which leaves nothing half-written and a run
     that resumes; then the newest checkpoint damaged, which the resume skips for the previous one;
@@ -237,7 +242,7 @@ def test_a_kill_mid_save_then_damaged_checkpoints_resume_cleanly_or_stop_before_
         "WSOL_TEST_KILL_SAVE_EPOCH": "2",
         "WSOL_TEST_KILL_SAVE_MARKER": str(marker),
     }
-    killed = job(tmp_path, "--set", "run.max_failures=0", env=inject)
+    killed = job(tmp_path, "--set", "run.max_failures=0", ray_address=ray_head, env=inject)
     assert marker.exists(), killed.stdout[-3000:] + killed.stderr[-3000:]  # the worker died inside torch.save
     assert killed.returncode != 0
     assert set(by_epoch(run_dir)) == {1}  # nothing half-written reached the run's storage
@@ -245,7 +250,7 @@ def test_a_kill_mid_save_then_damaged_checkpoints_resume_cleanly_or_stop_before_
     client, found = runs(tmp_path)
     logged_before_the_kill = [m.step for m in client.get_metric_history(found[0].info.run_id, "train/loss")]
     assert 1 in logged_before_the_kill  # (2 as well when the loss reached MLflow before the save died)
-    first = job(tmp_path)
+    first = job(tmp_path, ray_address=ray_head)
     out = first.stdout + first.stderr
     assert first.returncode == 0, out[-4000:]
     assert "is damaged" not in out and "resuming at epoch 2 from a checkpoint of epoch 1" in out
@@ -255,7 +260,7 @@ def test_a_kill_mid_save_then_damaged_checkpoints_resume_cleanly_or_stop_before_
     saved = by_epoch(run_dir)
     assert {1, 2} <= set(saved)
     truncate(saved[2])
-    second = job(tmp_path, "--epochs", "3")  # continue one epoch further
+    second = job(tmp_path, "--epochs", "3", ray_address=ray_head)  # continue one epoch further
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-4000:]
     assert f"checkpoint {saved[2]} is damaged" in out and f"resuming from {saved[1]} (epoch 1)" in out
@@ -270,12 +275,12 @@ def test_a_kill_mid_save_then_damaged_checkpoints_resume_cleanly_or_stop_before_
     for directory in checkpoints:
         truncate(directory)
     before = cpu_seconds_of_children()
-    refused = job(tmp_path, "--epochs", "3")
+    refused = job(tmp_path, "--epochs", "3", ray_address=ray_head)
     assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
     # Quick and before Ray: timed in CPU seconds (the job and everything it started), which a
     # test running beside this one on the other xdist worker does not stretch as it does wall time.
     refused_cpu_s = cpu_seconds_of_children() - before
-    assert refused_cpu_s < 60 and "Started a local Ray instance" not in refused.stdout + refused.stderr
+    assert refused_cpu_s < 60 and not used_ray(refused.stdout + refused.stderr)
     assert (
         "every checkpoint of the run" in refused.stderr
         and "--resume-from" in refused.stderr
@@ -283,7 +288,7 @@ def test_a_kill_mid_save_then_damaged_checkpoints_resume_cleanly_or_stop_before_
     )
     for directory in checkpoints:
         assert str(directory) in refused.stderr
-    fresh = job(tmp_path, "--no-resume", "--epochs", "1")
+    fresh = job(tmp_path, "--no-resume", "--epochs", "1", ray_address=ray_head)
     assert fresh.returncode == 0 and "a fresh run under the new name 'corr1-" in fresh.stdout
     _, found = runs(tmp_path)
     assert len(found) == 2

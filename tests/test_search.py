@@ -135,6 +135,8 @@ TINY = [
     "data.batch_size=16",
     "--set",
     "eval.num_vis_images=0",
+    "--set",
+    "run.num_workers=1",  # one Train worker per trial: a worker process fewer per fit (tests/test_train_job.py)
 ]
 
 
@@ -161,15 +163,14 @@ def _command(tmp_path: Path, *extra: str) -> list[str]:
     ]
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+def _env(ray_address: str) -> dict:
+    from test_train_job import job_env
+
+    return job_env(ray_address)
 
 
 @pytest.mark.integration
-def test_search_interrupted_then_restored_end_to_end(tmp_path):
+def test_search_interrupted_then_restored_end_to_end(tmp_path, ray_head):
     """One search, cut by Ctrl-C after its first trial's first epoch and restored by the same
     command (a search costs the suite minutes): the restore, then the finished search's nested
     runs, ASHA's early stop, the summary artifacts and the best config."""
@@ -181,7 +182,7 @@ def test_search_interrupted_then_restored_end_to_end(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
         cwd=tmp_path,
-        env=_env(),
+        env=_env(ray_head),
         start_new_session=True,
     )
     state = tmp_path / "ray" / "s"
@@ -196,7 +197,7 @@ def test_search_interrupted_then_restored_end_to_end(tmp_path):
     first, _ = proc.communicate(timeout=180)
     assert proc.returncode != 0, first[-2000:]
 
-    out = subprocess.run(command, capture_output=True, text=True, timeout=1500, cwd=tmp_path, env=_env())
+    out = subprocess.run(command, capture_output=True, text=True, timeout=1500, cwd=tmp_path, env=_env(ray_head))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "restoring the search" in out.stdout and "(restored)" in out.stdout
     best_path = state / "best_config.yaml"

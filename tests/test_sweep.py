@@ -8,7 +8,6 @@ JSON's aggregates against the child runs' metrics read back through the MLflow c
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -100,9 +99,11 @@ def test_bad_variant_exits_before_ray(tmp_path):
 
 
 @pytest.mark.integration
-def test_ablation_sweep_end_to_end(tmp_path):
+def test_ablation_sweep_end_to_end(tmp_path, ray_head):
+    from test_train_job import job_env
+
     out_json = tmp_path / "ablation.json"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = job_env(ray_head)
     command = [
         sys.executable,
         str(SCRIPT),
@@ -124,6 +125,8 @@ def test_ablation_sweep_end_to_end(tmp_path):
         "data.batch_size=16",
         "--set",
         "eval.num_vis_images=0",
+        "--set",
+        "run.num_workers=1",  # one Train worker per run: a worker process fewer per fit (tests/test_train_job.py)
         "--set",
         f"data.synthetic.cache_dir={tmp_path / 'data'}",
         "--storage-path",

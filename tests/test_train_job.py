@@ -34,7 +34,15 @@ EPOCH_KEYS = [
 ]
 
 
-def job_command(tmp_path: Path, *extra: str, name: str = "job", epochs: int = 2) -> list[str]:
+#: Ray Train workers of a test job. One, unless a test is about two: each worker is a process that
+#: imports torch, Ray Train, MLflow and DALI (about 40 s of CPU on the 2-core box, BENCHMARKS.md
+#: "The suite on two workers"), and two ranks are checked by the tests that pass ``workers=2``.
+TEST_WORKERS = 1
+
+
+def job_command(
+    tmp_path: Path, *extra: str, name: str = "job", epochs: int = 2, workers: int = TEST_WORKERS
+) -> list[str]:
     return [
         sys.executable,
         str(JOB),
@@ -62,24 +70,46 @@ def job_command(tmp_path: Path, *extra: str, name: str = "job", epochs: int = 2)
         "eval.batch_size=16",
         "--set",
         "eval.num_vis_images=4",
+        "--set",
+        f"run.num_workers={workers}",
         *extra,
     ]
 
 
-def job_env() -> dict[str, str]:
+#: What a job prints when it starts or joins Ray: a job refused before Ray prints neither.
+RAY_USED = ("Started a local Ray instance", "Connecting to existing Ray cluster")
+
+
+def used_ray(output: str) -> bool:
+    return any(mark in output for mark in RAY_USED)
+
+
+def job_env(ray_address: str | None = None) -> dict[str, str]:
+    """The environment of a test job: its own private Ray instance, or with ``ray_address`` (the
+    ``ray_head`` fixture) the pytest worker's shared head."""
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     env["PYTHONUNBUFFERED"] = "1"
+    if ray_address is not None:
+        from ray_head import head_env
+
+        env.update(head_env(), RAY_ADDRESS=ray_address)
     return env
 
 
 def run_job(
-    tmp_path: Path, *extra: str, name: str = "job", epochs: int = 2, timeout: int = 600
+    tmp_path: Path,
+    *extra: str,
+    name: str = "job",
+    epochs: int = 2,
+    workers: int = TEST_WORKERS,
+    ray_address: str | None = None,
+    timeout: int = 600,
 ) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        job_command(tmp_path, *extra, name=name, epochs=epochs),
+        job_command(tmp_path, *extra, name=name, epochs=epochs, workers=workers),
         cwd=tmp_path,
-        env=job_env(),
+        env=job_env(ray_address),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -100,8 +130,8 @@ def epochs_logged(client: MlflowClient, run_id: str, key: str = "val/maxboxacc_v
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-def test_two_workers_train_and_record_everything_in_mlflow(tmp_path):
-    result = run_job(tmp_path, "--method", "fmcg")
+def test_two_workers_train_and_record_everything_in_mlflow(tmp_path, ray_head):
+    result = run_job(tmp_path, "--method", "fmcg", workers=2, ray_address=ray_head)
     assert "val MaxBoxAccV2 =" in result.stdout and "mlflow ui --backend-store-uri" in result.stdout
 
     client, run = only_run(tmp_path)

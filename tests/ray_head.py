@@ -1,0 +1,164 @@
+"""A ``ray start`` head for the tests: the helpers that start one and wait until it is usable
+(``tests/test_ray_job_submit.py``, ``tests/test_cluster_auth.py``), and the head that the training
+jobs of one pytest worker share (the ``ray_head`` fixture of ``tests/conftest.py``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def private_agent_ports() -> list[str]:
+    """``ray start`` options giving the head's agents free ports of their own.
+
+    Their defaults (the job agent's HTTP port 52365 above all) are fixed numbers in the ephemeral
+    range: when anything on the machine holds one, the agent stays alive with its HTTP service
+    disabled ("Failed to start HTTP server ... address already in use" in dashboard_agent.log), and
+    every ``ray job submit`` is refused with "No available agent" for as long as the head runs
+    (seen in the suite). cluster/ray_on_slurm.py gives each job's head its own ports likewise.
+    """
+    return [
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+    ]
+
+
+def wait_for_head(head: subprocess.Popen, dashboard: int, timeout: float = 300) -> int:
+    """Wait until the head's dashboard answers; its HTTP status without credentials (401 when the
+    head requires a token)."""
+    deadline = time.time() + timeout
+    while True:
+        assert head.poll() is None, head.communicate()[0][-3000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{dashboard}/api/version", timeout=2) as response:
+                return response.status
+        except urllib.error.HTTPError as err:
+            return err.code
+        except OSError:
+            assert time.time() < deadline, "the Ray head did not come up"
+            time.sleep(2)
+
+
+#: The files the raylet of a starting node waits for (each agent writes its own port), and the
+#: message with which it aborts when one is late.
+AGENT_PORT_FILES = ("dashboard_agent_listen_port_", "metrics_agent_port_", "runtime_env_agent_port_")
+AGENT_FILE_TIMEOUT = "Timed out waiting for file"
+
+
+@contextmanager
+def running_head(command: list[str], env: dict[str, str], dashboard: int | None, temp_dir: str) -> Iterator[int | None]:
+    """Start a ``ray start --head --block`` head (``command``), wait until it is up, and yield its
+    dashboard's HTTP status without credentials (``None`` for a head without a dashboard, ``dashboard``
+    None); stop its whole process group on the way out (``ray start --block`` ignores SIGTERM).
+
+    A start is tried again, three times in all, when it died the one way that is Ray's and not
+    the test's: the raylet gives each agent a fixed 15 s to write its port file and aborts when
+    one is late ("Timed out waiting for file ...", ray-project/ray#65983), which on a loaded 2-core
+    box happens after the dashboard already answered. The project's own private instances retry
+    a failed start likewise (``wsol_core/train/ray_session.py``).
+    """
+    for attempt in range(1, 4):
+        head = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        try:
+            status = wait_for_head(head, dashboard) if dashboard is not None else None
+            if _agents_up(head, temp_dir):
+                yield status
+                return
+        finally:
+            try:
+                os.killpg(head.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            head.wait(timeout=30)
+        raylet_log = Path(temp_dir) / "session_latest" / "logs" / "raylet.out"  # this attempt's session
+        assert raylet_log.is_file() and AGENT_FILE_TIMEOUT in raylet_log.read_text(), (
+            head.stdout.read() if head.stdout else ""
+        )[-3000:]
+        print(f"attempt {attempt}: the head's raylet aborted waiting for an agent's port file; starting it again")
+    pytest.fail("the Ray head died three times while its agents started (ray-project/ray#65983)")
+
+
+def _agents_up(head: subprocess.Popen, temp_dir: str, timeout: float = 120) -> bool:
+    """True once every agent wrote its port file and the head is still alive 2 s later (past the
+    raylet's check); False when the head died first."""
+    deadline = time.time() + timeout
+    session = Path(temp_dir) / "session_latest"
+    while not all(list(session.glob(f"{prefix}*")) for prefix in AGENT_PORT_FILES):
+        if head.poll() is not None:
+            return False
+        assert time.time() < deadline, "the head's agents did not write their ports"
+        time.sleep(0.5)
+    time.sleep(2)
+    return head.poll() is None
+
+
+@contextmanager
+def shared_head() -> Iterator[str]:
+    """A head that the training jobs of one pytest worker join (``RAY_ADDRESS``) instead of each
+    starting a private instance: a job then skips Ray's start and shutdown and finds Ray Train's
+    autoscaling coordinator already running (a 1-epoch test job: 147-168 s and about 190 s of CPU
+    against 191 s and 250 s on its own instance; BENCHMARKS.md, "The suite on two workers").
+
+    Joining a running cluster is what ``ray job submit`` and the SLURM launcher's jobs do; the tests
+    of what only a private instance does (its start, pinning and retries, a killed driver taking its
+    Ray with it, two instances side by side) keep starting their own. As on a private instance, the
+    preemption watcher is off (``wsol_core/train/ray_session.py``). No dashboard: nothing here
+    reads it, and it is the head's largest part.
+
+    Yields the head's GCS address."""
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env.update(head_env())
+    from ray.util import get_node_ip_address
+
+    # The address Ray itself gives this node: a driver that joins must find a raylet on its own
+    # node's address, so a head bound to 127.0.0.1 cannot be joined by drivers on 192.0.2.x.
+    address = f"{get_node_ip_address()}:{free_port()}"
+    temp_dir = tempfile.mkdtemp(prefix="rays", dir="/tmp")  # short: Ray's socket paths have a length limit
+    command = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        f"--port={address.rsplit(':', 1)[1]}",
+        "--num-cpus=2",
+        f"--temp-dir={temp_dir}",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+        *private_agent_ports(),
+        "--block",
+    ]
+    with running_head(command, env, None, temp_dir):
+        yield address
+
+
+def head_env() -> dict[str, str]:
+    """What a head started by ``ray start`` and the jobs that join it need in their environment."""
+    return {
+        "RAY_AUTH_MODE": "token",  # a head started by `ray start` requires token auth
+        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",  # the cluster already runs the locked environment
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    }
