@@ -61,14 +61,32 @@ def _share_the_machine(request: pytest.FixtureRequest, _lock_path: Path | None) 
 
 
 @pytest.fixture(scope="session")
-def ray_head() -> Iterator[str]:
-    """The Ray head that this pytest worker's training jobs join (``job_env(ray_head)`` in
-    ``tests/test_train_job.py``): started on the first test that asks for it, stopped at the end of
-    the session (``tests/ray_head.py`` says which tests keep their own instance, and why)."""
+def _shared_ray_head() -> Iterator[dict]:
     from ray_head import shared_head
 
     with shared_head() as address:
-        yield address
+        yield {"address": address, "left_held": None}
+
+
+@pytest.fixture
+def ray_head(_shared_ray_head: dict) -> Iterator[str]:
+    """The Ray head that this pytest worker's training jobs join (``job_env(ray_head)`` in
+    ``tests/test_train_job.py``): started on the first test that asks for it, stopped at the end of
+    the session (``tests/ray_head.py`` says which tests keep their own instance, and why).
+
+    A test that leaves CPUs of the head held (placement groups that outlived their job) fails at
+    its teardown with ``ray status``, and every later test that asks for the head fails at once
+    with the same text, instead of waiting on the held CPUs until its timeout."""
+    from ray_head import wait_until_free
+
+    head = _shared_ray_head
+    if head["left_held"] is not None:
+        pytest.fail(f"the shared Ray head is unusable: {head['left_held']}")
+    yield head["address"]
+    held = wait_until_free(head["address"])
+    if held is not None:
+        head["left_held"] = f"a test left its CPUs held; `ray status`:\n{held}"
+        pytest.fail(head["left_held"])
 
 
 #: The files whose tests take longest together, slowest first (BENCHMARKS.md, "The suite on two

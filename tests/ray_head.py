@@ -5,6 +5,7 @@ jobs of one pytest worker share (the ``ray_head`` fixture of ``tests/conftest.py
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -162,3 +163,38 @@ def head_env() -> dict[str, str]:
         "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",  # the cluster already runs the locked environment
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     }
+
+
+def reserved_cpus(address: str) -> tuple[float | None, str]:
+    """CPUs of the head at ``address`` held by running work or kept in placement groups, from
+    ``ray status``, and its text; ``None`` when ``ray status`` did not tell (it failed or took more
+    than a minute on a loaded machine)."""
+    env = dict(os.environ, **head_env())
+    env.pop("RAY_ADDRESS", None)
+    try:
+        done = subprocess.run(
+            [str(BIN / "ray"), "status", "--address", address], env=env, capture_output=True, text=True, timeout=60
+        )
+    except subprocess.TimeoutExpired:
+        return None, "`ray status` took more than 60 s"
+    text = done.stdout + done.stderr
+    # " 1.0/2.0 CPU" or " 0.0/2.0 CPU (0.0 used of 2.0 reserved in placement groups)"
+    match = re.search(r"([\d.]+)/[\d.]+ CPU(?: \([\d.]+ used of ([\d.]+) reserved in placement groups\))?", text)
+    if done.returncode != 0 or match is None:
+        return None, text
+    return max(float(match.group(1)), float(match.group(2) or 0.0)), text
+
+
+def wait_until_free(address: str, timeout: float = 120) -> str | None:
+    """What ``ray status`` said when CPUs of the head were still held ``timeout`` seconds on;
+    ``None`` once none is, or when ``ray status`` never told (a check that cannot see does not
+    fail a test). A job's placement groups go shortly after its driver, so a few seconds' hold is
+    normal."""
+    deadline = time.time() + timeout
+    while True:
+        held, text = reserved_cpus(address)
+        if held == 0.0:
+            return None
+        if time.time() > deadline:
+            return text if held is not None else None
+        time.sleep(5)

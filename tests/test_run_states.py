@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_train_job import epochs_logged, job_command, job_env, only_run
+from test_train_job import TEST_WORKERS, epochs_logged, job_command, job_env, only_run
 
 pytestmark = pytest.mark.integration
 
@@ -94,7 +94,8 @@ def test_every_way_a_run_stops_marks_it_and_the_same_command_resumes_it(tmp_path
     assert "Traceback" not in err.split("[wsol] stopped by SIGINT")[-1]
     # Not a terminal: plain progress lines, one per epoch's end, and no redrawn bars.
     log = out + err
-    assert log.count(f"[wsol] epoch 1/{EPOCHS} done: 4 steps in ") == 1, log[-3000:]
+    steps = 64 // (8 * TEST_WORKERS)  # job_command's 64 training images, batch 8 per worker
+    assert log.count(f"[wsol] epoch 1/{EPOCHS} done: {steps} steps in ") == 1, log[-3000:]
     assert "█" not in log and "100%|" not in log
 
     # 2. SIGTERM (what a scheduler sends) to the resumed job: KILLED again, the same run.
