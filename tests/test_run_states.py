@@ -25,7 +25,7 @@ def _checkpoints(run_dir: Path) -> set[str]:
     return {d.name for d in run_dir.glob("checkpoint_*") if (d / "state.pt").is_file()}
 
 
-def _wait_for_a_new_checkpoint(run_dir: Path, process: subprocess.Popen, seen: set[str], timeout: float = 400) -> None:
+def _wait_for_a_new_checkpoint(run_dir: Path, process: subprocess.Popen, seen: set[str], timeout: float = 900) -> None:
     deadline = time.time() + timeout
     while not _checkpoints(run_dir) - seen:
         assert process.poll() is None, process.communicate()[0][-4000:]
