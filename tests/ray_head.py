@@ -43,6 +43,9 @@ def private_agent_ports() -> list[str]:
         f"--dashboard-agent-grpc-port={free_port()}",
         f"--metrics-export-port={free_port()}",
         f"--runtime-env-agent-port={free_port()}",
+        # Ray Client's 10001 likewise: with the pytest workers' shared heads up for the whole session,
+        # a second head on the default port could not start its client server.
+        f"--ray-client-server-port={free_port()}",
     ]
 
 
@@ -148,6 +151,7 @@ def shared_head() -> Iterator[str]:
         "--num-cpus=2",
         f"--temp-dir={temp_dir}",
         "--include-dashboard=false",
+        f"--dashboard-port={free_port()}",  # checked even without a dashboard: 8265 may be another instance's
         "--disable-usage-stats",
         *private_agent_ports(),
         "--block",
