@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_train_job import TEST_WORKERS
 
 from wsol_core.checkpoint import TrainingState, save_training_state
 from wsol_core.commands import pretrain_trunk
@@ -208,7 +209,7 @@ def test_pretraining_command_trains_exports_and_is_then_found_in_the_cache(tmp_p
         "--set",
         "data.batch_size=8",
         "--set",
-        "run.num_workers=1",  # a worker process fewer (tests/test_train_job.py)
+        f"run.num_workers={TEST_WORKERS}",
     ]
     first = subprocess.run(command, cwd=tmp_path, env=job_env(ray_head), capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_train_job import TEST_WORKERS
 
 from wsol_core.config import ConfigError, load_config, read_yaml
 from wsol_core.experiments.search import METRIC, SearchSettings
@@ -136,7 +137,7 @@ TINY = [
     "--set",
     "eval.num_vis_images=0",
     "--set",
-    "run.num_workers=1",  # one Train worker per trial: a worker process fewer per fit (tests/test_train_job.py)
+    f"run.num_workers={TEST_WORKERS}",
 ]
 
 

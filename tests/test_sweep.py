@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_train_job import TEST_WORKERS
 
 from benchmarks.ablation import parse_variants, targets
 from wsol_core.config import ConfigError, load_config, to_dict
@@ -126,7 +127,7 @@ def test_ablation_sweep_end_to_end(tmp_path, ray_head):
         "--set",
         "eval.num_vis_images=0",
         "--set",
-        "run.num_workers=1",  # one Train worker per run: a worker process fewer per fit (tests/test_train_job.py)
+        f"run.num_workers={TEST_WORKERS}",
         "--set",
         f"data.synthetic.cache_dir={tmp_path / 'data'}",
         "--storage-path",
