@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -49,12 +50,12 @@ def private_agent_ports() -> list[str]:
     ]
 
 
-def wait_for_head(head: subprocess.Popen, dashboard: int, timeout: float = 300) -> int:
+def wait_for_head(head: RayHead, dashboard: int, timeout: float = 300) -> int:
     """Wait until the head's dashboard answers; its HTTP status without credentials (401 when the
     head requires a token)."""
     deadline = time.time() + timeout
     while True:
-        assert head.poll() is None, head.communicate()[0][-3000:]
+        assert head.process.poll() is None, head.report()
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{dashboard}/api/version", timeout=2) as response:
                 return response.status
@@ -71,11 +72,48 @@ AGENT_PORT_FILES = ("dashboard_agent_listen_port_", "metrics_agent_port_", "runt
 AGENT_FILE_TIMEOUT = "Timed out waiting for file"
 
 
+@dataclass
+class RayHead:
+    """A running ``ray start --head --block`` head: its process, its temp dir and its dashboard's
+    HTTP status without credentials (``None`` without a dashboard)."""
+
+    process: subprocess.Popen
+    temp_dir: str
+    status: int | None
+
+    @property
+    def output_file(self) -> Path:
+        return Path(self.temp_dir) / "ray_start.out"
+
+    def died(self, grace: float = 5.0) -> bool:
+        """Whether the head has stopped, allowing ``grace`` seconds for ``ray start --block`` to
+        notice a dead part (it polls its processes each second) and take the rest down."""
+        try:
+            self.process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def report(self) -> str:
+        """What a failed test needs to tell Ray's failure from its own: whether the head still runs,
+        what ``ray start`` printed (it names the part that died), and the tails of its parts' logs."""
+        state = "running" if self.process.poll() is None else f"exited with {self.process.returncode}"
+        parts = [f"--- the Ray head: {state}", _tail(self.output_file)]
+        logs = Path(self.temp_dir) / "session_latest" / "logs"
+        for name in ("dashboard.err", "dashboard.log", "raylet.out", "gcs_server.out", "dashboard_agent.log"):
+            parts += [f"--- {name}", _tail(logs / name, 1500)]
+        return "\n".join(parts)
+
+
+def _tail(path: Path, chars: int = 3000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.is_file() else "(none)"
+
+
 @contextmanager
-def running_head(command: list[str], env: dict[str, str], dashboard: int | None, temp_dir: str) -> Iterator[int | None]:
-    """Start a ``ray start --head --block`` head (``command``), wait until it is up, and yield its
-    dashboard's HTTP status without credentials (``None`` for a head without a dashboard, ``dashboard``
-    None); stop its whole process group on the way out (``ray start --block`` ignores SIGTERM).
+def running_head(command: list[str], env: dict[str, str], dashboard: int | None, temp_dir: str) -> Iterator[RayHead]:
+    """Start a ``ray start --head --block`` head (``command``), wait until it is up, and yield it;
+    stop its whole process group on the way out (``ray start --block`` ignores SIGTERM). What it
+    prints goes to ``ray_start.out`` in ``temp_dir`` (a pipe nobody reads could fill and stall it).
 
     A start is tried again, three times in all, when it died the one way that is Ray's and not
     the test's: the raylet gives each agent a fixed 15 s to write its port file and aborts when
@@ -84,13 +122,15 @@ def running_head(command: list[str], env: dict[str, str], dashboard: int | None,
     a failed start likewise (``wsol_core/train/ray_session.py``).
     """
     for attempt in range(1, 4):
-        head = subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-        )
+        with open(Path(temp_dir) / "ray_start.out", "w") as output:
+            head = subprocess.Popen(
+                command, env=env, stdout=output, stderr=subprocess.STDOUT, text=True, start_new_session=True
+            )
+        started = RayHead(head, temp_dir, None)
         try:
-            status = wait_for_head(head, dashboard) if dashboard is not None else None
+            started.status = wait_for_head(started, dashboard) if dashboard is not None else None
             if _agents_up(head, temp_dir):
-                yield status
+                yield started
                 return
         finally:
             try:
@@ -99,9 +139,7 @@ def running_head(command: list[str], env: dict[str, str], dashboard: int | None,
                 pass
             head.wait(timeout=30)
         raylet_log = Path(temp_dir) / "session_latest" / "logs" / "raylet.out"  # this attempt's session
-        assert raylet_log.is_file() and AGENT_FILE_TIMEOUT in raylet_log.read_text(), (
-            head.stdout.read() if head.stdout else ""
-        )[-3000:]
+        assert raylet_log.is_file() and AGENT_FILE_TIMEOUT in raylet_log.read_text(), started.report()
         print(f"attempt {attempt}: the head's raylet aborted waiting for an agent's port file; starting it again")
     pytest.fail("the Ray head died three times while its agents started (ray-project/ray#65983)")
 

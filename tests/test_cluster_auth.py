@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_ray_job_submit import BIN, free_port, private_agent_ports, running_head, submit_job
+from ray_head import BIN, RayHead, free_port, private_agent_ports, running_head
+from test_ray_job_submit import submit_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,29 +62,47 @@ def test_a_head_started_as_ray_cluster_yaml_starts_it_refuses_unauthenticated_jo
         + f" --node-ip-address=127.0.0.1 --dashboard-port={dashboard} --num-cpus=1 --temp-dir={temp_dir}"
         + f" {' '.join(private_agent_ports())} --block"
     )
-    with running_head(["bash", "-c", "\n".join([*commands[:-1], start])], env, dashboard, temp_dir) as status:
-        assert status in (401, 403)  # up, and asking for the token
-        token = shared / ".ray" / "auth_token"
-        assert stat.S_IMODE(token.stat().st_mode) == 0o600 and stat.S_IMODE(token.parent.stat().st_mode) == 0o700
-        assert len(token.read_text().strip()) == 64
+    # A head that dies under the test (once in CI at load: its dashboard refused the second
+    # submission, the cause unrecorded) says nothing about authentication: start a fresh one once,
+    # with what `ray start` and the head's logs said printed, and judge the second head alone.
+    for attempt in (1, 2):
+        with running_head(["bash", "-c", "\n".join([*commands[:-1], start])], env, dashboard, temp_dir) as head:
+            accepted = _refuses_a_stranger_and_runs_the_token_holders_job(head, env, shared, dashboard, tmp_path)
+            if accepted.returncode == 0 or attempt == 2 or not head.died():
+                assert accepted.returncode == 0 and "the job ran" in accepted.stdout + accepted.stderr, (
+                    accepted.stderr[-3000:] + "\n" + head.report()
+                )
+                return
+            print(f"the Ray head died during the test; starting another\n{head.report()}")
 
-        submit = [
-            str(BIN / "ray"),
-            "job",
-            "submit",
-            "--address",
-            f"http://127.0.0.1:{dashboard}",
-            "--",
-            "python",
-            "-c",
-            "print('the job ran')",
-        ]
-        stranger = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH_")}
-        stranger["HOME"] = str(tmp_path / "stranger")  # and no ~/.ray/auth_token of this machine's user either
-        refused = subprocess.run(submit, env=stranger, capture_output=True, text=True, timeout=120)
-        assert refused.returncode != 0 and "the job ran" not in refused.stdout + refused.stderr
-        assert re.search(r"401|[Uu]nauthori[sz]ed|authenticat", refused.stdout + refused.stderr), refused.stderr[-2000:]
 
-        client = dict(stranger, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
-        accepted = submit_job(submit, env=client, timeout=300, temp_dir=temp_dir)
-        assert accepted.returncode == 0 and "the job ran" in accepted.stdout + accepted.stderr, accepted.stderr[-3000:]
+def _refuses_a_stranger_and_runs_the_token_holders_job(
+    head: RayHead, env: dict[str, str], shared: Path, dashboard: int, tmp_path: Path
+) -> subprocess.CompletedProcess:
+    """Submit a job without the token (refused with 401) and with it; the second submission."""
+    assert head.status in (401, 403)  # up, and asking for the token
+    token = shared / ".ray" / "auth_token"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and stat.S_IMODE(token.parent.stat().st_mode) == 0o700
+    assert len(token.read_text().strip()) == 64
+
+    submit = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        f"http://127.0.0.1:{dashboard}",
+        "--",
+        "python",
+        "-c",
+        "print('the job ran')",
+    ]
+    stranger = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH_")}
+    stranger["HOME"] = str(tmp_path / "stranger")  # and no ~/.ray/auth_token of this machine's user either
+    refused = subprocess.run(submit, env=stranger, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "the job ran" not in refused.stdout + refused.stderr
+    assert re.search(r"401|[Uu]nauthori[sz]ed|authenticat", refused.stdout + refused.stderr), (
+        refused.stderr[-2000:] + "\n" + head.report()
+    )
+
+    client = dict(stranger, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    return submit_job(submit, env=client, timeout=300, temp_dir=head.temp_dir)

@@ -65,7 +65,7 @@ def test_job_submitted_to_a_ray_head_trains_and_records(tmp_path):
         *private_agent_ports(),
         "--block",
     ]
-    with running_head(start, env, dashboard, temp_dir):
+    with running_head(start, env, dashboard, temp_dir) as head:
         db = tmp_path / "mlflow.db"
         submit = [
             str(BIN / "ray"),
@@ -106,7 +106,7 @@ def test_job_submitted_to_a_ray_head_trains_and_records(tmp_path):
             "run.cpus_per_worker=0.5",
         ]
         result = submit_job(submit, env, timeout=900, temp_dir=temp_dir, cwd=REPO)
-        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:] + head.report()
         assert "succeeded" in (result.stdout + result.stderr).lower()
         client = MlflowClient(f"sqlite:///{db}")
         runs = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id])
