@@ -164,17 +164,18 @@ def _command(tmp_path: Path, *extra: str) -> list[str]:
     ]
 
 
-def _env() -> dict:
-    """A private Ray instance per command: on a shared head, the search cut by Ctrl-C left both CPUs
-    reserved in placement groups, and the restored search waited for them (BENCHMARKS.md, "The
-    suite on two workers")."""
+def _env(ray_address: str) -> dict:
+    """The pytest worker's shared Ray head (no dashboard). Before the search freed the placement
+    groups of stopped trials itself (``wsol_core/experiments/placement_groups.py``), the restored
+    search waited forever here on the group of the first trial ASHA stopped: Ray Train's own
+    cleaner needs the dashboard's state API (BENCHMARKS.md, "A stopped trial's placement group")."""
     from test_train_job import job_env
 
-    return job_env()
+    return job_env(ray_address)
 
 
 @pytest.mark.integration
-def test_search_interrupted_then_restored_end_to_end(tmp_path):
+def test_search_interrupted_then_restored_end_to_end(tmp_path, ray_head):
     """One search, cut by Ctrl-C after its first trial's first epoch and restored by the same
     command (a search costs the suite minutes): the restore, then the finished search's nested
     runs, ASHA's early stop, the summary artifacts and the best config."""
@@ -186,7 +187,7 @@ def test_search_interrupted_then_restored_end_to_end(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
         cwd=tmp_path,
-        env=_env(),
+        env=_env(ray_head),
         start_new_session=True,
     )
     state = tmp_path / "ray" / "s"
@@ -201,7 +202,7 @@ def test_search_interrupted_then_restored_end_to_end(tmp_path):
     first, _ = proc.communicate(timeout=180)
     assert proc.returncode != 0, first[-2000:]
 
-    out = subprocess.run(command, capture_output=True, text=True, timeout=1500, cwd=tmp_path, env=_env())
+    out = subprocess.run(command, capture_output=True, text=True, timeout=1500, cwd=tmp_path, env=_env(ray_head))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "restoring the search" in out.stdout and "(restored)" in out.stdout
     best_path = state / "best_config.yaml"
@@ -230,6 +231,9 @@ def test_search_interrupted_then_restored_end_to_end(tmp_path):
         assert child.info.status != "RUNNING"
     statuses = [c.data.tags.get("wsol.search.status") for c in children]
     assert "early_stopped" in statuses, statuses  # ASHA stopped at least one trial after epoch 1
+    # and the stopped trial's Train placement group was freed for the next trial (on this head
+    # without a dashboard, by the search itself)
+    assert "freed the placement group" in out.stdout, out.stdout[-3000:]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"top_trials.json", "score_vs_params.png", "best_config.yaml", "space.yaml"} <= artifacts
     assert parent.info.status == "FINISHED"
