@@ -424,6 +424,36 @@ def test_trunk_objectness_scores_a_direction_that_marks_the_object_and_none_in_n
     assert blind["probe"]["maxboxacc_v2"] < found["probe"]["maxboxacc_v2"] - 30
 
 
+def test_c2am_split_overlap_tells_a_map_on_the_object_from_a_map_on_the_trunks_split():
+    import torch
+
+    from benchmarks.c2am_split_overlap import agreement, on_grid
+
+    generator = torch.Generator().manual_seed(0)
+    n, size = 16, 8
+    inside = torch.zeros(n, size, size, dtype=torch.bool)
+    inside[:, 2:5, 2:5] = True  # the object
+    other = torch.zeros(n, size, size, dtype=torch.bool)
+    other[:, 5:8, 0:4] = True  # the split the trunk's direction marks, off the object
+    # The trunk's projection: high on its split, with its sign flipped (a direction's sign is arbitrary).
+    pc_map = -(other.float() * 2.0 - 1.0) + 0.1 * torch.randn(n, size, size, generator=generator)
+
+    on_object = inside.float() + 0.1 * torch.rand(n, size, size, generator=generator)
+    found = agreement(on_object, pc_map, inside)
+    assert found["auc_vs_box"] > 0.99 and found["auc_vs_pc1_split"] < 0.75
+
+    on_split = other.float() + 0.1 * torch.rand(n, size, size, generator=generator)
+    found = agreement(on_split, pc_map, inside)
+    assert found["auc_vs_pc1_split"] > 0.99 and found["pc1_side"] == "minus"
+    assert found["corr_with_pc1"] > 0.9  # signed on the side that agrees
+    assert found["auc_vs_box"] < 0.5  # the split lies off the object: it ranks the box low
+
+    with pytest.raises(ValueError, match="shapes differ"):
+        agreement(on_split[:, :4], pc_map, inside)
+    assert on_grid(torch.ones(2, 4, 4), (8, 8)).shape == (2, 8, 8)
+    assert on_grid(on_split, (size, size)) is on_split
+
+
 def test_trunk_objectness_runs_on_a_trunk_file_and_the_benchmarks_shards(tmp_path):
     import torch
 
