@@ -52,6 +52,7 @@ from benchmarks.trunk_objectness import (  # noqa: E402
     descriptors,
     principal_directions,
     project,
+    real_samples,
 )
 
 
@@ -81,7 +82,7 @@ def trained_maps(method, batches: list) -> torch.Tensor:
     method.eval()
     out = []
     for batch in batches:
-        keep = (~batch.is_padding).nonzero().flatten() if batch.is_padding is not None else torch.arange(len(batch))
+        keep = real_samples(batch)
         out.append(method.inference(batch.images, batch.labels).maps[keep].float())
     return torch.cat(out)
 

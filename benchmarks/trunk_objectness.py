@@ -72,6 +72,11 @@ class Split:
     sizes: torch.Tensor
 
 
+def real_samples(batch) -> torch.Tensor:
+    """The indices of ``batch``'s real (not padding) samples."""
+    return (~batch.is_padding).nonzero().flatten() if batch.is_padding is not None else torch.arange(len(batch))
+
+
 @torch.no_grad()
 def collect(backbone, loader, stages: list[str]) -> Split:
     """The backbone's output after each of ``stages`` (``image``: the pooled input) over ``loader``."""
@@ -82,7 +87,7 @@ def collect(backbone, loader, stages: list[str]) -> Split:
     boxes: list[torch.Tensor] = []
     sizes: list[torch.Tensor] = []
     for batch in loader:
-        keep = (~batch.is_padding).nonzero().flatten() if batch.is_padding is not None else torch.arange(len(batch))
+        keep = real_samples(batch)
         if "image" in features:
             features["image"].append(F.avg_pool2d(batch.images[keep].float(), IMAGE_STRIDE))
         x = batch.images[keep].float()

@@ -50,6 +50,12 @@ def private_agent_ports() -> list[str]:
     ]
 
 
+def job_submit(dashboard: int) -> list[str]:
+    """``ray job submit`` to the head whose dashboard listens on ``dashboard``; the job's options
+    and ``-- command`` follow."""
+    return [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}"]
+
+
 def wait_for_head(head: RayHead, dashboard: int, timeout: float = 300) -> int:
     """Wait until the head's dashboard answers; its HTTP status without credentials (401 when the
     head requires a token)."""

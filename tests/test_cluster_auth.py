@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ray_head import BIN, RayHead, free_port, private_agent_ports, running_head
+from ray_head import BIN, RayHead, free_port, job_submit, private_agent_ports, running_head
 from test_ray_job_submit import submit_job
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,11 +86,7 @@ def _refuses_a_stranger_and_runs_the_token_holders_job(
     assert len(token.read_text().strip()) == 64
 
     submit = [
-        str(BIN / "ray"),
-        "job",
-        "submit",
-        "--address",
-        f"http://127.0.0.1:{dashboard}",
+        *job_submit(dashboard),
         "--",
         "python",
         "-c",

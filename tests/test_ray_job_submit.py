@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from ray_head import BIN, free_port, private_agent_ports, running_head
+from ray_head import BIN, free_port, job_submit, private_agent_ports, running_head
 
 pytestmark = pytest.mark.integration
 
@@ -68,11 +68,7 @@ def test_job_submitted_to_a_ray_head_trains_and_records(tmp_path):
     with running_head(start, env, dashboard, temp_dir) as head:
         db = tmp_path / "mlflow.db"
         submit = [
-            str(BIN / "ray"),
-            "job",
-            "submit",
-            "--address",
-            f"http://127.0.0.1:{dashboard}",
+            *job_submit(dashboard),
             "--working-dir",
             str(REPO),
             "--",
