@@ -397,14 +397,49 @@ def test_param_groups():
     official = _model(official_param_groups=True)
     groups = {g["name"]: g for g in official.param_groups(1e-4, 10.0)}
     head = {id(p) for p in groups["head"]["params"]}
+    trunk = {id(p) for p in groups["trunk"]["params"]}
     assert groups["head"]["lr"] == pytest.approx(1e-3) and groups["trunk"]["lr"] == pytest.approx(1e-4)
-    # The released code: the whole backbone (its head stage included) at lr, the new layers at 10x.
-    assert id(official.activation_head.weight) in head and id(official.probe.fc.weight) in head
-    assert id(official.backbone.conv6[0].weight) not in head
+    # The released code as it runs (CVI-SZU/CCAM, run on 2026-12-02): its get_parameter_groups
+    # puts the activation head's conv in the backbone's group, so the whole encoder (its head stage
+    # included) and the activation head learn at lr; only the project's probe is at 10x.
+    assert id(official.activation_head.weight) in trunk and id(official.backbone.conv6[0].weight) in trunk
+    assert head == {id(p) for p in official.probe.parameters()}
+    assert not trunk & head and len(trunk) + len(head) == sum(p.requires_grad for p in official.parameters())
+    # BatchNorm affine parameters are in no group (the released groups take conv weights only).
+    assert id(official.bn_head.weight) not in trunk | head
+    without_probe = _model(official_param_groups=True, probe_classifier=False)
+    groups = {g["name"]: g for g in without_probe.param_groups(1e-4, 10.0)}
+    assert groups["head"]["params"] == [] and id(without_probe.activation_head.weight) in {
+        id(p) for p in groups["trunk"]["params"]
+    }
     protocol = _model()
     head = {id(p) for p in {g["name"]: g for g in protocol.param_groups(1e-4, 10.0)}["head"]["params"]}
     assert id(protocol.backbone.conv6[0].weight) in head and id(protocol.bn_head.weight) in head
     assert id(protocol.backbone.block1[0].weight) not in head
+
+
+@pytest.mark.parametrize("preset", ["c2am_resnet50_cub", "c2am_resnet50_imagenet"])
+def test_the_presets_optimizer_matches_the_released_groups_as_they_run(preset):
+    """CVI-SZU/CCAM's get_parameter_groups + PolyOptimizer, run on 2026-12-02
+    (benchmarks/results/ccam_param_groups.json): 54 conv weights at lr (ResNet50's 53 and the
+    activation head's), nothing in the 2x / 10x / 20x groups, BatchNorm affine in no group, SGD
+    momentum 1e-4. The project's optimizer built from the preset must give the encoder and the
+    activation head the same: the same 54 tensors, all at lr."""
+    from wsol_core.train.optim import build_optimizer
+
+    cfg = load_config([preset], [f"model.pretrained={''}"])
+    method = build_method(cfg, num_classes=10)
+    optimizer = build_optimizer(method, cfg.optim, torch.device("cpu"))
+    probe = {id(p) for p in method.probe.parameters()}
+    at_lr = [p for g in optimizer.param_groups if g["lr"] == cfg.optim.lr for p in g["params"]]
+    others = [p for g in optimizer.param_groups if g["lr"] != cfg.optim.lr for p in g["params"]]
+    assert len(at_lr) == 54 and all(p.dim() == 4 for p in at_lr)
+    assert any(p is method.activation_head.weight for p in at_lr)
+    assert {id(p) for p in others} == probe  # only the project's probe learns at head_lr_mult
+    assert all(g["momentum"] == pytest.approx(1e-4) for g in optimizer.param_groups)
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    batchnorm = [p for m in method.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()]
+    assert len(batchnorm) == 106 + 2 and not in_optimizer & {id(p) for p in batchnorm}
 
 
 @pytest.mark.parametrize(

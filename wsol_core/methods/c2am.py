@@ -83,12 +83,19 @@ labelled samples (``label >= 0``); it never changes the maps or the backbone, an
   average-pooled to the final map's size.
 - ``head_init``: Table 6 shows the head's initialisation barely matters; the released code uses
   PyTorch's default conv init (``"default"``).
-- ``official_param_groups``: the released optimizer puts only conv weights in its groups: the
-  whole backbone (layer4 included) at ``lr``, the activation head at 10x ``lr``, and every
-  BatchNorm affine parameter is left out (never updated; running statistics still are). Off by
-  default (the project's protocol groups: head stages at 10x); the ResNet50 presets turn it on
-  because their learning rate was tuned with it. When on, BatchNorm weights/biases are frozen
-  (``requires_grad = False``) and get no gradient.
+- ``official_param_groups``: the released optimizer's groups as its code builds them. Its
+  ``get_parameter_groups`` collects only conv weights (and GroupNorm's): every BatchNorm affine
+  parameter is left out (never updated; running statistics still are). It means the activation
+  head for the 10x group (``from_scratch_layers = [self.ac_head]``), but tests each *Conv2d*
+  for membership in that list, which holds the head's parent module, so the head's conv lands in
+  the backbone's group: the whole encoder **and the activation head learn at ``lr``**, and the
+  10x / 20x groups are empty (found by running the released model and optimizer on 2026-12-02:
+  54 conv weights in group 0, the head's among them, groups 1-3 empty, 108 BatchNorm tensors in
+  none; BENCHMARKS.md, "C2AM's released learning rates"). The published numbers come from that
+  code, so this reading is the one reproduced; the project's linear probe, which the released
+  code does not have and which reads detached features, stays at ``lr * head_lr_mult``. Off by
+  default (the project's protocol groups: head stages at 10x); the ResNet50 presets turn it on.
+  When on, BatchNorm weights/biases are frozen (``requires_grad = False``) and get no gradient.
 
 Ablation switches: ``alpha = 0`` (no rank weighting, Fig. 8), ``head_init`` (Table 6),
 ``rank_scope``, and ``neg_weight`` / ``pos_fg_weight`` / ``pos_bg_weight`` (0 drops a term).
@@ -430,19 +437,20 @@ class C2AM(WSOLMethod):
     # -- optimizer groups -----------------------------------------------------------------
 
     def param_groups(self, lr: float, head_lr_mult: float) -> list[dict]:
-        """The protocol's groups, or with ``official_param_groups`` the released code's: the
-        whole backbone at ``lr``, the new layers (activation head, probe) at ``lr * head_lr_mult``,
-        BatchNorm affine parameters frozen."""
+        """The protocol's groups, or with ``official_param_groups`` the released code's as it
+        runs: the whole backbone and the activation head at ``lr`` (the module docstring says
+        why not 10x), BatchNorm affine parameters frozen; only the project's probe at
+        ``lr * head_lr_mult``."""
         if not self.cfg.official_param_groups:
             return super().param_groups(lr, head_lr_mult)
-        trunk: list[nn.Parameter] = []
-        head: list[nn.Parameter] = []
+        encoder_and_head: list[nn.Parameter] = []
+        probe: list[nn.Parameter] = []
         for name, param in self.named_parameters():
             if param.requires_grad:
-                (trunk if name.startswith("backbone.") else head).append(param)
+                (probe if name.startswith("probe.") else encoder_and_head).append(param)
         return [
-            {"params": trunk, "lr": lr, "name": "trunk"},
-            {"params": head, "lr": lr * head_lr_mult, "name": "head"},
+            {"params": encoder_and_head, "lr": lr, "name": "trunk"},
+            {"params": probe, "lr": lr * head_lr_mult, "name": "head"},
         ]
 
 
