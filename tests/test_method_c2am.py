@@ -16,6 +16,7 @@ from wsol_core.methods.c2am import (
     C2AM,
     C2AMConfig,
     border_foreground_fraction,
+    contrastive_terms,
     cosine_matrix,
     fg_bg_representations,
     negative_loss,
@@ -179,6 +180,29 @@ def test_total_eq9_equals_independent_computation():
     contrastive = terms["neg"] + terms["pos_fg"] + terms["pos_bg"]
     assert contrastive.item() == pytest.approx(total, rel=1e-5)
     assert terms["neg"].item() == pytest.approx(neg, rel=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.75])
+def test_the_released_reduction_is_ours_over_all_n2_entries(alpha):
+    """CVI-SZU/CCAM's SimMaxLoss / SimMinLoss were run beside ours on 40 random batches
+    (benchmarks/results/ccam_losses.json, worst relative difference 1.9e-7): the negative term is
+    the same, and each positive term is ours rescaled to a mean over all n^2 entries, the diagonal
+    included (its s clamped to 1 - 5e-4; ranked first in its row, so rank -1 after the released
+    shift and weight exp(alpha)). This restates that reduction in the test's own words."""
+    torch.manual_seed(1)
+    n = 6
+    fg, bg = torch.rand(n, 32), torch.rand(n, 32)
+    ours = contrastive_terms(fg, bg, C2AMConfig(alpha=alpha))
+    eps = C2AMConfig().sim_eps
+    for name, v in (("pos_fg", fg), ("pos_bg", bg)):
+        sim = cosine_matrix(v, v, eps)
+        rank_with_diagonal = torch.argsort(torch.argsort(sim, dim=1, descending=True), dim=1) - 1
+        released = (torch.exp(-alpha * rank_with_diagonal.float()) * -torch.log(sim)).mean()
+        assert torch.diagonal(rank_with_diagonal).eq(-1).all()
+        diagonal = -math.log(1 - eps) * math.exp(alpha) / n
+        assert released.item() == pytest.approx(ours[name].item() * (n - 1) / n + diagonal, rel=1e-5)
+    released_neg = -torch.log(1 - cosine_matrix(bg, fg, eps)).mean()
+    assert released_neg.item() == pytest.approx(ours["neg"].item(), rel=1e-6)
 
 
 def test_term_weights_scale_and_drop_terms():
