@@ -214,6 +214,25 @@ MUTANTS: tuple[Mutant, ...] = (
         "eq. 8 built from the foreground representations",
     ),
     Mutant(
+        "c2am-official-head-10x",
+        C2AM,
+        (
+            (
+                '(probe if name.startswith("probe.") else encoder_and_head).append(param)',
+                '(encoder_and_head if name.startswith("backbone.") else probe).append(param)',
+            ),
+        ),
+        ("tests/test_method_c2am.py",),
+        "the released groups read as intended, not as run: the activation head at 10x",
+    ),
+    Mutant(
+        "c2am-pos-mean-over-n2",
+        C2AM,
+        (("return -terms.sum() / max(n * (n - 1), 1)", "return -terms.sum() / max(n * n, 1)"),),
+        ("tests/test_method_c2am.py",),
+        "eqs. 7-8 averaged over all n^2 entries with the diagonal weighted 0",
+    ),
+    Mutant(
         "regressor-box-zero",
         REGRESSOR,
         (('return {"box": self.cfg.loss_weight * ', 'return {"box": 0.0 * self.cfg.loss_weight * '),),
