@@ -52,7 +52,6 @@ from benchmarks.trunk_objectness import (  # noqa: E402
     descriptors,
     principal_directions,
     project,
-    real_samples,
 )
 
 
@@ -82,7 +81,7 @@ def trained_maps(method, batches: list) -> torch.Tensor:
     method.eval()
     out = []
     for batch in batches:
-        keep = real_samples(batch)
+        keep = batch.real_indices()
         out.append(method.inference(batch.images, batch.labels).maps[keep].float())
     return torch.cat(out)
 

@@ -72,11 +72,6 @@ class Split:
     sizes: torch.Tensor
 
 
-def real_samples(batch) -> torch.Tensor:
-    """The indices of ``batch``'s real (not padding) samples."""
-    return (~batch.is_padding).nonzero().flatten() if batch.is_padding is not None else torch.arange(len(batch))
-
-
 @torch.no_grad()
 def collect(backbone, loader, stages: list[str]) -> Split:
     """The backbone's output after each of ``stages`` (``image``: the pooled input) over ``loader``."""
@@ -87,7 +82,7 @@ def collect(backbone, loader, stages: list[str]) -> Split:
     boxes: list[torch.Tensor] = []
     sizes: list[torch.Tensor] = []
     for batch in loader:
-        keep = real_samples(batch)
+        keep = batch.real_indices()
         if "image" in features:
             features["image"].append(F.avg_pool2d(batch.images[keep].float(), IMAGE_STRIDE))
         x = batch.images[keep].float()
@@ -96,7 +91,7 @@ def collect(backbone, loader, stages: list[str]) -> Split:
             if name in features:
                 features[name].append(x)
         all_boxes = batch.gt_boxes_list()
-        boxes.extend(all_boxes[i] for i in keep.tolist())
+        boxes.extend(all_boxes[i] for i in keep)
         sizes.append(batch.orig_sizes[keep])
     if not boxes:
         raise ValueError("the split gave no image")

@@ -105,14 +105,13 @@ def reap_once(job_id: str) -> list[str] | None:
 
 
 @contextmanager
-def reap_orphaned_placement_groups(interval_s: float = 5.0) -> Iterator[list[str]]:
+def reap_orphaned_placement_groups(interval_s: float = 5.0) -> Iterator[None]:
     """While the block runs (a ``tuner.fit()``), remove every ``interval_s`` seconds the
-    placement groups of this driver's job whose creating actor died (module docstring). Yields
-    the list of the ids removed so far, which the caller may report."""
+    placement groups of this driver's job whose creating actor died (module docstring), and say
+    so for each."""
     import ray
 
     job_id = ray.get_runtime_context().get_job_id()
-    removed: list[str] = []
     stop = threading.Event()
 
     def loop() -> None:
@@ -131,12 +130,11 @@ def reap_orphaned_placement_groups(interval_s: float = 5.0) -> Iterator[list[str
                 return
             for group in done:
                 print(f"[wsol] freed the placement group {group} of a stopped trial's Train run", flush=True)
-            removed.extend(done)
 
     thread = threading.Thread(target=loop, name="wsol-placement-group-reaper", daemon=True)
     thread.start()
     try:
-        yield removed
+        yield
     finally:
         stop.set()
         thread.join(timeout=interval_s + 30)
