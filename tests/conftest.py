@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,8 +29,13 @@ import pytest
 
 # Tests never reach a tracking server by accident.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
-# Keep torch from oversubscribing the 2-core CI machine when tests run beside Ray workers.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One OpenMP thread per process: the suite runs two pytest workers (and their jobs' Ray workers) on
+# a 2-core machine, and torch's OpenMP threads spin-wait at every parallel region, so two threads
+# per process there made small CPU steps 25-50x slower (a 30-step smoke fit: 1 s alone, 57 s
+# beside the other pytest worker; BENCHMARKS.md "The suite on two workers"). It is also what Ray
+# gives a 1-CPU worker when the variable is unset, and it reaches every job a test starts.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+_SESSION_TORCH_THREADS = max(1, int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +64,16 @@ def _share_the_machine(request: pytest.FixtureRequest, _lock_path: Path | None) 
         return
     with _held(_lock_path, exclusive=request.node.get_closest_marker("alone") is not None):
         yield
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_as_the_session_set_them() -> Iterator[None]:
+    """Tests that call a benchmark's ``main`` in process (``torch.set_num_threads``) hand the
+    pytest worker back with the thread count it had."""
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != _SESSION_TORCH_THREADS:
+        torch.set_num_threads(_SESSION_TORCH_THREADS)
 
 
 @pytest.fixture(scope="session")

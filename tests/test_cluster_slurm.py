@@ -199,7 +199,8 @@ def _tail(path: Path, n: int = 40) -> str:
 
 
 def test_launcher_trains_one_epoch_into_mlflow(slurm, tmp_path):
-    """The CLI as a user types it: the training job's embedded default, one epoch, one node."""
+    """The CLI as a user types it: the training job's embedded default, one epoch, one node (on the
+    smaller synthetic split every other test job trains on)."""
     from mlflow.tracking import MlflowClient
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -208,7 +209,8 @@ def test_launcher_trains_one_epoch_into_mlflow(slurm, tmp_path):
         "--partition", PARTITION, "--cpus-per-node", str(os.cpu_count() or 2), "--time", "15", "--no-ray-dashboard", "--wait",
         "--folder", str(tmp_path / "logs" / "%j"), "--storage-path", str(tmp_path / "runs"), "--tracking-uri", tracking,
         "--", "jobs/train_imagenet.py", "--epochs", "1",
-        "--set", "data.synthetic.num_train=200", "--set", "data.synthetic.num_val=50", "--set", "data.synthetic.num_test=50",
+        "--set", "data.synthetic.num_train=64", "--set", "data.synthetic.num_val=24", "--set", "data.synthetic.num_test=24",
+        "--set", "data.synthetic.size=64", "--set", "data.batch_size=8",
     ]  # fmt: skip
     out = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
     submitted = re.search(r"submitted job (\d+)", out.stdout)
