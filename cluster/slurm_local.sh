@@ -14,7 +14,7 @@
 #   WSOL_SLURM_DIR        state, configs, logs, PID files       [/var/tmp/wsol-slurm]
 #   WSOL_SLURM_PORT       first of 4 ports: slurmctld, slurmd, slurmdbd, MariaDB   [6817]
 #   WSOL_SLURM_PARTITION  the partition's name                  [debug]
-#   WSOL_SLURM_CPUS       CPUs the node advertises              [nproc]
+#   WSOL_SLURM_CPUS       CPUs the node advertises              [nproc, OMP_NUM_THREADS aside]
 #
 # slurmctld, slurmd and MariaDB listen on 127.0.0.1 only; munged on its default socket
 # /run/munge/munge.socket.2 (sacct/sacctmgr ignore AuthInfo=socket= towards slurmdbd) with its own
@@ -27,7 +27,10 @@ set -euo pipefail
 STATE="${WSOL_SLURM_DIR:-/var/tmp/wsol-slurm}"
 PORT="${WSOL_SLURM_PORT:-6817}"
 PARTITION="${WSOL_SLURM_PARTITION:-debug}"
-CPUS="${WSOL_SLURM_CPUS:-$(nproc)}"
+# The CPUs this process may use, as slurmd counts them. GNU nproc also honours OMP_NUM_THREADS
+# (coreutils' manual), which a shell or the test suite sets for torch's threads, not for the node.
+machine_cpus() { env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc; }
+CPUS="${WSOL_SLURM_CPUS:-$(machine_cpus)}"
 CTLD_PORT=$PORT
 SLURMD_PORT=$((PORT + 1))
 DBD_PORT=$((PORT + 2))
@@ -162,7 +165,7 @@ JobCompType=jobcomp/none
 NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$NODE CPUs=$CPUS RealMemory=$(mem_mb) State=UNKNOWN
 PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
-    if [ "$CPUS" != "$(nproc)" ]; then
+    if [ "$CPUS" != "$(machine_cpus)" ]; then
         echo "SlurmdParameters=config_overrides" >>"$ETC/slurm.conf.new"
     fi
     mv "$ETC/slurm.conf.new" "$ETC/slurm.conf"
