@@ -35,7 +35,10 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 # beside the other pytest worker; BENCHMARKS.md "The suite on two workers"). It is also what Ray
 # gives a 1-CPU worker when the variable is unset, and it reaches every job a test starts.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-_SESSION_TORCH_THREADS = max(1, int(os.environ["OMP_NUM_THREADS"]))
+try:  # OpenMP also accepts a nested list ("4,2"): its first level is torch's
+    _SESSION_TORCH_THREADS: int | None = max(1, int(os.environ["OMP_NUM_THREADS"].split(",")[0]))
+except ValueError:
+    _SESSION_TORCH_THREADS = None  # a value torch reads its own way: leave it alone
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +75,7 @@ def _torch_threads_as_the_session_set_them() -> Iterator[None]:
     pytest worker back with the thread count it had."""
     yield
     torch = sys.modules.get("torch")
-    if torch is not None and torch.get_num_threads() != _SESSION_TORCH_THREADS:
+    if torch is not None and _SESSION_TORCH_THREADS and torch.get_num_threads() != _SESSION_TORCH_THREADS:
         torch.set_num_threads(_SESSION_TORCH_THREADS)
 
 
