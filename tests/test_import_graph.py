@@ -49,3 +49,26 @@ def test_ray_train_is_built_in_one_place():
         str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py") if "TorchTrainer(" in p.read_text()
     )
     assert builders == ["wsol_core/train/trainer.py"]
+
+
+def test_what_the_driver_and_ray_trains_controller_load_leaves_torchvision_out():
+    """The job's driver imports the trainer, and Ray Train's controller unpickles the run's
+    ``Config`` (it travels in the trainer's ``train_loop_config``); neither builds a backbone, so
+    neither may import torchvision, which imports ``torch._dynamo`` (BENCHMARKS.md, "What a process
+    start costs"). Building a protocol backbone still finds it."""
+    import subprocess
+    import sys
+
+    probe = """
+import pickle, sys
+import wsol_core.train.driver, wsol_core.train.trainer
+from wsol_core.config import Config
+config = pickle.loads(pickle.dumps(Config()))
+print(sorted(m for m in ("torchvision", "torch._dynamo") if m in sys.modules))
+from wsol_core.models import VGG16, build_backbone
+build_backbone("resnet50")
+print(VGG16.__module__, "torchvision" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[:2] == ["[]", "wsol_core.models.vgg True"], done.stdout

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from wsol_core.models import BACKBONES
+from wsol_core.models import BACKBONES, backbone_class
 from wsol_core.models.pretrained import DROPPED_SOURCE_PREFIXES, NEW_TARGET_PREFIXES, PretrainedMismatchError
 
 
@@ -34,7 +34,7 @@ def export_trunk(checkpoint: str | Path, out: str | Path) -> dict[str, torch.Ten
         raise PretrainedMismatchError(
             f"{source}: not a training checkpoint of a known backbone (model.backbone={name!r})"
         )
-    kind = BACKBONES[name].__name__
+    kind = backbone_class(name).__name__
     new_layers = NEW_TARGET_PREFIXES.get(kind, ())
     state = {
         key.removeprefix("backbone."): tensor
