@@ -55,6 +55,11 @@ PLANS: dict[str, dict[str, tuple[str, list[str], str]]] = {
         "extract_speed": ("extract_speed.py", [], "extract_speed_cpu.json"),
         "two_stage": ("two_stage.py", [], "two_stage_grid.json"),  # C2AM -> pseudo boxes -> regressor, 3 seeds
         "trunk_budget": ("trunk_budget.py", [], "trunk_budget.json"),  # issue 16: which trunk the CPU affords
+        "start_cost": (
+            "start_cost.py",
+            [],
+            "start_cost.json",
+        ),  # issue 18: imports and one job, with and without bytecode
     },
     "cuda": {
         # The issues' GPU targets: 50,000 maps at 1000 thresholds; DALI mixed decode; training

@@ -266,6 +266,38 @@ def test_trunk_budget_times_every_candidate(tmp_path):
     assert all(row["images_per_s"] > 0 and row["plan_hours"] > 0 for row in rows.values())
 
 
+def test_start_cost_imports_each_module_with_and_without_bytecode(tmp_path):
+    from benchmarks import start_cost
+
+    out = tmp_path / "start.json"
+    assert start_cost.main(["--modules", "json", "numpy", "--repeats", "1", "--no-job", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["imports_cpu_s"]) == {"json", "numpy"}
+    for row in result["imports_cpu_s"].values():
+        assert row["bytecode"] > 0 and row["source"] > 0 and row["ratio"] > 0
+    assert isinstance(result["installed_bytecode"], bool) and "job" not in result
+    assert result["command"].startswith("uv run python benchmarks/start_cost.py --modules json numpy")
+
+
+def test_start_cost_source_mode_finds_no_bytecode_and_writes_none(tmp_path):
+    """The ``source`` mode reads bytecode only from an empty folder and writes none there: the
+    interpreter compiles what it imports (a module it compiled reports no cached file)."""
+    from benchmarks.start_cost import mode_env
+
+    empty = tmp_path / "empty"
+    probe = "import sys, json.decoder; print(sys.pycache_prefix, sys.dont_write_bytecode, json.decoder.__cached__)"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=mode_env("source", str(empty)), capture_output=True, text=True, check=True
+    )
+    prefix, dont_write, cached = done.stdout.split()
+    assert prefix == str(empty) and dont_write == "True" and cached.startswith(str(empty))
+    assert not empty.exists() or not any(empty.rglob("*.pyc"))
+    as_is = subprocess.run(
+        [sys.executable, "-c", probe], env=mode_env("bytecode", str(empty)), capture_output=True, text=True, check=True
+    )
+    assert as_is.stdout.split()[0] == "None"
+
+
 def test_payload_header_gives_a_command_that_pastes_back_into_a_shell():
     import shlex
 
