@@ -15,9 +15,9 @@ wrote none, every process compiles every module it imports from source.
   every module and writes nothing back).
 - **Job** (unless ``--no-job``): the tests' smallest training job (``jobs/train_imagenet.py
   --method cam --epochs 1`` on 64/24/24 synthetic images of 64 px, batch 8, one Ray Train worker,
-  its own local Ray instance), once per mode; every process it starts is sampled each half second
-  (``psutil``) and its last CPU time kept, summed by kind (the driver, ``TrainController``, Ray
-  Train's helpers, its workers, Ray's own daemons).
+  its own local Ray instance), once per mode; the job and every process under it are sampled each
+  half second (``psutil``) and each one's last CPU time kept, summed by kind (the driver,
+  ``TrainController``, Ray Train's helpers, its workers, Ray's own daemons).
 
 Writes ``benchmarks/results/start_cost.json``.
 """
@@ -155,16 +155,24 @@ def job_cpu(env: dict[str, str], workdir: Path, overrides: list[str]) -> dict:
     start = time.time()
     with open(workdir / "job.log", "w") as log:
         job = subprocess.Popen(command, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+        driver = psutil.Process(job.pid)
         while job.poll() is None:
-            for process in psutil.process_iter(["pid", "cmdline", "cpu_times", "create_time"]):
-                info = process.info
-                if info["create_time"] is None or info["create_time"] < start - 1 or info["cpu_times"] is None:
+            # The job's own processes only (its private Ray instance is its child, Ray's workers the
+            # raylet's), not whatever else a shared machine starts meanwhile.
+            try:
+                processes = [driver, *driver.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                break
+            for process in processes:
+                try:
+                    with process.oneshot():
+                        times, cmdline = process.cpu_times(), " ".join(process.cmdline())
+                except psutil.Error:  # exited between the listing and the reading
                     continue
-                cpu = info["cpu_times"].user + info["cpu_times"].system
-                kind = _kind(" ".join(info["cmdline"] or []))
-                if info["pid"] in seen and kind == DAEMONS:  # an actor's name goes as it exits: keep the first
-                    kind = seen[info["pid"]][1]
-                seen[info["pid"]] = (cpu, kind)
+                kind = _kind(cmdline)
+                if process.pid in seen and kind == DAEMONS:  # an actor's name goes as it exits: keep the first
+                    kind = seen[process.pid][1]
+                seen[process.pid] = (times.user + times.system, kind)
             time.sleep(0.5)
     wall = time.time() - start
     if job.returncode != 0:

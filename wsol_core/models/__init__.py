@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from wsol_core.models.vgg import VGG16
 
 #: Each backbone's class by name, as ``module.Class``, imported when a backbone is built. The three
-#: of the protocol build on torchvision, and importing torchvision imports ``torch._dynamo``: 1.6 s
+#: of the protocol build on torchvision, and importing torchvision imports ``torch._dynamo``: 1.5 s
 #: of CPU beyond torch's own on the 2-core box, 5 s without bytecode (BENCHMARKS.md, "What a
 #: process start costs"). A training process pays that anyway (autograd's backward imports it
 #: too), but the processes that only read a ``Config`` (the job's driver, Ray Train's controller,
