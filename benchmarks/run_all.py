@@ -60,6 +60,8 @@ PLANS: dict[str, dict[str, tuple[str, list[str], str]]] = {
             [],
             "start_cost.json",
         ),  # issue 18: imports and one job, with and without bytecode
+        # issue 18: the whole test suite, CPU seconds per test file and test (about 25 min)
+        "suite_cpu": ("suite_cpu.py", [], "suite_cpu.json"),
     },
     "cuda": {
         # The issues' GPU targets: 50,000 maps at 1000 thresholds; DALI mixed decode; training

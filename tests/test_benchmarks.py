@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -571,3 +573,86 @@ def test_trunk_objectness_c2am_objective_is_lowest_at_the_split_the_features_mar
     assert c2am_objective(features, 1 - inside, batch_size=8)["total"] == pytest.approx(at_object["total"])
     with pytest.raises(ValueError, match="two images"):
         c2am_objective(features[:1], inside[:1])
+
+
+def test_suite_cpu_gives_each_sample_to_the_test_its_worker_was_running():
+    from benchmarks.suite_cpu import OUTSIDE, attribute
+
+    timelines = {
+        "gw0": [(10.0, "start", "tests/test_a.py::one"), (20.0, "end", "tests/test_a.py::one")]
+        + [(20.5, "start", "tests/test_b.py::two"), (40.0, "end", "tests/test_b.py::two")],
+        "gw1": [(10.0, "start", "tests/test_a.py::three"), (40.0, "end", "tests/test_a.py::three")],
+    }
+    job, ray = "job drivers and scripts", "Ray's daemons"
+    samples = [
+        (15.0, {("gw0", job): 2.0, ("gw1", ray): 1.0, (OUTSIDE, "other"): 0.5}),
+        (20.4, {("gw0", ray): 0.25}),  # its interval's middle (19.9) lies in test one
+        (20.9, {("gw0", job): 0.25}),  # its middle (20.4) lies between the two tests
+        (30.0, {("gw0", job): 3.0, ("gw1", job): 1.0}),
+    ]
+    per_test, per_file, per_owner = attribute(samples, timelines, interval=1.0)
+    assert per_test["tests/test_a.py::one"] == {job: 2.0, ray: 0.25}
+    assert per_test["(between tests)"] == {job: 0.25}
+    assert per_test["tests/test_b.py::two"] == {job: 3.0}
+    assert per_test["tests/test_a.py::three"] == {ray: 1.0, job: 1.0}
+    assert per_test[f"({OUTSIDE})"] == {"other": 0.5}
+    assert per_file["tests/test_a.py"] == {job: 3.0, ray: 1.25}
+    assert {owner: sum(kinds.values()) for owner, kinds in per_owner.items()} == {"gw0": 5.5, "gw1": 2.0, OUTSIDE: 0.5}
+
+
+def test_suite_cpu_sampler_charges_a_workers_children_to_it(tmp_path):
+    """Real processes: a child of the (stand-in) xdist worker that burns CPU is charged to that
+    worker, and the worker's own CPU to the in-process kind."""
+    from benchmarks.suite_cpu import Sampler
+
+    (tmp_path / "gw7.pid").write_text(str(os.getpid()))
+    sampler = Sampler(tmp_path)
+    sampler.sample()
+    burn = "import time\nend = time.process_time() + 0.4\nwhile time.process_time() < end: pass\ntime.sleep(2)"
+    child = subprocess.Popen([sys.executable, "-c", burn])
+    charged = 0.0
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and child.poll() is None:
+            sampler.sample()
+            charged = sum(
+                spent for _, used in sampler.samples for (owner, kind), spent in used.items() if owner == "gw7"
+            )
+            if charged >= 0.35:
+                break
+            time.sleep(0.2)
+    finally:
+        child.kill()
+        child.wait()
+    kinds = {kind for _, used in sampler.samples for (owner, kind) in used if owner == "gw7"}
+    assert charged >= 0.35, sampler.samples
+    assert "other" in kinds  # the child's "python -c" matches no marker
+    assert sampler.kind[os.getpid()] == "pytest worker (in-process tests)"
+
+
+def test_suite_cpu_plugin_writes_each_workers_pid_and_timeline(tmp_path):
+    (tmp_path / "test_tiny.py").write_text("def test_one():\n    pass\n\ndef test_two():\n    pass\n")
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    timeline = tmp_path / "timeline"
+    timeline.mkdir()
+    env = dict(os.environ, WSOL_SUITE_CPU_DIR=str(timeline), PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "benchmarks.suite_cpu", "-p", "no:cacheprovider", "-c", "pytest.ini"]
+        + ["test_tiny.py", "-q"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert int((timeline / "main.pid").read_text()) > 0
+    events = [line.split("\t") for line in (timeline / "main.tsv").read_text().splitlines()]
+    assert [(kind, nodeid) for kind, _, nodeid in events] == [
+        ("start", "test_tiny.py::test_one"),
+        ("end", "test_tiny.py::test_one"),
+        ("start", "test_tiny.py::test_two"),
+        ("end", "test_tiny.py::test_two"),
+    ]
+    stamps = [float(stamp) for _, stamp, _ in events]
+    assert stamps == sorted(stamps)

@@ -138,3 +138,32 @@ def test_a_private_instance_pins_its_address_and_turns_the_preemption_watcher_of
     }
     monkeypatch.setenv(PREEMPTION_WATCHER_ENV, "1")  # the user's choice wins
     assert private_runtime_env("10.0.0.1:6380")["env_vars"][PREEMPTION_WATCHER_ENV] == "1"
+
+
+_IDLE_WORKERS = """
+import os, time, psutil
+from wsol_core.train.ray_session import init_ray
+init_ray(None)
+raylet = next(p for p in psutil.Process().children(recursive=True) if p.name() == "raylet")
+time.sleep(6)  # a raylet prestarts its workers as the first driver registers: within a second here
+workers = [p for p in raylet.children() if "default_worker" in " ".join(p.cmdline()) or p.name().startswith("ray::IDLE")]
+print(len(workers), raylet.environ().get("RAY_prestart_worker_first_driver"), os.environ.get("RAY_prestart_worker_first_driver"))
+"""
+
+
+def test_a_private_instance_starts_no_idle_workers_it_cannot_use(tmp_path):
+    """Real Ray: the raylet of a private instance is started with worker prestart off, so no idle
+    Python worker is started for the job (one per CPU with Ray's default), and the driver's own
+    environment is as it was; a value the user sets wins."""
+    import sys
+
+    env = dict(job_env(), RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
+    env.pop("RAY_prestart_worker_first_driver", None)
+    done = subprocess.run([sys.executable, "-c", _IDLE_WORKERS], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["0", "0", "None"]
+    env["RAY_prestart_worker_first_driver"] = "1"
+    done = subprocess.run([sys.executable, "-c", _IDLE_WORKERS], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    idle, in_raylet, in_driver = done.stdout.split()
+    assert int(idle) >= 1 and in_raylet == in_driver == "1"

@@ -61,8 +61,17 @@ class Job:
 
     @staticmethod
     def kill(process: subprocess.Popen) -> None:
+        """SIGKILL to the job's process group (the driver and its private Ray instance), then wait
+        until every process the job had started is gone. Ray puts each worker in a process group
+        of its own, so the workers outlive the kill until they notice their raylet's death, and
+        one may still save a checkpoint meanwhile (seen in the suite: the next start took that
+        checkpoint for its own and looked for its workers before they existed)."""
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)  # the driver and its private Ray instance
+            started = psutil.Process(process.pid).children(recursive=True)
+            os.killpg(process.pid, signal.SIGKILL)
+            _, alive = psutil.wait_procs(started, timeout=120)
+            for leftover in alive:  # never leave a process behind, however long Ray takes
+                leftover.kill()
         process.communicate(timeout=60)
 
     def stop(self, process: subprocess.Popen, send) -> tuple[str, str]:

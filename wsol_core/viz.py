@@ -31,33 +31,26 @@ def denormalize(images: torch.Tensor, size: int = 224) -> np.ndarray:
 
 
 def component_boxes(map_uint8: np.ndarray | torch.Tensor, threshold: float) -> np.ndarray:
-    """Boxes of the 8-connected foreground components at one CAM threshold, for pictures.
+    """Boxes ``(x0, y0, x1, y1)`` of the 8-connected foreground components at one CAM threshold,
+    for pictures: ``int64 [k, 4]``, ``k >= 1``.
 
-    Foreground follows the protocol (value > ``int(threshold * max)``); components are found by
-    propagating the largest pixel index through 3x3 neighbourhoods until it settles. The
-    evaluator counts hole contours too; a picture only needs the outer boxes.
+    Foreground follows the protocol (value > ``int(threshold * max)``), and an empty foreground
+    gives the protocol's ``(0, 0, 0, 0)`` box. The evaluator counts hole contours too
+    (:func:`wsol_core.metrics.reference.reference_boxes`); a picture only needs the outer boxes.
+    OpenCV labels the components in one pass (``cv2.connectedComponentsWithStats``), which matters
+    here because every validation of a run draws pictures: on a noisy 224x224 map the earlier
+    max-pool label propagation took 0.3 s of CPU per picture.
     """
-    scores = torch.as_tensor(np.asarray(map_uint8), dtype=torch.int32)
-    foreground = scores > int(threshold * int(scores.max()))
-    if not foreground.any():
-        return np.zeros((1, 4), dtype=np.int64)  # the protocol's (0, 0, 0, 0) box
-    height, width = foreground.shape
-    ids = torch.arange(1, height * width + 1, dtype=torch.float32).view(1, 1, height, width)
-    mask = foreground.view(1, 1, height, width)
-    labels = torch.where(mask, ids, torch.zeros_like(ids))
-    while True:
-        grown = torch.where(mask, F.max_pool2d(labels, 3, stride=1, padding=1), labels)
-        if torch.equal(grown, labels):
-            break
-        labels = grown
-    labels = labels.view(height, width).long()
-    ys, xs = torch.nonzero(foreground, as_tuple=True)
-    owners = labels[ys, xs]
-    boxes = []
-    for owner in owners.unique():
-        member = owners == owner
-        boxes.append([int(xs[member].min()), int(ys[member].min()), int(xs[member].max()), int(ys[member].max())])
-    return np.asarray(boxes, dtype=np.int64)
+    import cv2  # the evaluator's dependency; imported where a picture is drawn
+
+    scores = np.asarray(map_uint8.cpu() if isinstance(map_uint8, torch.Tensor) else map_uint8).astype(np.int64)
+    foreground = (scores > int(threshold * int(scores.max()))).astype(np.uint8)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(foreground, connectivity=8)
+    if count == 1:  # label 0 is the background: no component
+        return np.zeros((1, 4), dtype=np.int64)
+    x, y = stats[1:, cv2.CC_STAT_LEFT], stats[1:, cv2.CC_STAT_TOP]
+    width, height = stats[1:, cv2.CC_STAT_WIDTH], stats[1:, cv2.CC_STAT_HEIGHT]
+    return np.stack([x, y, x + width - 1, y + height - 1], axis=1).astype(np.int64)
 
 
 def _draw_boxes(ax, boxes, color: str) -> None:

@@ -52,6 +52,13 @@ _TRANSIENT_MARKS = (
 #: user sets the variable; a cluster joined by address keeps Ray's default.
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
+#: At its first driver a raylet starts one idle Python worker per CPU, ready for that job's tasks.
+#: A private instance's job carries a runtime environment (:func:`private_runtime_env`), so those
+#: workers, started without it, never serve it: each one imports Ray and idles until the end (two
+#: on a 2-CPU box, about 1.2 s of CPU together; BENCHMARKS.md). Off for a private instance unless
+#: the user sets the variable; a cluster's raylets keep Ray's default.
+PRESTART_ENV = "RAY_prestart_worker_first_driver"
+
 _pinned_address: str | None = None  # the private instance this process started, once started
 
 
@@ -112,7 +119,10 @@ def _start_private_instance() -> None:
             with (
                 _reporting_while_starting(attempt, attempts, report_every),
                 _stopping_leftovers_on_failure(),
-                _environment(RAY_GCS_SERVER_PORT=gcs_address.rsplit(":", 1)[1]),
+                _environment(
+                    RAY_GCS_SERVER_PORT=gcs_address.rsplit(":", 1)[1],
+                    **{PRESTART_ENV: os.environ.get(PRESTART_ENV, "0")},
+                ),
             ):
                 ray.init(address="local", log_to_driver=True, runtime_env=private_runtime_env(gcs_address))
         except Exception as err:
@@ -184,8 +194,8 @@ def _free_port() -> int:
 
 @contextmanager
 def _environment(**values: str):
-    """Set environment variables for the block (Ray reads ``RAY_GCS_SERVER_PORT`` during the
-    start only), then restore what was there."""
+    """Set environment variables for the block (Ray reads ``RAY_GCS_SERVER_PORT`` and the raylet's
+    settings during the start only), then restore what was there."""
     saved = {name: os.environ.get(name) for name in values}
     os.environ.update(values)
     try:

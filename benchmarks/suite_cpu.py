@@ -1,0 +1,307 @@
+"""Where the test suite's CPU goes: CPU seconds per test file and per test, by kind of process.
+
+    uv run python benchmarks/suite_cpu.py [--interval 1] [-- PYTEST_ARGS...]
+
+On a 2-core box the suite is CPU-bound, so its time is its CPU seconds over two: a faster suite
+needs fewer CPU seconds, and this says which tests spend them. It runs pytest as the README does
+(``python -m pytest -p no:cacheprovider``, the project's xdist settings, with ``PYTEST_ARGS`` after
+``--``) with this module loaded as a plugin, which writes, in each xdist worker, its process id
+and when each test started and ended. Meanwhile every process on the machine is sampled each
+``--interval`` seconds (``psutil``), and the CPU it used since the last sample goes to
+
+- the xdist worker it descends from (a job's driver, the Ray instance it started, Ray's workers
+  and actors, a browser), else the worker named by ``PYTEST_XDIST_WORKER`` in its environment (a
+  process whose parent has exited), else ``outside`` (SLURM's daemons and the jobs they run,
+  anything else on the machine);
+- the test that worker was running at that moment;
+- a kind: the pytest worker itself (the in-process tests), a job's driver, Ray Train's controller,
+  helper actors and workers, other Ray workers and actors, Ray's daemons, other.
+
+A process that starts and ends between two samples is missed, and one that ends loses the CPU of
+its last interval: the attributed total is compared with the machine's busy time (``/proc/stat``).
+
+Writes ``benchmarks/results/suite_cpu.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import collections
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import payload_header, write_result  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TIMELINE_ENV = "WSOL_SUITE_CPU_DIR"  # set for pytest by main(): the plugin below writes there
+OUTSIDE = "outside"
+
+# ---------------------------------------------------------------------------------------------
+# The plugin (``-p benchmarks.suite_cpu``): inert unless TIMELINE_ENV is set
+# ---------------------------------------------------------------------------------------------
+
+
+def _timeline_file(suffix: str) -> Path | None:
+    folder = os.environ.get(TIMELINE_ENV)
+    if not folder:
+        return None
+    return Path(folder) / f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}{suffix}"
+
+
+def _append(kind: str, nodeid: str) -> None:
+    path = _timeline_file(".tsv")
+    if path is not None:
+        with path.open("a") as out:
+            out.write(f"{kind}\t{time.time():.3f}\t{nodeid}\n")
+
+
+def pytest_sessionstart(session) -> None:
+    path = _timeline_file(".pid")
+    if path is not None:
+        path.write_text(str(os.getpid()))
+
+
+def pytest_runtest_logstart(nodeid: str, location) -> None:
+    _append("start", nodeid)
+
+
+def pytest_runtest_logfinish(nodeid: str, location) -> None:
+    _append("end", nodeid)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sampler
+# ---------------------------------------------------------------------------------------------
+
+#: Markers in a process's command line, first match wins. Ray renames an actor's process
+#: ``ray::<Class>`` (cut to 15 characters when its first argument was short), hence ten-character
+#: markers; a new Ray worker is ``default_worker.py`` until it is given an actor or a task.
+KINDS = (
+    ("TrainContr", "Ray Train controller"),
+    ("RayTrainWo", "Ray Train workers"),
+    ("PlacementG", "Ray Train helpers"),
+    ("Synchroniz", "Ray Train helpers"),
+    ("DatasetMan", "Ray Train helpers"),
+    ("_Autoscali", "Ray Train helpers"),
+    ("jobs/", "job drivers and scripts"),
+    ("benchmarks/", "job drivers and scripts"),
+    ("tune/", "job drivers and scripts"),
+    ("bin/wsol-", "job drivers and scripts"),
+    ("default_worker.py", "Ray workers and actors (other)"),
+    ("ray::", "Ray workers and actors (other)"),
+    ("ray/core/src", "Ray's daemons"),
+    ("ray/dashboard", "Ray's daemons"),
+    ("ray/_private", "Ray's daemons"),
+    ("ray/autoscaler", "Ray's daemons"),
+    ("ray-dashboard", "Ray's daemons"),
+    ("ray.util.client", "Ray's daemons"),
+    ("bin/ray ", "Ray's daemons"),
+    ("mlflow", "MLflow servers"),
+    ("chrom", "browser"),
+)
+
+
+def kind_of(cmdline: str, worker_pids: set[int], pid: int) -> str:
+    if pid in worker_pids:
+        return "pytest worker (in-process tests)"
+    for marker, kind in KINDS:
+        if marker in cmdline:
+            return kind
+    return "other"
+
+
+class Sampler:
+    """CPU seconds of every process since the previous sample, each given an owner (an xdist
+    worker or ``outside``) and a kind."""
+
+    def __init__(self, timeline_dir: Path) -> None:
+        import psutil
+
+        self.psutil = psutil
+        self.timeline_dir = timeline_dir
+        self.cpu: dict[int, float] = {}
+        self.owner: dict[int, str] = {}
+        self.kind: dict[int, str] = {}
+        self.samples: list[tuple[float, dict[tuple[str, str], float]]] = []
+        self.first = True
+
+    def worker_pids(self) -> dict[int, str]:
+        found = {}
+        for path in self.timeline_dir.glob("*.pid"):
+            try:
+                found[int(path.read_text())] = path.stem
+            except ValueError:  # being written
+                pass
+        return found
+
+    def _owner(self, process, workers: dict[int, str]) -> str:
+        try:
+            for ancestor in [process, *process.parents()]:
+                if ancestor.pid in workers:
+                    return workers[ancestor.pid]
+            return process.environ().get("PYTEST_XDIST_WORKER", OUTSIDE)
+        except self.psutil.Error:
+            return OUTSIDE
+
+    def sample(self) -> None:
+        workers = self.worker_pids()
+        used: dict[tuple[str, str], float] = collections.defaultdict(float)
+        for process in self.psutil.process_iter():
+            try:
+                with process.oneshot():
+                    times = process.cpu_times()
+                    total = times.user + times.system
+                    pid = process.pid
+                    if pid not in self.owner or (pid in workers and self.owner[pid] != workers[pid]):
+                        self.owner[pid] = self._owner(process, workers)
+                    cmdline = " ".join(process.cmdline())
+            except self.psutil.Error:
+                continue
+            kind = kind_of(cmdline, set(workers), pid)
+            # An actor's process name reverts as it exits: keep the kind it had as the actor.
+            if not (kind.startswith("Ray workers") and self.kind.get(pid, kind) != kind):
+                self.kind[pid] = kind
+            before = self.cpu.get(pid)
+            self.cpu[pid] = total
+            spent = total - before if before is not None else (0.0 if self.first else total)
+            if spent > 0:
+                used[(self.owner[pid], self.kind[pid])] += spent
+        self.first = False
+        self.samples.append((time.time(), dict(used)))
+
+
+def machine_busy_cpu_s() -> float:
+    """CPU seconds the machine has been busy since boot (all CPUs: user, nice, system, irq, softirq, steal)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def read_timelines(timeline_dir: Path) -> dict[str, list[tuple[float, str, str]]]:
+    timelines = {}
+    for path in timeline_dir.glob("*.tsv"):
+        events = []
+        for line in path.read_text().splitlines():
+            kind, stamp, nodeid = line.split("\t", 2)
+            events.append((float(stamp), kind, nodeid))
+        timelines[path.stem] = sorted(events)
+    return timelines
+
+
+def running_at(events: list[tuple[float, str, str]], stamps: list[float], when: float) -> str:
+    """The test a worker was running at ``when`` (``(between tests)`` outside one)."""
+    index = bisect.bisect_right(stamps, when) - 1
+    if index < 0:
+        return "(before the first test)"
+    _, kind, nodeid = events[index]
+    return nodeid if kind == "start" else "(between tests)"
+
+
+def attribute(samples, timelines, interval: float) -> tuple[dict, dict, dict]:
+    """CPU seconds per test, per test file and per owner, each split by kind."""
+    stamps = {worker: [e[0] for e in events] for worker, events in timelines.items()}
+    per_test: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    per_owner: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for when, used in samples:
+        for (owner, kind), spent in used.items():
+            per_owner[owner][kind] += spent
+            if owner in timelines:
+                # A sample covers the interval before ``when``; its middle decides the test.
+                test = running_at(timelines[owner], stamps[owner], when - interval / 2)
+            else:
+                test = f"({owner})"
+            per_test[test][kind] += spent
+    per_file: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for test, kinds in per_test.items():
+        per_file[test.split("::", 1)[0]].update(kinds)
+    return per_test, per_file, per_owner
+
+
+def rows(table: dict[str, collections.Counter], top: int) -> list[dict]:
+    ordered = sorted(table.items(), key=lambda item: -sum(item[1].values()))[:top]
+    return [
+        {
+            "name": name,
+            "cpu_s": round(sum(kinds.values()), 1),
+            "by_kind": {k: round(v, 1) for k, v in kinds.most_common() if v >= 0.05},
+        }
+        for name, kinds in ordered
+    ]
+
+
+def wall_per_file(timelines) -> dict[str, float]:
+    spent: dict[str, float] = collections.defaultdict(float)
+    for events in timelines.values():
+        started: dict[str, float] = {}
+        for stamp, kind, nodeid in events:
+            if kind == "start":
+                started[nodeid] = stamp
+            elif nodeid in started:
+                spent[nodeid.split("::", 1)[0]] += stamp - started.pop(nodeid)
+    return dict(spent)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ours, pytest_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
+    parser.add_argument("--top", type=int, default=40, help="tests listed")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(ours)
+    if args.interval <= 0:
+        parser.error(f"--interval must be positive, got {args.interval}")
+
+    with tempfile.TemporaryDirectory(prefix="suite-cpu-") as scratch:
+        timeline_dir = Path(scratch)
+        command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "benchmarks.suite_cpu", *pytest_args]
+        env = dict(os.environ, **{TIMELINE_ENV: str(timeline_dir)})
+        sampler = Sampler(timeline_dir)
+        busy_before, start = machine_busy_cpu_s(), time.time()
+        sampler.sample()
+        with open(timeline_dir / "pytest.out", "w") as log:
+            suite = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            while suite.poll() is None:
+                time.sleep(max(0.0, args.interval - (time.time() - sampler.samples[-1][0])))
+                sampler.sample()
+        wall, busy = time.time() - start, machine_busy_cpu_s() - busy_before
+        output = (timeline_dir / "pytest.out").read_text(errors="replace")
+        timelines = read_timelines(timeline_dir)
+
+    per_test, per_file, per_owner = attribute(sampler.samples, timelines, args.interval)
+    attributed = sum(sum(kinds.values()) for kinds in per_owner.values())
+    by_kind: collections.Counter = collections.Counter()
+    for kinds in per_owner.values():
+        by_kind.update(kinds)
+    walls = wall_per_file(timelines)
+    files = rows(per_file, len(per_file))
+    for row in files:
+        row["wall_s"] = round(walls.get(row["name"], 0.0), 1)
+    summary = next((line.strip("= ") for line in reversed(output.splitlines()) if " in " in line), "")
+    payload = payload_header("suite_cpu", argv) | {
+        "pytest": {"command": command[1:], "exit_code": suite.returncode, "summary": summary},
+        "wall_s": round(wall, 1),
+        "machine_busy_cpu_s": round(busy, 1),
+        "attributed_cpu_s": round(attributed, 1),
+        "cpu_s_by_owner": {owner: round(sum(kinds.values()), 1) for owner, kinds in sorted(per_owner.items())},
+        "cpu_s_by_kind": {kind: round(spent, 1) for kind, spent in by_kind.most_common()},
+        "files": files,
+        "tests": rows(per_test, args.top),
+    }
+    print(f"pytest: {summary} (exit {suite.returncode})")
+    print(f"{wall:.0f} s wall; the machine was busy {busy:.0f} CPU-s, {attributed:.0f} of them attributed")
+    for row in files[:25]:
+        print(f"{row['cpu_s']:8.1f} CPU-s {row['wall_s']:7.1f} s  {row['name']}")
+    print(f"wrote {write_result('suite_cpu', payload, args.out)}")
+    return 0 if suite.returncode == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
