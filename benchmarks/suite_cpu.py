@@ -48,9 +48,12 @@ OUTSIDE = "outside"
 # ---------------------------------------------------------------------------------------------
 
 
+_recording = True  # False in xdist's controller, which reports the workers' tests but runs none
+
+
 def _timeline_file(suffix: str) -> Path | None:
     folder = os.environ.get(TIMELINE_ENV)
-    if not folder:
+    if not folder or not _recording:
         return None
     return Path(folder) / f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}{suffix}"
 
@@ -63,6 +66,8 @@ def _append(kind: str, nodeid: str) -> None:
 
 
 def pytest_sessionstart(session) -> None:
+    global _recording
+    _recording = bool(os.environ.get("PYTEST_XDIST_WORKER")) or not getattr(session.config.option, "numprocesses", 0)
     path = _timeline_file(".pid")
     if path is not None:
         path.write_text(str(os.getpid()))
@@ -255,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
     parser.add_argument("--top", type=int, default=40, help="tests listed")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--log", default=None, help="write pytest's whole output here")
     args = parser.parse_args(ours)
     if args.interval <= 0:
         parser.error(f"--interval must be positive, got {args.interval}")
@@ -285,8 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     for row in files:
         row["wall_s"] = round(walls.get(row["name"], 0.0), 1)
     summary = next((line.strip("= ") for line in reversed(output.splitlines()) if " in " in line), "")
+    failed = [line for line in output.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    if args.log:
+        Path(args.log).write_text(output)
     payload = payload_header("suite_cpu", argv) | {
-        "pytest": {"command": command[1:], "exit_code": suite.returncode, "summary": summary},
+        "pytest": {"command": command[1:], "exit_code": suite.returncode, "summary": summary, "failed": failed},
         "wall_s": round(wall, 1),
         "machine_busy_cpu_s": round(busy, 1),
         "attributed_cpu_s": round(attributed, 1),
@@ -295,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         "files": files,
         "tests": rows(per_test, args.top),
     }
+    print("\n".join(output.splitlines()[-60:] if suite.returncode else failed))
     print(f"pytest: {summary} (exit {suite.returncode})")
     print(f"{wall:.0f} s wall; the machine was busy {busy:.0f} CPU-s, {attributed:.0f} of them attributed")
     for row in files[:25]:

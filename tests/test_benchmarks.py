@@ -608,12 +608,12 @@ def test_suite_cpu_sampler_charges_a_workers_children_to_it(tmp_path):
     (tmp_path / "gw7.pid").write_text(str(os.getpid()))
     sampler = Sampler(tmp_path)
     sampler.sample()
-    burn = "import time\nend = time.process_time() + 0.4\nwhile time.process_time() < end: pass\ntime.sleep(2)"
+    burn = "import time\nend = time.process_time() + 0.4\nwhile time.process_time() < end: pass\ntime.sleep(120)"
     child = subprocess.Popen([sys.executable, "-c", burn])
     charged = 0.0
     try:
         deadline = time.time() + 60
-        while time.time() < deadline and child.poll() is None:
+        while time.time() < deadline:  # the child stays (asleep) until it is charged: a loaded box samples slowly
             sampler.sample()
             charged = sum(
                 spent for _, used in sampler.samples for (owner, kind), spent in used.items() if owner == "gw7"
@@ -636,6 +636,8 @@ def test_suite_cpu_plugin_writes_each_workers_pid_and_timeline(tmp_path):
     timeline = tmp_path / "timeline"
     timeline.mkdir()
     env = dict(os.environ, WSOL_SUITE_CPU_DIR=str(timeline), PYTHONPATH=str(ROOT))
+    for name in [n for n in env if n.startswith("PYTEST_XDIST_")]:  # this test's own worker's
+        del env[name]
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "benchmarks.suite_cpu", "-p", "no:cacheprovider", "-c", "pytest.ini"]
         + ["test_tiny.py", "-q"],
@@ -656,3 +658,20 @@ def test_suite_cpu_plugin_writes_each_workers_pid_and_timeline(tmp_path):
     ]
     stamps = [float(stamp) for _, stamp, _ in events]
     assert stamps == sorted(stamps)
+
+    # Under xdist each worker writes its own files, and the controller, which runs no test, none.
+    for path in timeline.iterdir():
+        path.unlink()
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "benchmarks.suite_cpu", "-p", "no:cacheprovider", "-c", "pytest.ini"]
+        + ["test_tiny.py", "-q", "-n", "1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(path.name for path in timeline.iterdir()) == ["gw0.pid", "gw0.tsv"]
+    assert int((timeline / "gw0.pid").read_text()) > 0
+    assert len((timeline / "gw0.tsv").read_text().splitlines()) == 4
