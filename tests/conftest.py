@@ -30,11 +30,12 @@ import pytest
 # Tests never reach a tracking server by accident.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 # The pytest workers run under `uv run pytest`, and Ray starts every worker of a driver that runs
-# under `uv run` through `uv run` again (its uv hook), which syncs the environment and checks the
-# bytecode of all its 20,000 files first: about 2.5 s of CPU for each Ray process. The jobs turn it
-# off before importing Ray (`wsol_core/train/ray_session.py`), but Ray reads the switch once, on
-# import, and a pytest worker has imported Ray long before a test starts Ray in process (the
-# evaluation on two Ray workers spent 90 s of CPU in these `uv run`s; BENCHMARKS.md).
+# under `uv run` through `uv run` again (its uv hook), in a copy of the repository packed as the
+# job's working directory, where uv builds a fresh virtualenv for each worker (about 30 s of CPU
+# each). The jobs turn the hook off before importing Ray (`wsol_core/train/ray_session.py`), but Ray
+# reads the switch once, on import, and a pytest worker has imported Ray long before a test starts
+# Ray in process (the evaluation on two Ray workers: 171 s of CPU in the suite, 54 s without the
+# hook; BENCHMARKS.md, "Where the suite's CPU goes").
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 # One OpenMP thread per process: the suite runs two pytest workers (and their jobs' Ray workers) on
 # a 2-core machine, and torch's OpenMP threads spin-wait at every parallel region, so two threads
