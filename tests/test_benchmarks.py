@@ -638,16 +638,20 @@ def test_suite_cpu_plugin_writes_each_workers_pid_and_timeline(tmp_path):
     env = dict(os.environ, WSOL_SUITE_CPU_DIR=str(timeline), PYTHONPATH=str(ROOT))
     for name in [n for n in env if n.startswith("PYTEST_XDIST_")]:  # this test's own worker's
         del env[name]
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "benchmarks.suite_cpu", "-p", "no:cacheprovider", "-c", "pytest.ini"]
-        + ["test_tiny.py", "-q"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+
+    def run_tiny_suite(*extra: str) -> None:
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-p", "benchmarks.suite_cpu", "-p", "no:cacheprovider", "-c", "pytest.ini"]
+            + ["test_tiny.py", "-q", *extra],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    run_tiny_suite()
     assert int((timeline / "main.pid").read_text()) > 0
     events = [line.split("\t") for line in (timeline / "main.tsv").read_text().splitlines()]
     assert [(kind, nodeid) for kind, _, nodeid in events] == [
@@ -662,16 +666,7 @@ def test_suite_cpu_plugin_writes_each_workers_pid_and_timeline(tmp_path):
     # Under xdist each worker writes its own files, and the controller, which runs no test, none.
     for path in timeline.iterdir():
         path.unlink()
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "benchmarks.suite_cpu", "-p", "no:cacheprovider", "-c", "pytest.ini"]
-        + ["test_tiny.py", "-q", "-n", "1"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    run_tiny_suite("-n", "1")
     assert sorted(path.name for path in timeline.iterdir()) == ["gw0.pid", "gw0.tsv"]
     assert int((timeline / "gw0.pid").read_text()) > 0
     assert len((timeline / "gw0.tsv").read_text().splitlines()) == 4
