@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -113,7 +114,7 @@ KINDS = (
 )
 
 
-def kind_of(cmdline: str, worker_pids: set[int], pid: int) -> str:
+def kind_of(cmdline: str, worker_pids: Collection[int], pid: int) -> str:
     if pid in worker_pids:
         return "pytest worker (in-process tests)"
     for marker, kind in KINDS:
@@ -169,7 +170,7 @@ class Sampler:
                     cmdline = " ".join(process.cmdline())
             except self.psutil.Error:
                 continue
-            kind = kind_of(cmdline, set(workers), pid)
+            kind = kind_of(cmdline, workers.keys(), pid)
             # An actor's process name reverts as it exits: keep the kind it had as the actor.
             if not (kind.startswith("Ray workers") and self.kind.get(pid, kind) != kind):
                 self.kind[pid] = kind
