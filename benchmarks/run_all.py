@@ -62,6 +62,8 @@ PLANS: dict[str, dict[str, tuple[str, list[str], str]]] = {
         ),  # issue 18: imports and one job, with and without bytecode
         # issue 18: the whole test suite, CPU seconds per test file and test (about 25 min)
         "suite_cpu": ("suite_cpu.py", [], "suite_cpu.json"),
+        # issue 18: Ray Train's cleaners left polling on a head without a dashboard, and stopped
+        "leftover_cleaners": ("leftover_cleaners.py", [], "leftover_cleaners.json"),
     },
     "cuda": {
         # The issues' GPU targets: 50,000 maps at 1000 thresholds; DALI mixed decode; training

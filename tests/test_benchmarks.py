@@ -670,3 +670,27 @@ def test_suite_cpu_plugin_writes_each_workers_pid_and_timeline(tmp_path):
     assert sorted(path.name for path in timeline.iterdir()) == ["gw0.pid", "gw0.tsv"]
     assert int((timeline / "gw0.pid").read_text()) > 0
     assert len((timeline / "gw0.tsv").read_text().splitlines()) == 4
+
+
+def test_leftover_cleaners_sums_each_processs_cpu_by_kind_between_two_samples():
+    from benchmarks.leftover_cleaners import cpu_by_kind
+
+    before = {
+        1: (10.0, "ray::PlacementGroupCleaner"),
+        2: (5.0, "python -u .../ray/_private/log_monitor.py --session-dir=x"),
+        3: (1.0, ".../ray/core/src/ray/gcs/gcs_server --log_dir=x"),
+        9: (7.0, "ray::PlacementGroupCleaner"),  # exits before the second sample
+    }
+    after = {
+        1: (10.6, "ray::PlacementGroupCleaner"),
+        2: (5.5, "python -u .../ray/_private/log_monitor.py --session-dir=x"),
+        3: (1.2, ".../ray/core/src/ray/gcs/gcs_server --log_dir=x"),
+        4: (0.3, ".../ray/core/src/ray/raylet/raylet --raylet_socket_name=x"),  # started in between
+        5: (0.4, "ray::RuntimeEnvAgent"),
+    }
+    assert cpu_by_kind(before, after) == {
+        "GCS and raylet": pytest.approx(0.5),
+        "leftover cleaners": pytest.approx(0.6),
+        "log monitor": pytest.approx(0.5),
+        "the rest of the head": pytest.approx(0.4),
+    }

@@ -1,7 +1,8 @@
-"""The reaper of placement groups that stopped trials' Train runs leave behind
-(``wsol_core/experiments/placement_groups.py``): which groups it takes, and on a real Ray head
-without a dashboard (the case where Ray Train's own cleaner cannot work) that it frees exactly the
-orphan and leaves the driver's own group."""
+"""The reaper of what stopped trials' Train runs leave behind
+(``wsol_core/experiments/placement_groups.py``): which groups and which Ray Train cleaners it
+takes, and on a real Ray head without a dashboard (the case where Ray Train's own cleaner cannot
+work) that it frees exactly the orphaned group and leaves the driver's own, and stops exactly the
+cleaners whose controller is dead in this or an ended job."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from wsol_core.experiments.placement_groups import GroupRecord, orphaned
+from wsol_core.experiments.placement_groups import CLEANER_CLASS, ActorRecord, GroupRecord, leftover_cleaners, orphaned
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = "01000000"
@@ -106,3 +107,129 @@ def test_on_a_head_without_a_dashboard_the_reaper_frees_the_dead_creators_group(
     assert result["removed"] == [orphan], result
     assert result["after"][orphan][0] == "REMOVED" and result["after"][own][0] == "CREATED", result
     assert result["cpus_free"] == 1.0, result  # the orphan's CPU is back, the driver's still held
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Train's cleaner, left polling when its controller dies on a head without a dashboard
+# ---------------------------------------------------------------------------------------------
+
+
+def _actor(**changes) -> ActorRecord:
+    base = dict(
+        actor_id="c1" * 16,
+        class_name=CLEANER_CLASS,
+        state="ALIVE",
+        job_id=JOB,
+        worker_id="aa" * 28,
+        owner_worker_id="bb" * 28,
+        node_id="00" * 28,
+        pid=123,
+    )
+    return ActorRecord(**{**base, **changes})
+
+
+def _controller(state: str, job_id: str = JOB) -> ActorRecord:
+    return _actor(actor_id="c0" * 16, class_name="TrainController", state=state, job_id=job_id, worker_id="bb" * 28)
+
+
+def test_a_leftover_cleaner_is_alive_and_its_controller_dead_in_this_or_an_ended_job():
+    assert leftover_cleaners([_controller("DEAD"), _actor()], JOB, set()) == [_actor()]
+    other_job = _actor(job_id="02000000")
+    assert leftover_cleaners([_controller("DEAD", "02000000"), other_job], JOB, {"02000000"}) == [other_job]
+
+
+@pytest.mark.parametrize(
+    ("actors", "ended"),
+    [
+        ([_controller("ALIVE"), _actor()], set()),  # the controller still runs: the cleaner has work
+        ([_actor()], set()),  # the owner is nowhere in the table: not ours to judge
+        ([_controller("DEAD"), _actor(state="DEAD")], set()),  # already gone
+        ([_controller("DEAD"), _actor(class_name="SynchronizationActor")], set()),
+        ([_controller("DEAD", "02000000"), _actor(job_id="02000000")], set()),  # another job, still running
+    ],
+)
+def test_every_other_actor_is_left_alone(actors, ended):
+    assert leftover_cleaners(actors, JOB, ended) == []
+
+
+#: A stand-in for a Train controller (an actor) that launches Ray Train's real cleaner through Ray
+#: Train's own callback, as every TrainController does at its start.
+CONTROLLER = r"""
+import types
+import ray
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+@ray.remote(num_cpus=0)
+class Controller:
+    def launch_cleaner(self):
+        callback = PlacementGroupCleanerCallback()
+        callback.after_controller_start(types.SimpleNamespace(run_id="stand-in"))
+        return callback._cleaner is not None
+
+def controller_with_cleaner():
+    controller = Controller.remote()
+    assert ray.get(controller.launch_cleaner.remote(), timeout=300)
+    return controller
+"""
+
+#: A job that ends with its controller killed (as a Ctrl-C'd search ends): its cleaner stays.
+ENDED_JOB = (
+    CONTROLLER
+    + r"""
+ray.init()
+ray.kill(controller_with_cleaner())
+print("RESULT " + ray.get_runtime_context().get_job_id())
+"""
+)
+
+CLEANERS = (
+    CONTROLLER
+    + r"""
+import json, time
+from wsol_core.experiments.placement_groups import CLEANER_CLASS, actor_records, stop_leftover_cleaners
+
+ray.init()
+job = ray.get_runtime_context().get_job_id()
+running = controller_with_cleaner()  # a controller still at work
+stopped = controller_with_cleaner()
+ray.kill(stopped)  # as Tune kills a stopped trial's actor, and with it the controller
+
+def cleaners():
+    return {a.actor_id: (a.job_id, a.state, a.pid) for a in actor_records() if a.class_name == CLEANER_CLASS}
+
+time.sleep(5)  # several of the cleaners' one-second polls: none of them can see its controller die
+before = cleaners()
+done = stop_leftover_cleaners(job)
+deadline = time.time() + 60
+while any(cleaners()[c][1] != "DEAD" for c in done) and time.time() < deadline:
+    time.sleep(0.5)
+after = cleaners()
+again = stop_leftover_cleaners(job)
+ray.kill(running)
+print("RESULT " + json.dumps(dict(job=job, before=before, stopped=done, after=after, again=again)))
+"""
+)
+
+
+@pytest.mark.integration
+def test_on_a_head_without_a_dashboard_the_cleaners_of_dead_controllers_are_stopped(ray_head):
+    import psutil
+    from ray_head import head_env
+
+    env = dict(os.environ, **head_env(), RAY_ADDRESS=ray_head, PYTHONPATH=str(ROOT))
+    ended = subprocess.run([sys.executable, "-c", ENDED_JOB], env=env, capture_output=True, text=True, timeout=600)
+    assert ended.returncode == 0, ended.stdout[-3000:] + ended.stderr[-3000:]
+    ended_job = ended.stdout.split("RESULT ", 1)[1].strip()
+    done = subprocess.run([sys.executable, "-c", CLEANERS], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(done.stdout.split("RESULT ", 1)[1])
+    before, after = result["before"], result["after"]
+    ours = {c for c, (job, state, _) in before.items() if job == result["job"] and state == "ALIVE"}
+    theirs = {c for c, (job, state, _) in before.items() if job == ended_job and state == "ALIVE"}
+    # Ray's own cleaners: the ended job's still polls (it never will stop), and ours both do.
+    assert len(theirs) == 1 and len(ours) == 2, before
+    stopped = set(result["stopped"])
+    assert len(stopped & ours) == 1 and theirs <= stopped and stopped <= ours | theirs, result
+    assert all(after[c][1] == "DEAD" and not psutil.pid_exists(after[c][2]) for c in stopped), result
+    (running,) = ours - stopped
+    assert after[running][1] == "ALIVE" and result["again"] == [], result  # its controller still runs

@@ -8,6 +8,7 @@ best-config YAML accepted by the training job's config loader.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -174,6 +175,21 @@ def _env(ray_address: str) -> dict:
     return job_env(ray_address)
 
 
+def _leftover_cleaners(ray_address: str) -> list[str]:
+    """Ray Train cleaners still polling on the head for a controller that is dead, of jobs that
+    have ended (``wsol_core.experiments.placement_groups.leftover_cleaners``)."""
+    code = (
+        "import json, ray; ray.init(); from wsol_core.experiments.placement_groups import "
+        "actor_records, ended_jobs, leftover_cleaners as left; "
+        "print('RESULT', json.dumps([a.actor_id for a in left(actor_records(), '', ended_jobs())]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=_env(ray_address), cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.split("RESULT", 1)[1])
+
+
 @pytest.mark.integration
 def test_search_interrupted_then_restored_end_to_end(tmp_path, ray_head):
     """One search, cut by Ctrl-C after its first trial's first epoch and restored by the same
@@ -234,6 +250,10 @@ def test_search_interrupted_then_restored_end_to_end(tmp_path, ray_head):
     # and the stopped trial's Train placement group was freed for the next trial (on this head
     # without a dashboard, by the search itself)
     assert "freed the placement group" in out.stdout, out.stdout[-3000:]
+    # and Ray Train's own cleaners of the dead controllers, which poll forever without the
+    # dashboard, were stopped: the cut search's by the restore, the restored search's own as it ran
+    assert "stopped Ray Train's placement-group cleaner" in out.stdout, out.stdout[-3000:]
+    assert _leftover_cleaners(ray_head) == []
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"top_trials.json", "score_vs_params.png", "best_config.yaml", "space.yaml"} <= artifacts
     assert parent.info.status == "FINISHED"

@@ -152,9 +152,10 @@ def child_runs(
 
 def fit_recorded(tuner, parent: RunLogger):
     """``tuner.fit()``; the MLflow parent run is closed as KILLED / FAILED if the fit is cut short.
-    Meanwhile the placement groups that stopped trials' Train runs leave behind are freed
-    (:mod:`wsol_core.experiments.placement_groups`: without it, a search on a cluster started
-    without a dashboard waits forever on the first trial ASHA stops)."""
+    Meanwhile the placement groups that stopped trials' Train runs leave behind are freed and
+    their Ray Train cleaners stopped (:mod:`wsol_core.experiments.placement_groups`: without it, a
+    search on a cluster started without a dashboard waits forever on the first trial ASHA stops,
+    and each stopped trial's cleaner polls for as long as the cluster runs)."""
     from wsol_core.experiments.placement_groups import reap_orphaned_placement_groups
 
     try:
