@@ -87,6 +87,25 @@ def _torch_threads_as_the_session_set_them() -> Iterator[None]:
         torch.set_num_threads(_SESSION_TORCH_THREADS)
 
 
+@pytest.fixture(autouse=True)
+def _no_ray_left_running_in_the_worker() -> Iterator[None]:
+    """Shut down a Ray that a test started inside the pytest worker itself (the evaluation on two
+    Ray workers calls ``evaluate_checkpoint``, which starts a private instance and, as a library
+    call, leaves it to its caller), and restore the ``RAY_ADDRESS`` that ``init_ray`` set. Left
+    running, that instance (a dashboard with nine module processes, agents, a finished fit's
+    controller and helpers) spent about 120 CPU-s over the next 870 s of one suite run, measured
+    by process on 2026-12-03, and its log threads later raised in unrelated tests."""
+    address = os.environ.get("RAY_ADDRESS")
+    yield
+    ray = sys.modules.get("ray")  # never import Ray for a test that did not
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    if address is None:
+        os.environ.pop("RAY_ADDRESS", None)
+    else:
+        os.environ["RAY_ADDRESS"] = address
+
+
 @pytest.fixture(scope="session")
 def _shared_ray_head() -> Iterator[dict]:
     from ray_head import shared_head

@@ -1,4 +1,5 @@
-"""Free the placement groups of Train runs whose controller died with its Tune trial.
+"""Free the placement groups of Train runs whose controller died with its Tune trial, and stop
+the Ray Train cleaners those runs leave polling.
 
 Each trial of a search or sweep runs a Ray Train (V2) run, whose controller actor reserves the
 workers' CPUs/GPUs in a placement group. A trial that Tune stops (ASHA's early stop, a Ctrl-C)
@@ -31,8 +32,10 @@ later, about 1 % of a core each. :func:`stop_leftover_cleaners` ends the cleaner
 is dead (the GCS's actor table says so, and a cleaner's owner is the controller that launched it)
 and whose job is this driver's or has ended; those have nothing left to do (this job's groups are
 freed by the reaper, an ended job's by the GCS). Ray offers no public call that stops an actor
-without its handle, so the cleaner's process is sent SIGTERM on its node (the way ``ray.kill``'s
-raylet ends a worker), after checking that the process id is still that cleaner's.
+without its handle (the internal ``CoreWorker.get_actor_handle`` aborts the whole process for an
+actor whose handle this process never held; tried here), so the cleaner's process is sent SIGTERM
+on its node, after checking that the process id is still that cleaner's; Ray then records the
+actor as dead.
 """
 
 from __future__ import annotations
