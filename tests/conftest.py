@@ -94,7 +94,8 @@ def _no_ray_left_running_in_the_worker() -> Iterator[None]:
     call, leaves it to its caller), and restore the ``RAY_ADDRESS`` that ``init_ray`` set. Left
     running, that instance (a dashboard with nine module processes, agents, a finished fit's
     controller and helpers) spent about 120 CPU-s over the next 870 s of one suite run, measured
-    by process on 2026-12-03, and its log threads later raised in unrelated tests."""
+    by process on 2026-12-03; Ray's log threads in a pytest worker also raised in unrelated tests
+    of that run ("Missing :authority header"), most likely this instance's."""
     address = os.environ.get("RAY_ADDRESS")
     yield
     ray = sys.modules.get("ray")  # never import Ray for a test that did not
