@@ -7,8 +7,8 @@ stopping them gives back.
 A Train run's detached ``PlacementGroupCleaner`` outlives a controller that dies with its Tune
 trial (ASHA's early stop, a Ctrl-C) and, without the dashboard's state API, polls for it once a
 second for as long as the cluster runs (``wsol_core/experiments/placement_groups.py``). This starts
-a ``ray start --head --include-dashboard=false`` head of its own (as the tests' shared heads and a
-user's dashboard-less cluster are started) and samples the CPU of every process of the head over
+a ``ray start --head --include-dashboard=false`` head as the test suite's shared heads are started
+(``tests/ray_head.shared_head``; a user's dashboard-less cluster likewise) and samples the CPU of every process of the head over
 three windows of ``--window`` seconds each:
 
 1. ``idle``: the head alone;
@@ -26,40 +26,29 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the suite's own head: tests/ray_head.py
+
+from ray_head import STAND_IN_CONTROLLER, head_env, shared_head  # noqa: E402
 
 from benchmarks._common import payload_header, write_result  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
 #: A job that launches Ray Train's cleaner from N stand-in controllers, kills them and ends.
-LEAVE_CLEANERS = r"""
-import sys, types
-import ray
-from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-
-@ray.remote(num_cpus=0)
-class Controller:
-    def launch_cleaner(self):
-        callback = PlacementGroupCleanerCallback()
-        callback.after_controller_start(types.SimpleNamespace(run_id="stand-in"))
-        return callback._cleaner is not None
-
+LEAVE_CLEANERS = (
+    STAND_IN_CONTROLLER
+    + r"""
+import sys
 ray.init()
-controllers = [Controller.remote() for _ in range(int(sys.argv[1]))]
-assert all(ray.get([c.launch_cleaner.remote() for c in controllers], timeout=600))
+controllers = [controller_with_cleaner() for _ in range(int(sys.argv[1]))]
 for controller in controllers:
     ray.kill(controller)
 """
+)
 
 STOP_CLEANERS = r"""
 import ray
@@ -105,6 +94,7 @@ def sample(root_pid: int) -> dict[int, tuple[float, str]]:
 
 
 def measure_window(root_pid: int, seconds: float) -> dict:
+    """CPU by kind of ``root_pid``'s descendants over ``seconds``."""
     before, began = sample(root_pid), time.monotonic()
     time.sleep(seconds)
     after, elapsed = sample(root_pid), time.monotonic() - began
@@ -115,45 +105,6 @@ def measure_window(root_pid: int, seconds: float) -> dict:
         "share_of_a_core_pct": {kind: round(100 * value / elapsed, 2) for kind, value in spent.items()},
         "cleaners_running": sum("PlacementGroupCleaner" in command for _, command in after.values()),
     }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_head(temp_dir: str, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    from ray.util import get_node_ip_address
-
-    address = f"{get_node_ip_address()}:{free_port()}"
-    command = [
-        str(BIN / "ray"),
-        "start",
-        "--head",
-        f"--port={address.rsplit(':', 1)[1]}",
-        "--num-cpus=2",
-        f"--temp-dir={temp_dir}",
-        "--include-dashboard=false",
-        f"--dashboard-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}",
-        f"--metrics-export-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}",
-        f"--ray-client-server-port={free_port()}",
-        "--disable-usage-stats",
-        "--block",
-    ]
-    log = open(Path(temp_dir) / "ray_start.out", "w")  # noqa: SIM115 - closed with the head
-    head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while subprocess.run(
-        [sys.executable, "-c", "import ray; ray.init(); ray.shutdown()"], env=env | {"RAY_ADDRESS": address}
-    ).returncode:
-        if head.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the Ray head did not come up; see {temp_dir}/ray_start.out")
-        time.sleep(3)
-    return head, address
 
 
 def run_driver(code: str, *args: str, env: dict[str, str]) -> str:
@@ -172,25 +123,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="result file (default: benchmarks/results/leftover_cleaners.json)")
     args = parser.parse_args(argv)
 
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
-        "RAY_AUTH_MODE": "token",  # a head started by `ray start` requires token auth
-        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
-        "PYTHONPATH": str(REPO),
-    }
-    temp_dir = tempfile.mkdtemp(prefix="rayc", dir="/tmp")  # short: Ray's socket paths have a length limit
-    head, address = start_head(temp_dir, env)
-    env["RAY_ADDRESS"] = address
-    try:
-        windows = {"idle": measure_window(head.pid, args.window)}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | head_env() | {"PYTHONPATH": str(REPO)}
+    with shared_head() as address:  # the head's processes are this process's descendants
+        env["RAY_ADDRESS"] = address
+        windows = {"idle": measure_window(os.getpid(), args.window)}
         run_driver(LEAVE_CLEANERS, str(args.cleaners), env=env)
         time.sleep(5)  # past the cleaners' start-up
-        windows["leftovers"] = measure_window(head.pid, args.window)
+        windows["leftovers"] = measure_window(os.getpid(), args.window)
         stopped = int(run_driver(STOP_CLEANERS, env=env).split("STOPPED", 1)[1])
         time.sleep(5)
-        windows["stopped"] = measure_window(head.pid, args.window)
-    finally:
-        os.killpg(head.pid, signal.SIGKILL)  # `ray start --block` ignores SIGTERM
-        head.wait(timeout=60)
+        windows["stopped"] = measure_window(os.getpid(), args.window)
     payload = payload_header("leftover_cleaners", argv) | {
         "cleaners_left": args.cleaners,
         "cleaners_stopped": stopped,

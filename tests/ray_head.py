@@ -24,6 +24,29 @@ import pytest
 BIN = Path(sys.executable).parent
 
 
+#: Driver code: a stand-in for a Train controller (an actor) that launches Ray Train's real
+#: placement-group cleaner through Ray Train's own callback, as every TrainController does at its
+#: start; ``controller_with_cleaner()`` makes one (``tests/test_placement_groups.py``,
+#: ``benchmarks/leftover_cleaners.py``).
+STAND_IN_CONTROLLER = r"""
+import types
+import ray
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+@ray.remote(num_cpus=0)
+class Controller:
+    def launch_cleaner(self):
+        callback = PlacementGroupCleanerCallback()
+        callback.after_controller_start(types.SimpleNamespace(run_id="stand-in"))
+        return callback._cleaner is not None
+
+def controller_with_cleaner():
+    controller = Controller.remote()
+    assert ray.get(controller.launch_cleaner.remote(), timeout=300)
+    return controller
+"""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from ray_head import STAND_IN_CONTROLLER
 
 from wsol_core.experiments.placement_groups import CLEANER_CLASS, ActorRecord, GroupRecord, leftover_cleaners, orphaned
 
@@ -152,29 +153,9 @@ def test_every_other_actor_is_left_alone(actors, ended):
     assert leftover_cleaners(actors, JOB, ended) == []
 
 
-#: A stand-in for a Train controller (an actor) that launches Ray Train's real cleaner through Ray
-#: Train's own callback, as every TrainController does at its start.
-CONTROLLER = r"""
-import types
-import ray
-from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-
-@ray.remote(num_cpus=0)
-class Controller:
-    def launch_cleaner(self):
-        callback = PlacementGroupCleanerCallback()
-        callback.after_controller_start(types.SimpleNamespace(run_id="stand-in"))
-        return callback._cleaner is not None
-
-def controller_with_cleaner():
-    controller = Controller.remote()
-    assert ray.get(controller.launch_cleaner.remote(), timeout=300)
-    return controller
-"""
-
 #: A job that ends with its controller killed (as a Ctrl-C'd search ends): its cleaner stays.
 ENDED_JOB = (
-    CONTROLLER
+    STAND_IN_CONTROLLER
     + r"""
 ray.init()
 ray.kill(controller_with_cleaner())
@@ -183,7 +164,7 @@ print("RESULT " + ray.get_runtime_context().get_job_id())
 )
 
 CLEANERS = (
-    CONTROLLER
+    STAND_IN_CONTROLLER
     + r"""
 import json, time
 from wsol_core.experiments.placement_groups import CLEANER_CLASS, actor_records, stop_leftover_cleaners

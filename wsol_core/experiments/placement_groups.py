@@ -50,6 +50,8 @@ from dataclasses import dataclass
 #: The class of Ray Train V2's detached cleaner (``ray.train.v2._internal.execution.controller.
 #: placement_group_cleaner``), as the GCS's actor table names it.
 CLEANER_CLASS = "PlacementGroupCleaner"
+#: The class of Ray Train V2's controller actor, likewise.
+CONTROLLER_CLASS = "TrainController"
 
 
 @dataclass(frozen=True)
@@ -285,10 +287,6 @@ def reap_orphaned_placement_groups(interval_s: float = 5.0) -> Iterator[None]:
     # controllers die with them a moment later, and only then are their cleaners leftovers.
     guarded(wait_for_controllers_to_end)
     guarded(reap_round)
-
-
-#: The class of Ray Train V2's controller actor, as the GCS's actor table names it.
-CONTROLLER_CLASS = "TrainController"
 
 
 def wait_for_controllers_to_end(job_id: str, timeout_s: float = 30.0) -> None:
