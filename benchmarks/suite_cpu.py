@@ -20,6 +20,11 @@ and when each test started and ended. Meanwhile every process on the machine is 
 A process that starts and ends between two samples is missed, and one that ends loses the CPU of
 its last interval: the attributed total is compared with the machine's busy time (``/proc/stat``).
 
+It also counts, per test and per file, the processes of the kinds that set a test's cost
+(:data:`COUNTED`), each given to the test its owner was running when the process was first seen:
+Ray Train fits (one controller each), Ray Train workers, Ray instances (one GCS server each) and
+job drivers.
+
 Writes ``benchmarks/results/suite_cpu.json``.
 """
 
@@ -114,6 +119,22 @@ KINDS = (
 )
 
 
+#: Processes counted as they start, by a marker in their command line: a Train controller is one
+#: Ray Train fit, a GCS server one Ray instance (a shared head, a private instance, a SLURM job's).
+COUNTED = (
+    ("TrainContr", "Ray Train fits"),
+    ("RayTrainWo", "Ray Train workers"),
+    ("gcs_server", "Ray instances"),
+    ("jobs/", "job drivers"),
+    ("tune/", "job drivers"),
+    ("bin/wsol-", "job drivers"),
+)
+
+
+def counted_as(cmdline: str) -> str | None:
+    return next((label for marker, label in COUNTED if marker in cmdline), None)
+
+
 def kind_of(cmdline: str, worker_pids: Collection[int], pid: int) -> str:
     if pid in worker_pids:
         return "pytest worker (in-process tests)"
@@ -137,6 +158,11 @@ class Sampler:
         self.kind: dict[int, str] = {}
         self.samples: list[tuple[float, dict[tuple[str, str], float]]] = []
         self.first = True
+        # When each process that started during the run was first seen; what it counts as (a
+        # Ray worker gets its actor's name only after it starts, so the label can come later).
+        self.running_before: set[int] = set()
+        self.first_seen: dict[int, float] = {}
+        self.counted: dict[int, str] = {}
 
     def worker_pids(self) -> dict[int, str]:
         found = {}
@@ -158,6 +184,7 @@ class Sampler:
 
     def sample(self) -> None:
         workers = self.worker_pids()
+        now = time.time()
         used: dict[tuple[str, str], float] = collections.defaultdict(float)
         for process in self.psutil.process_iter():
             try:
@@ -171,6 +198,13 @@ class Sampler:
             except self.psutil.Error:
                 continue
             kind = kind_of(cmdline, workers.keys(), pid)
+            if self.first:
+                self.running_before.add(pid)
+            elif pid not in self.running_before:
+                self.first_seen.setdefault(pid, now)
+                label = counted_as(cmdline)
+                if label is not None:
+                    self.counted.setdefault(pid, label)
             # An actor's process name reverts as it exits: keep the kind it had as the actor.
             if not (kind.startswith("Ray workers") and self.kind.get(pid, kind) != kind):
                 self.kind[pid] = kind
@@ -180,7 +214,20 @@ class Sampler:
             if spent > 0:
                 used[(self.owner[pid], self.kind[pid])] += spent
         self.first = False
-        self.samples.append((time.time(), dict(used)))
+        self.samples.append((now, dict(used)))
+
+    def starts(self, timelines) -> dict[str, collections.Counter]:
+        """The counted processes per test (as :func:`attribute` names tests), by label."""
+        stamps = {worker: [e[0] for e in events] for worker, events in timelines.items()}
+        per_test: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        for pid, label in self.counted.items():
+            owner = self.owner.get(pid, OUTSIDE)
+            if owner in timelines:
+                test = running_at(timelines[owner], stamps[owner], self.first_seen[pid])
+            else:
+                test = f"({owner})"
+            per_test[test][label] += 1
+        return per_test
 
 
 def machine_busy_cpu_s() -> float:
@@ -224,19 +271,24 @@ def attribute(samples, timelines, interval: float) -> tuple[dict, dict, dict]:
             else:
                 test = f"({owner})"
             per_test[test][kind] += spent
+    return per_test, by_file(per_test), per_owner
+
+
+def by_file(per_test: dict[str, collections.Counter]) -> dict[str, collections.Counter]:
     per_file: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for test, kinds in per_test.items():
-        per_file[test.split("::", 1)[0]].update(kinds)
-    return per_test, per_file, per_owner
+    for test, counts in per_test.items():
+        per_file[test.split("::", 1)[0]].update(counts)
+    return per_file
 
 
-def rows(table: dict[str, collections.Counter], top: int) -> list[dict]:
+def rows(table: dict[str, collections.Counter], top: int, starts: dict[str, collections.Counter]) -> list[dict]:
     ordered = sorted(table.items(), key=lambda item: -sum(item[1].values()))[:top]
     return [
         {
             "name": name,
             "cpu_s": round(sum(kinds.values()), 1),
             "by_kind": {k: round(v, 1) for k, v in kinds.most_common() if v >= 0.05},
+            "processes_started": dict(starts.get(name, collections.Counter()).most_common()),
         }
         for name, kinds in ordered
     ]
@@ -287,8 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     by_kind: collections.Counter = collections.Counter()
     for kinds in per_owner.values():
         by_kind.update(kinds)
+    starts_per_test = sampler.starts(timelines)
+    starts_total: collections.Counter = collections.Counter()
+    for counts in starts_per_test.values():
+        starts_total.update(counts)
     walls = wall_per_file(timelines)
-    files = rows(per_file, len(per_file))
+    files = rows(per_file, len(per_file), by_file(starts_per_test))
     for row in files:
         row["wall_s"] = round(walls.get(row["name"], 0.0), 1)
     summary = next((line.strip("= ") for line in reversed(output.splitlines()) if " in " in line), "")
@@ -302,14 +358,17 @@ def main(argv: list[str] | None = None) -> int:
         "attributed_cpu_s": round(attributed, 1),
         "cpu_s_by_owner": {owner: round(sum(kinds.values()), 1) for owner, kinds in sorted(per_owner.items())},
         "cpu_s_by_kind": {kind: round(spent, 1) for kind, spent in by_kind.most_common()},
+        "processes_started": dict(starts_total.most_common()),
         "files": files,
-        "tests": rows(per_test, args.top),
+        "tests": rows(per_test, args.top, starts_per_test),
     }
     print("\n".join(output.splitlines()[-60:] if suite.returncode else failed))
     print(f"pytest: {summary} (exit {suite.returncode})")
     print(f"{wall:.0f} s wall; the machine was busy {busy:.0f} CPU-s, {attributed:.0f} of them attributed")
+    print("processes started: " + ", ".join(f"{n} {label}" for label, n in starts_total.most_common()))
     for row in files[:25]:
-        print(f"{row['cpu_s']:8.1f} CPU-s {row['wall_s']:7.1f} s  {row['name']}")
+        started = ", ".join(f"{n} {label}" for label, n in row["processes_started"].items())
+        print(f"{row['cpu_s']:8.1f} CPU-s {row['wall_s']:7.1f} s  {row['name']}  ({started or 'none counted'})")
     print(f"wrote {write_result('suite_cpu', payload, args.out)}")
     return 0 if suite.returncode == 0 else 1
 

@@ -630,6 +630,41 @@ def test_suite_cpu_sampler_charges_a_workers_children_to_it(tmp_path):
     assert sampler.kind[os.getpid()] == "pytest worker (in-process tests)"
 
 
+def test_suite_cpu_counts_the_processes_a_test_starts(tmp_path):
+    """Real processes: one started during a test and named like a job driver is counted for that
+    test; one that was running before the first sample is not."""
+    from benchmarks.suite_cpu import Sampler, counted_as
+
+    assert counted_as("ray::TrainController") == "Ray Train fits"
+    assert counted_as("ray::RayTrainWorker.__init__") == "Ray Train workers"
+    assert counted_as("site-packages/ray/core/src/ray/gcs/gcs_server --log_dir=x") == "Ray instances"
+    assert counted_as("ray::IDLE") is None
+
+    (tmp_path / "gw7.pid").write_text(str(os.getpid()))
+    asleep = [sys.executable, "-c", "import time; time.sleep(120)"]
+    before = subprocess.Popen([*asleep, "jobs/already_running.py"])
+    during = None
+    try:
+        sampler = Sampler(tmp_path)
+        sampler.sample()
+        began = time.time()
+        during = subprocess.Popen([*asleep, "jobs/stand_in.py"])
+        deadline = time.time() + 60
+        while during.pid not in sampler.counted:
+            assert time.time() < deadline, sampler.counted
+            time.sleep(0.1)
+            sampler.sample()
+        sampler.sample()
+    finally:
+        for process in (before, during):
+            if process is not None:
+                process.kill()
+                process.wait()
+    timelines = {"gw7": [(began - 1, "start", "tests/test_x.py::a"), (time.time() + 1, "end", "tests/test_x.py::a")]}
+    assert sampler.counted == {during.pid: "job drivers"}
+    assert sampler.starts(timelines) == {"tests/test_x.py::a": {"job drivers": 1}}
+
+
 def test_suite_cpu_plugin_writes_each_workers_pid_and_timeline(tmp_path):
     (tmp_path / "test_tiny.py").write_text("def test_one():\n    pass\n\ndef test_two():\n    pass\n")
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
