@@ -163,6 +163,7 @@ class Sampler:
         self.running_before: set[int] = set()
         self.first_seen: dict[int, float] = {}
         self.counted: dict[int, str] = {}
+        self.parent: dict[int, int] = {}
 
     def worker_pids(self) -> dict[int, str]:
         found = {}
@@ -201,7 +202,12 @@ class Sampler:
             if self.first:
                 self.running_before.add(pid)
             elif pid not in self.running_before:
-                self.first_seen.setdefault(pid, now)
+                if pid not in self.first_seen:
+                    self.first_seen[pid] = now
+                    try:
+                        self.parent[pid] = process.ppid()
+                    except self.psutil.Error:
+                        pass
                 label = counted_as(cmdline)
                 if label is not None:
                     self.counted.setdefault(pid, label)
@@ -217,10 +223,14 @@ class Sampler:
         self.samples.append((now, dict(used)))
 
     def starts(self, timelines) -> dict[str, collections.Counter]:
-        """The counted processes per test (as :func:`attribute` names tests), by label."""
+        """The counted processes per test (as :func:`attribute` names tests), by label. A child
+        with its parent's label is a fork of it (a torch data-loader worker keeps its Ray worker's
+        name), not a start of its own."""
         stamps = {worker: [e[0] for e in events] for worker, events in timelines.items()}
         per_test: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         for pid, label in self.counted.items():
+            if self.counted.get(self.parent.get(pid, -1)) == label:
+                continue
             owner = self.owner.get(pid, OUTSIDE)
             if owner in timelines:
                 test = running_at(timelines[owner], stamps[owner], self.first_seen[pid])

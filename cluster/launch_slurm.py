@@ -36,6 +36,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import submitit
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))  # run as a script from anywhere; pickles name cluster.ray_on_slurm
@@ -322,12 +324,11 @@ def default_folder(entry: EntryPoint) -> str:
 
 
 def make_executor(args: argparse.Namespace, folder: str):
-    import submitit
-
     job_name = args.job_name or f"wsol-{Path(args.script).stem}"
     setup = [f"export PYTHONPATH={shlex.quote(str(PROJECT_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}", *args.setup]
     if args.executor == "slurm":
-        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=args.max_requeues)
+        executor_class = ScriptOnlySlurmExecutor if args.dry_run else submitit.SlurmExecutor
+        executor = executor_class(folder=folder, max_num_timeout=args.max_requeues)
         params = {
             "job_name": job_name,
             "nodes": args.nodes,
@@ -358,6 +359,19 @@ def make_executor(args: argparse.Namespace, folder: str):
         )
         return executor
     return submitit.DebugExecutor(folder=folder)
+
+
+class ScriptOnlySlurmExecutor(submitit.SlurmExecutor):
+    """submitit's SLURM executor for ``--dry-run``: it validates and holds the same parameters
+    (:func:`sbatch_script` reads them) and needs no SLURM here, where submitit's own refuses to
+    exist without ``srun`` on PATH; it never submits."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+    def _internal_process_submissions(self, delayed_submissions):
+        raise RuntimeError("a --dry-run executor submits nothing")
 
 
 def sbatch_script(executor) -> str:

@@ -648,20 +648,27 @@ def test_suite_cpu_counts_the_processes_a_test_starts(tmp_path):
         sampler = Sampler(tmp_path)
         sampler.sample()
         began = time.time()
-        during = subprocess.Popen([*asleep, "jobs/stand_in.py"])
+        # A driver that forks a child, which keeps its command line (as a torch data-loader
+        # worker keeps its Ray worker's): one start, not two.
+        forks = "import os, time\nif os.fork() == 0: time.sleep(120)\ntime.sleep(120)"
+        during = subprocess.Popen([sys.executable, "-c", forks, "jobs/stand_in.py"])
         deadline = time.time() + 60
-        while during.pid not in sampler.counted:
+        while len(sampler.counted) < 2:
             assert time.time() < deadline, sampler.counted
             time.sleep(0.1)
             sampler.sample()
-        sampler.sample()
     finally:
+        import psutil
+
         for process in (before, during):
             if process is not None:
+                for child in psutil.Process(process.pid).children():
+                    child.kill()
                 process.kill()
                 process.wait()
     timelines = {"gw7": [(began - 1, "start", "tests/test_x.py::a"), (time.time() + 1, "end", "tests/test_x.py::a")]}
-    assert sampler.counted == {during.pid: "job drivers"}
+    assert before.pid not in sampler.counted and during.pid in sampler.counted
+    assert set(sampler.counted.values()) == {"job drivers"}
     assert sampler.starts(timelines) == {"tests/test_x.py::a": {"job drivers": 1}}
 
 

@@ -132,7 +132,11 @@ def test_request_larger_than_any_node_is_refused(tmp_path, monkeypatch, capsys):
     assert "the default partition has 0" in _error(["--gpus-per-node", "1", TRAIN], capsys)
 
 
-def test_dry_run_prints_the_allocation(tmp_path, capsys):
+def test_dry_run_prints_the_allocation(tmp_path, capsys, monkeypatch):
+    """On a machine without SLURM too: the dry run only writes the script (``srun`` hidden here,
+    where submitit's own executor would refuse to exist)."""
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda cmd, *a, **k: None if cmd == "srun" else real_which(cmd, *a, **k))
     argv = [
         "--dry-run", "--nodes", "2", "--gpus-per-node", "4", "--cpus-per-node", "32", "--mem", "256G", "--time", "1-00:00:00",
         "--partition", "gpu", "--account", "vision", "--qos", "high", "--constraint", "a100", "--folder", str(tmp_path / "logs" / "%j"),
