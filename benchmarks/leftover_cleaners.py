@@ -8,8 +8,8 @@ A Train run's detached ``PlacementGroupCleaner`` outlives a controller that dies
 trial (ASHA's early stop, a Ctrl-C) and, without the dashboard's state API, polls for it once a
 second for as long as the cluster runs (``wsol_core/experiments/placement_groups.py``). This starts
 a ``ray start --head --include-dashboard=false`` head as the test suite's shared heads are started
-(``tests/ray_head.shared_head``; a user's dashboard-less cluster likewise) and samples the CPU of every process of the head over
-three windows of ``--window`` seconds each:
+(``tests/ray_head.shared_head``; a user's dashboard-less cluster likewise) and samples the CPU of
+every process of the head over three windows of ``--window`` seconds each:
 
 1. ``idle``: the head alone;
 2. ``leftovers``: after a job that launched ``--cleaners`` cleaners through Ray Train's own
